@@ -1,0 +1,243 @@
+"""Every option of ``python -m asyncsgd.train``: one table, read by the command line and by TOML config files.
+
+A config file holds the same names as the options, with dashes or underscores (``n_push = 4``); the command line
+overrides it.  Values are validated here, on every rank identically and before any rank starts work, so the job
+fails with one clear line from rank 0 (``asyncsgd.train`` prints it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .mpiutil import UsageError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+__all__ = ["build_parser", "parse_config", "validate", "MODES", "MODELS", "DEFAULT_DATA", "parse_decay",
+           "parse_slow_ranks", "config_to_dict"]
+
+MODES = ("downpour", "sync", "sandblaster", "serial")
+MODELS = ("speech_cnn", "mnist_cnn", "logreg")
+OPTIMIZERS = ("sgd", "adagrad")
+DEFAULT_DATA = "fsdd"  # the bundled features, data/fsdd.h5 (asyncsgd.data.resolve_path)
+
+
+def _positive_int(s):
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
+def _nonneg_int(s):
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def _positive_float(s):
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
+def _nonneg_float(s):
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
+    return v
+
+
+def parse_decay(spec: str):
+    """Parse ``--staleness-decay``: 'none' -> ('none', None), 'inverse' -> ('inverse', None),
+    'exp:LAMBDA' with 0 < LAMBDA <= 1 -> ('exp', LAMBDA)."""
+    if spec in ("none", "inverse"):
+        return spec, None
+    if spec.startswith("exp:"):
+        try:
+            lam = float(spec[4:])
+        except ValueError:
+            lam = None
+        if lam is not None and 0 < lam <= 1:
+            return "exp", lam
+    raise UsageError(f"--staleness-decay must be none, inverse or exp:LAMBDA with 0 < LAMBDA <= 1, got {spec!r}")
+
+
+def parse_slow_ranks(spec: str, size: int | None = None):
+    """Parse ``--slow-ranks RANK:FACTOR[,RANK:FACTOR]`` into {rank: factor}; factors must be >= 1."""
+    out = {}
+    if not spec:
+        return out
+    for part in spec.split(","):
+        try:
+            r, f = part.split(":")
+            r, f = int(r), float(f)
+        except ValueError:
+            raise UsageError(f"--slow-ranks takes RANK:FACTOR[,RANK:FACTOR], got {spec!r}") from None
+        if r < 0 or (size is not None and r >= size) or not f >= 1:
+            raise UsageError(f"--slow-ranks: rank {r} must be in 0..{'?' if size is None else size - 1} "
+                             f"and factor {f} >= 1")
+        out[r] = f
+    return out
+
+
+# (flags, argparse keywords).  The dest of each is the TOML key (underscores).
+_OPTIONS = [
+    (("--mode",), dict(choices=MODES, default="downpour",
+                       help="downpour (asynchronous, default), sync (all-reduce), sandblaster (L-BFGS), serial")),
+    (("--model",), dict(choices=MODELS, default="speech_cnn", help="network to train")),
+    (("--data",), dict(default=DEFAULT_DATA,
+                       help="HDF5 file, 'fsdd' (bundled speech features, default) or 'synthetic:N'")),
+    (("--device",), dict(choices=("cpu", "gpu", "auto"), default="cpu",
+                         help="cpu (numpy), gpu (CuPy; error without a GPU) or auto")),
+    (("--cuda-aware-mpi",), dict(action="store_true", help="hand device buffers to MPI directly (GPU ranks)")),
+    (("--seed",), dict(type=_nonneg_int, default=0, help="seed of initialisation, shuffling and dropout")),
+    # how long
+    (("--epochs",), dict(type=_positive_float, default=None, help="passes over the training set (all workers together)")),
+    (("--steps",), dict(type=_positive_int, default=None, help="mini-batch steps per worker")),
+    (("--time-limit",), dict(type=_positive_float, default=None, help="stop after this many seconds")),
+    (("--target-accuracy",), dict(type=float, default=None, help="stop once test accuracy reaches this (0-1)")),
+    # SGD
+    (("--batch-size",), dict(type=_positive_int, default=None,
+                             help="mini-batch size (SGD modes); L-BFGS batch (sandblaster, default: whole set)")),
+    (("--lr",), dict(type=_positive_float, default=None, help="learning rate (default depends on mode/optimizer)")),
+    (("--momentum",), dict(type=_nonneg_float, default=None, help="momentum on each replica (0 = none)")),
+    (("--optimizer",), dict(choices=OPTIMIZERS, default="sgd", help="update at the store: sgd or adagrad")),
+    (("--adagrad-eps",), dict(type=_positive_float, default=1e-6,
+                              help="Adagrad epsilon: step = lr * g / sqrt(sum g^2 + eps)")),
+    # Downpour
+    (("--servers",), dict(type=_positive_int, default=1, help="ranks that host parameter shards")),
+    (("--n-fetch",), dict(type=_positive_int, default=1, help="fetch parameters every N steps")),
+    (("--n-push",), dict(type=_positive_int, default=1, help="push the accrued gradient every N steps")),
+    (("--staleness-decay",), dict(default="none", help="scale each push by none, inverse (1/tau) or exp:LAMBDA")),
+    (("--sparsity",), dict(type=float, default=1.0,
+                           help="fraction of the accrued gradient pushed (largest magnitudes; 1.0 = dense)")),
+    (("--warm-start-steps",), dict(type=_nonneg_int, default=0, help="steps taken by one replica alone first")),
+    (("--eval-every",), dict(type=_positive_float, default=5.0, help="seconds between test evaluations (rank 0)")),
+    # Sandblaster
+    (("--history",), dict(type=int, default=10, help="L-BFGS history pairs (>= 1)")),
+    (("--mini-shard-size",), dict(type=_positive_int, default=None, help="examples per mini-shard")),
+    (("--max-iter",), dict(type=_positive_int, default=100, help="L-BFGS iterations at most")),
+    (("--grad-tol",), dict(type=_nonneg_float, default=1e-6, help="stop when |gradient| falls below this")),
+    (("--loss-tol",), dict(type=_nonneg_float, default=1e-10, help="stop when the relative loss decrease falls below")),
+    (("--l2",), dict(type=_nonneg_float, default=None, help="L2 penalty (sandblaster; default 1e-4 for logreg)")),
+    (("--schedule",), dict(choices=("dynamic", "static"), default="dynamic",
+                           help="sandblaster: dynamic mini-shards with backups, or a static even split (benchmark)")),
+    (("--slow-ranks",), dict(default="", help="RANK:FACTOR[,..]: make ranks slower, for tests and benchmarks only")),
+    # outputs and operations
+    (("--log",), dict(default=None, help="JSONL metrics log (one record per evaluation)")),
+    (("--summary-json",), dict(default=None, help="write the run's summary here")),
+    (("--model-out",), dict(default=None, help="write the final model (HDF5) here")),
+    (("--checkpoint",), dict(default=None, help="checkpoint file (default: next to --model-out or runs/)")),
+    (("--checkpoint-every",), dict(type=_positive_float, default=None, help="seconds between checkpoints")),
+    (("--resume",), dict(default=None, help="checkpoint file to continue from, or 'auto' (the --checkpoint file)")),
+    (("--progress",), dict(choices=("auto", "bar", "lines", "none"), default="auto",
+                           help="progress display on rank 0: a live line on a terminal, plain lines otherwise")),
+    (("--config",), dict(default=None, help="TOML file of options; the command line overrides it")),
+    (("--print-config",), dict(action="store_true", help="print the resolved configuration as TOML and exit")),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m asyncsgd.train",
+        description="Train a CNN with Downpour SGD (default), synchronous SGD, Sandblaster L-BFGS or serially. "
+                    "Run the distributed modes under mpiexec, e.g. mpirun -n 6 python -m asyncsgd.train.")
+    for flags, kw in _OPTIONS:
+        p.add_argument(*flags, **kw)
+    return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing and exiting (rank 0 prints once)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _toml_defaults(path: str, parser) -> dict:
+    if not os.path.exists(path):
+        raise UsageError(f"--config: {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config: {path} is not valid TOML: {exc}") from None
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        if dest not in known:
+            raise UsageError(f"--config: {path}: unknown key {key!r}")
+        action = known[dest]
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                raise UsageError(f"--config: {path}: {key} = {value!r}: {exc}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UsageError(f"--config: {path}: {key} must be one of {', '.join(action.choices)}, got {value!r}")
+        out[dest] = value
+    return out
+
+
+def parse_config(argv=None) -> argparse.Namespace:
+    """Parse the command line (and the TOML file it names); raise UsageError on any bad value."""
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = _Parser(prog="python -m asyncsgd.train", add_help=True,
+                     description=build_parser().description)
+    for flags, kw in _OPTIONS:
+        parser.add_argument(*flags, **kw)
+    pre, _ = parser.parse_known_args(argv) if "--help" not in argv and "-h" not in argv else (None, None)
+    if pre is not None and pre.config:
+        parser.set_defaults(**_toml_defaults(pre.config, parser))
+    cfg = parser.parse_args(argv)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg, size: int | None = None):
+    """Check values that argparse cannot, raising UsageError with what to do next.
+
+    ``size`` is the number of MPI ranks when known; layouts are checked then.
+    """
+    parse_decay(cfg.staleness_decay)
+    if not 0 < cfg.sparsity <= 1:
+        raise UsageError(f"--sparsity must be in (0, 1] (fraction of entries pushed), got {cfg.sparsity}")
+    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
+        raise UsageError(f"--target-accuracy is a fraction in (0, 1], got {cfg.target_accuracy}")
+    if cfg.history < 1:
+        raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
+    parse_slow_ranks(cfg.slow_ranks, size)
+    if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
+        raise UsageError(f"--resume: checkpoint {cfg.resume} does not exist")
+    if size is not None and cfg.mode in ("downpour", "sync", "sandblaster"):
+        if size < 2 and cfg.mode != "sandblaster":
+            raise UsageError(f"--mode {cfg.mode} needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
+                             f"run under mpiexec -n 6, or use --mode serial")
+        if cfg.mode == "downpour" and cfg.servers >= size:
+            raise UsageError(f"--servers {cfg.servers} leaves no worker among {size} ranks; "
+                             f"use --servers <= {size - 1}")
+
+
+def config_to_dict(cfg) -> dict:
+    """Return the configuration as a plain, JSON/TOML-serialisable dict (for logs, checkpoints, --print-config)."""
+    return {k: v for k, v in sorted(vars(cfg).items()) if k not in ("print_config", "config")}
+
+
+def to_toml(cfg) -> str:
+    """Render the configuration as TOML (unset options are left out, as TOML has no null)."""
+    lines = []
+    for k, v in config_to_dict(cfg).items():
+        if v is None:
+            continue
+        lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""CUDA C sources of asyncsgd's GPU kernels, installed as ``asyncsgd.kernels`` (see setup.py)."""

