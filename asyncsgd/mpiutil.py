@@ -43,20 +43,28 @@ def polled_barrier(comm, *, timeout: float | None = None, sleep: float = _POLL_S
 
 
 def polled_bcast(comm, obj, root: int = 0, *, timeout: float | None = None, sleep: float = _POLL_SLEEP):
-    """Broadcast a picklable object from ``root`` while sleeping between polls; return it on every rank."""
-    req = comm.ibcast(obj, root=root)
-    start = time.monotonic()
-    while True:
-        done, value = req.test()
-        if done:
-            return value
-        if timeout is not None and time.monotonic() - start > timeout:
-            raise TimeoutError(f"broadcast from rank {root} did not complete within {timeout:.0f} s")
-        time.sleep(sleep)
+    """Broadcast a picklable object from ``root`` while sleeping between polls; return it on every rank.
+
+    Two buffer broadcasts (length, then pickled bytes), each completed by polling: mpi4py's lowercase
+    object broadcast has no non-blocking form.
+    """
+    import pickle
+
+    import numpy
+    from mpi4py import MPI
+
+    data = pickle.dumps(obj) if comm.rank == root else b""
+    length = numpy.array([len(data)], dtype=numpy.int64)
+    wait(comm.Ibcast([length, MPI.INT64_T], root=root), timeout=timeout, sleep=sleep, what="broadcast")
+    buf = numpy.frombuffer(bytearray(data), dtype=numpy.uint8) if comm.rank == root else \
+        numpy.empty(int(length[0]), dtype=numpy.uint8)
+    wait(comm.Ibcast([buf, MPI.BYTE], root=root), timeout=timeout, sleep=sleep, what="broadcast")
+    return obj if comm.rank == root else pickle.loads(buf.tobytes())
 
 
 def check_on_root(comm, check, *, root: int = 0):
-    """Run ``check()`` on ``root`` only and share its verdict: its return value, or its UsageError on every rank.
+    """Run ``check()`` on ``root`` only and share its verdict: ``root`` gets the return value, every rank
+    raises the same UsageError if it failed.
 
     Use it for validation that reads files or costs time: one rank does it, and either all ranks go on or all raise
     the same UsageError (rank 0 prints it; see ``asyncsgd.train``).
@@ -67,7 +75,7 @@ def check_on_root(comm, check, *, root: int = 0):
             result = check()
         except (UsageError, ValueError, OSError) as exc:
             error = str(exc)
-    result, error = polled_bcast(comm, (result, error), root=root)
+    error = polled_bcast(comm, error, root=root)
     if error is not None:
         raise UsageError(error)
     return result

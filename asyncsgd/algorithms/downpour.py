@@ -1,0 +1,274 @@
+"""Downpour SGD (Dean et al. 2012, Algorithm 1.1) with Chan & Lane's sparse, momentum and staleness-decayed updates.
+
+Ranks 0..S-1 host the parameter shards (``ShardedParameters``); the other ranks are model replicas.  A replica
+fetches the parameters every ``n_fetch`` steps, takes local steps on its own slice of the training set, accrues the
+update, and pushes it every ``n_push`` steps with one-sided accumulates, never waiting for a server's CPU.  Rank 0
+also evaluates the test set every ``eval_every`` seconds, reports progress, and raises the stop flag on the job board
+when the target accuracy is reached.
+
+What a push carries:
+- ``--optimizer sgd``: the parameter delta the replica applied locally since its last push (momentum included),
+  scaled by the staleness weight;
+- ``--optimizer adagrad``: the accrued (momentum-smoothed) gradient; the store turns it into
+  ``-lr * g / sqrt(sum g^2 + eps)`` one-sidedly (DistBelief's Adagrad at the parameter server).
+With ``--sparsity F < 1`` only the largest-magnitude fraction F of (accrued + residual) is pushed; the rest stays in
+the residual for later pushes (error feedback).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy
+
+from .. import sparse
+from ..config import parse_decay
+from ..data import BatchStream
+from ..model import build_model
+from ..mpiutil import polled_barrier
+from ..store import ShardedParameters
+from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
+from .common import Evaluator, StopRule, sgd_defaults, staleness_weight
+
+__all__ = ["run", "DownpourWorker"]
+
+_FLAG_POLL_S = 0.01
+
+
+class DownpourWorker:
+    """One model replica: local steps on its data, fetches and pushes against the store."""
+
+    def __init__(self, cfg, net, store: ShardedParameters, backend, *, seed: int):
+        self.cfg = cfg
+        self.net = net
+        self.store = store
+        self.backend = backend
+        self.xp = backend.xp
+        kind, lam = parse_decay(cfg.staleness_decay)
+        self.weight = staleness_weight(kind, lam)
+        self.adagrad = cfg.optimizer == "adagrad"
+        self.velocity = self.xp.zeros_like(net.params)
+        self.accrued = self.xp.zeros_like(net.params)
+        self.residual = numpy.zeros(net.n_params, dtype=numpy.float32) if cfg.sparsity < 1 else None
+        self.host = numpy.empty(net.n_params, dtype=numpy.float32)  # staging buffer for the windows
+        self.rng = numpy.random.default_rng(seed)
+        self.base_version = 0
+        self.steps = 0
+        self.pushes = 0
+        self.push_bytes = 0
+        self.pushed_entries = 0
+        self.skipped_nonfinite = 0
+        self.hist = numpy.zeros(HIST_BINS)
+        self.staleness_sum = 0
+        self.compute_s = 0.0
+        self.loss_ewma = None
+        self._warned = False
+
+    def fetch(self):
+        """Copy the store's parameters into the replica (DistBelief's 'fetch')."""
+        if self.backend.is_gpu:
+            self.base_version = self.store.fetch(self.host)
+            self.net.params[...] = self.backend.to_device(self.host)
+        else:
+            self.base_version = self.store.fetch(self.net.params)
+
+    def step(self, xb, yb) -> bool:
+        """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
+        cfg, xp = self.cfg, self.xp
+        t0 = time.perf_counter()
+        loss = self.net.loss_and_grad(self.backend.to_device(xb), self.backend.to_device(yb), rng=self.rng)
+        grads = self.net.grads
+        if not (numpy.isfinite(loss) and bool(xp.isfinite(grads).all())):
+            self.skipped_nonfinite += 1
+            if not self._warned:
+                warnings.warn(f"non-finite gradient at step {self.steps}: not pushed (skipped and counted; "
+                              f"lower --lr if this repeats)", RuntimeWarning, stacklevel=2)
+                self._warned = True
+            self.compute_s += time.perf_counter() - t0
+            return False
+        self.velocity *= cfg.momentum
+        self.velocity += grads
+        if self.adagrad:
+            self.accrued += self.velocity
+        else:
+            self.accrued -= cfg.lr * self.velocity
+        self.net.params -= cfg.lr * self.velocity
+        self.compute_s += time.perf_counter() - t0
+        self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
+        return True
+
+    def push(self):
+        """Send the accrued update to the store, scaled by the staleness weight; reset the accrual."""
+        cfg = self.cfg
+        update = self.backend.to_host(self.accrued, out=self.host)
+        if self.residual is not None:
+            idx, vals = sparse.select_topk(update, cfg.sparsity, self.residual)
+            if self.adagrad:
+                tau = self.store.push_adagrad_sparse(idx, vals, cfg.lr, cfg.adagrad_eps,
+                                                     base_version=self.base_version, weight=self.weight)
+            else:
+                tau = self.store.push_sparse(idx, vals, base_version=self.base_version, weight=self.weight)
+            self.push_bytes += idx.nbytes + vals.nbytes
+            self.pushed_entries += idx.size
+        else:
+            if self.adagrad:
+                tau = self.store.push_adagrad(update, cfg.lr, cfg.adagrad_eps, base_version=self.base_version,
+                                              weight=self.weight)
+            else:
+                tau = self.store.push(update, base_version=self.base_version, weight=self.weight)
+            self.push_bytes += update.nbytes
+            self.pushed_entries += update.size
+        self.accrued[...] = 0
+        self.pushes += 1
+        self.staleness_sum += tau
+        self.hist[min(tau, HIST_BINS - 1)] += 1
+
+    def stats(self, samples: int, elapsed: float, done: bool = False) -> dict:
+        return {"steps": self.steps, "samples": samples, "pushes": self.pushes, "push_bytes": self.push_bytes,
+                "pushed_entries": self.pushed_entries, "skipped_nonfinite": self.skipped_nonfinite,
+                "loss": self.loss_ewma if self.loss_ewma is not None else float("nan"),
+                "staleness_sum": self.staleness_sum, "done": float(done), "compute_s": self.compute_s,
+                "elapsed_s": elapsed}
+
+
+def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start):
+    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
+    x, y = src.train_slice(worker, n_workers)
+    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker)
+    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker)
+    stop = StopRule(cfg, samples_per_epoch=len(y), start=start)
+    samples = 0
+    last_publish = 0.0
+    warm = cfg.warm_start_steps if worker == 0 else 0
+    if worker != 0 and cfg.warm_start_steps > 0:
+        # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag.
+        while board.flag(FLAG_WARM_DONE) == 0 and board.flag(FLAG_STOP) == 0:
+            time.sleep(_FLAG_POLL_S)
+    for xb, yb in stream:
+        if replica.steps % cfg.n_fetch == 0:
+            replica.fetch()
+        replica.step(xb, yb)
+        replica.steps += 1
+        samples += len(yb)
+        if replica.steps % cfg.n_push == 0:
+            replica.push()
+        if warm and replica.steps == warm:
+            board.set_flag(FLAG_WARM_DONE)
+        now = stop.elapsed()
+        if stop.done(samples, replica.steps):
+            break
+        if now - last_publish >= 0.5:
+            board.publish(worker, replica.stats(samples, now), replica.hist)
+            last_publish = now
+            if board.flag(FLAG_STOP):
+                break
+    if replica.steps % cfg.n_push != 0:
+        replica.push()  # nothing accrued is lost at the end
+    if warm and replica.steps < warm:
+        board.set_flag(FLAG_WARM_DONE)  # ended before the warm start did: release the others
+    board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
+
+
+def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start):
+    """Rank 0: evaluate every eval_every seconds, report, raise the stop flag; return the final record."""
+    eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
+    x_test, y_test = src.test_set()
+    evaluate = Evaluator(eval_net, x_test, y_test, backend)
+    stop = StopRule(cfg, samples_per_epoch=src.n_train, start=start)
+    last_eval = time.monotonic()
+    last_samples, last_time = 0, 0.0
+    record = {}
+    time_to_target = None
+    while True:
+        stats, hist = board.rows()
+        all_done = all(s["done"] for s in stats)
+        if all_done or time.monotonic() - last_eval >= cfg.eval_every:
+            loss, acc = evaluate(store.read_all())
+            last_eval = time.monotonic()
+            record = _record(stats, hist, stop.elapsed(), loss, acc, last_samples, last_time)
+            last_samples, last_time = record["samples"], record["time"]
+            record["fraction_done"] = stop.fraction(record["samples"] * n_workers,
+                                                    min((s["steps"] for s in stats), default=0))
+            if reporter is not None:
+                reporter.record(record)
+            if cfg.target_accuracy is not None and acc >= cfg.target_accuracy and time_to_target is None:
+                time_to_target = record["time"]
+                board.set_flag(FLAG_STOP)
+            if all_done:
+                break
+        time.sleep(0.05)
+    record["time_to_target"] = time_to_target
+    return record, stats, hist
+
+
+def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time):
+    samples = int(sum(s["samples"] for s in stats))
+    pushes = int(sum(s["pushes"] for s in stats))
+    total_hist = hist.sum(axis=0)
+    entries = sum(s["pushed_entries"] for s in stats)
+    losses = [s["loss"] for s in stats if numpy.isfinite(s["loss"])]
+    dt = max(elapsed - last_time, 1e-9)
+    return {
+        "time": elapsed, "samples": samples, "loss": float(numpy.mean(losses)) if losses else None,
+        "test_loss": test_loss, "test_accuracy": acc,
+        "samples_per_s": (samples - last_samples) / dt,
+        "per_worker_samples_per_s": [s["samples"] / max(s["elapsed_s"], 1e-9) for s in stats],
+        "pushes": pushes, "staleness_mean": float(sum(s["staleness_sum"] for s in stats) / max(pushes, 1)),
+        "staleness_hist": total_hist.astype(int).tolist()[:16],
+        "push_bytes": int(sum(s["push_bytes"] for s in stats)),
+        "push_density": float(entries) / max(pushes, 1),
+        "skipped_nonfinite": int(sum(s["skipped_nonfinite"] for s in stats)),
+    }
+
+
+def _percentile_from_hist(hist, q):
+    cum = numpy.cumsum(hist)
+    if cum[-1] == 0:
+        return 0
+    return int(numpy.searchsorted(cum, q * cum[-1]))
+
+
+def run(comm, cfg, src, backend, reporter):
+    """Run Downpour on every rank of ``comm``; return the summary dict on rank 0 (None elsewhere)."""
+    sgd_defaults(cfg)
+    n_servers = cfg.servers
+    n_workers = comm.size - n_servers
+    rank = comm.rank
+    init = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=numpy)
+    start_params = getattr(cfg, "_resume_params", None)
+    initial = init.params if start_params is None else start_params
+    with ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
+                           adagrad=cfg.optimizer == "adagrad") as store, \
+            JobBoard(comm, n_workers) as board:
+        polled_barrier(comm)
+        start = time.monotonic()
+        result = None
+        if rank >= n_servers:
+            _worker_loop(cfg, src, backend, store, board, rank - n_servers, n_workers, start)
+        elif rank == 0:
+            record, stats, hist = _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start)
+            wall = time.monotonic() - start
+            params = store.read_all()
+            total_hist = hist.sum(axis=0)
+            result = {
+                "mode": "downpour", "model": cfg.model, "data": src.name, "workers": n_workers,
+                "servers": n_servers, "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
+                "final_loss": record["loss"], "samples": record["samples"],
+                "samples_per_s": record["samples"] / wall, "wall_s": wall,
+                "epochs": record["samples"] / src.n_train, "steps": int(sum(s["steps"] for s in stats)),
+                "pushes": record["pushes"], "push_bytes": record["push_bytes"],
+                "push_density": record["push_density"] / max(init.n_params, 1),
+                "staleness_mean": record["staleness_mean"],
+                "staleness_p95": _percentile_from_hist(total_hist, 0.95),
+                "staleness_hist": total_hist.astype(int).tolist(),
+                "skipped_nonfinite": record["skipped_nonfinite"],
+                "per_worker_samples_per_s": record["per_worker_samples_per_s"],
+                "per_worker_compute_samples_per_s": [s["samples"] / max(s["compute_s"], 1e-9) for s in stats],
+                "time_to_target": record["time_to_target"], "n_params": int(init.n_params),
+                "params": params, "layout": init.param_layout(),
+            }
+            if cfg.optimizer == "adagrad":
+                result["adagrad_sums"] = store.adagrad_sums()
+        # Servers other than rank 0 only host shards: they wait here, sleeping, with their progress thread running.
+        polled_barrier(comm)
+    return result

@@ -1,0 +1,247 @@
+"""Sandblaster's load balancer: mini-shards of a batch handed out through RMA atomics, with backup copies.
+
+DistBelief cut each batch into many more small work units than replicas and gave a unit to whichever replica asked
+next, so fast replicas did more of them; near the end, idle replicas re-ran the units still outstanding and the
+first result to arrive counted ("backup tasks", as in MapReduce).  Here, over one-sided MPI on rank 0:
+
+- a *counter window* (one int64): a replica claims the next mini-shard with ``Fetch_and_op(+1)``;
+- a *flag window* (int64 per mini-shard, then a backup count per mini-shard): once every mini-shard is claimed,
+  idle replicas read the flags and start a backup copy of an unfinished one (at most ``max_backups`` each);
+  finishing a copy is a ``Compare_and_swap(0 -> rank+1)`` on its flag: the first copy to finish wins and is summed,
+  a loser discards its result.  So every mini-shard is summed exactly once, by exactly one replica.
+
+A batch ends when every flag is set.  All windows live on rank 0 (the coordinator, itself a replica), which runs a
+progress thread while they exist: under MPICH a passive-target operation aimed at a busy rank otherwise waits until
+that rank next calls MPI (../DESIGN.md).
+
+``slow_factor`` > 1 makes this rank a simulated straggler (tests and benchmarks only): after each mini-shard it
+sleeps (factor - 1) x the measured compute time, in short slices, and abandons the copy as soon as another copy of
+the same mini-shard has won (a cancelled straggler task; real compute can only be abandoned between mini-shards,
+which is one reason mini-shards are small).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy
+from mpi4py import MPI
+
+from ..mpiutil import polled_barrier
+from ..store.progress import ProgressThread
+from .lbfgs import shard_bounds
+
+__all__ = ["MiniShardScheduler", "BatchStats", "SCHEDULES", "mini_shard_bounds"]
+
+SCHEDULES = ("dynamic", "static")
+_POLL = 0.002        # seconds between looks at the flags while waiting for the last copies
+_SLOW_SLICE = 0.002  # a straggler's sleep is cut into slices this long, checking for a winner in between
+
+
+def mini_shard_bounds(batch_size: int, mini_shard_size: int) -> list[tuple[int, int]]:
+    """Cut ``range(batch_size)`` into consecutive (start, stop) mini-shards of ``mini_shard_size`` (last shorter)."""
+    if mini_shard_size < 1 or batch_size < 1:
+        raise ValueError(f"batch ({batch_size}) and mini-shard ({mini_shard_size}) sizes must be >= 1")
+    if mini_shard_size > batch_size:
+        raise ValueError(f"mini-shard size {mini_shard_size} is larger than the batch ({batch_size} examples); "
+                         f"use --mini-shard-size <= --batch-size")
+    return [(a, min(a + mini_shard_size, batch_size)) for a in range(0, batch_size, mini_shard_size)]
+
+
+@dataclass
+class BatchStats:
+    """What this rank did in one batch.
+
+    ``done``: mini-shards it computed whose copy won (summed here); ``computed``: copies it finished or abandoned;
+    ``launched``: backup copies it started; ``backups_discarded``: its backup copies that lost (wasted work);
+    ``originals_lost``: its first copies beaten by someone's backup (stragglers that were covered).
+    Over all ranks, launched == backups_discarded + originals_lost and the done counts sum to the mini-shards.
+    """
+    done: int = 0
+    computed: int = 0
+    launched: int = 0
+    backups_discarded: int = 0
+    originals_lost: int = 0
+
+
+class MiniShardScheduler:
+    """Run batches of mini-shards over every rank of ``comm`` (collective constructor, ``free`` and ``run_batch``).
+
+    ``max_mini_shards`` sizes the flag window (the most mini-shards one batch may have).  ``schedule`` 'dynamic'
+    (claims and backups over RMA) or 'static' (rank r computes the r-th contiguous block, no windows, no backups:
+    the baseline of the benchmark).
+    """
+
+    def __init__(self, comm, max_mini_shards: int, *, schedule: str = "dynamic", slow_factor: float = 1.0,
+                 max_backups: int = 1):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if max_mini_shards < 1:
+            raise ValueError(f"max_mini_shards must be >= 1, got {max_mini_shards}")
+        if not slow_factor >= 1:
+            raise ValueError(f"slow_factor must be >= 1, got {slow_factor}")
+        if max_backups < 0:
+            raise ValueError(f"max_backups must be >= 0, got {max_backups}")
+        self.comm = comm.Dup()
+        self.schedule = schedule
+        self.max_mini_shards = int(max_mini_shards)
+        self.slow_factor = float(slow_factor)
+        self.max_backups = int(max_backups)
+        self._progress = None
+        self._counter = self._flags = None
+        self._one = numpy.ones(1, dtype=numpy.int64)
+        self._scratch = numpy.zeros(1, dtype=numpy.int64)
+        if schedule == "dynamic":
+            self._open_windows()
+
+    # -- windows ------------------------------------------------------------------------------------------------
+
+    def _open_windows(self):
+        root = self.comm.rank == 0
+        item = MPI.INT64_T.Get_size()
+        self._counter = MPI.Win.Allocate(item if root else 0, item, comm=self.comm)
+        self._flags = MPI.Win.Allocate(2 * self.max_mini_shards * item if root else 0, item, comm=self.comm)
+        self._progress_comm = self.comm.Dup()  # collective: every rank, though only rank 0 polls it
+        if root:
+            self._progress = ProgressThread(self._progress_comm).start()
+        # One passive epoch per window for the scheduler's lifetime; ops complete with Flush.
+        self._counter.Lock_all()
+        self._flags.Lock_all()
+        if root:
+            self._reset(self.max_mini_shards)
+        polled_barrier(self.comm)
+
+    def _reset(self, n):
+        """Zero the counter and the first n flags and backup counts (rank 0, through RMA inside its epoch)."""
+        self._counter.Put(numpy.zeros(1, dtype=numpy.int64), 0, target=(0, 1, MPI.INT64_T))
+        zeros = numpy.zeros(n, dtype=numpy.int64)
+        self._flags.Put(zeros, 0, target=(0, n, MPI.INT64_T))
+        self._flags.Put(zeros, 0, target=(self.max_mini_shards, n, MPI.INT64_T))
+        self._counter.Flush(0)
+        self._flags.Flush(0)
+
+    def _fetch_add(self, win, disp, value=1, op=MPI.SUM):
+        out = numpy.zeros(1, dtype=numpy.int64)
+        self._scratch[0] = value
+        win.Fetch_and_op(self._scratch, out, 0, disp, op=op)
+        win.Flush(0)
+        return int(out[0])
+
+    def _read_flags(self, n):
+        """Atomically read (done flags, backup counts) of the first n mini-shards."""
+        out = numpy.zeros(2 * self.max_mini_shards, dtype=numpy.int64)
+        dummy = numpy.zeros_like(out)
+        # Get_accumulate with NO_OP: an atomic read, safe against concurrent Compare_and_swap (a Get is not).
+        self._flags.Get_accumulate(dummy, out, 0, target=(0, out.size, MPI.INT64_T), op=MPI.NO_OP)
+        self._flags.Flush(0)
+        return out[:n], out[self.max_mini_shards:self.max_mini_shards + n]
+
+    def _is_done(self, i):
+        return self._fetch_add(self._flags, i, 0, op=MPI.NO_OP) != 0
+
+    def _claim_finish(self, i):
+        """Compare_and_swap flag i from 0 to rank+1; True when this copy is the first to finish."""
+        old = numpy.zeros(1, dtype=numpy.int64)
+        self._flags.Compare_and_swap(numpy.array([self.comm.rank + 1], dtype=numpy.int64),
+                                     numpy.zeros(1, dtype=numpy.int64), old, 0, i)
+        self._flags.Flush(0)
+        return int(old[0]) == 0
+
+    # -- work ---------------------------------------------------------------------------------------------------
+
+    def _straggle(self, seconds, i, dynamic):
+        """Sleep ``seconds`` (a simulated slow rank), stopping early once another copy of mini-shard i won."""
+        end = time.perf_counter() + seconds
+        while True:
+            left = end - time.perf_counter()
+            if left <= 0:
+                return True
+            if dynamic and self._is_done(i):
+                return False
+            time.sleep(min(left, _SLOW_SLICE))
+
+    def _copy(self, i, compute, accept, stats, *, backup, dynamic=True):
+        t0 = time.perf_counter()
+        result = compute(i)
+        stats.computed += 1
+        if self.slow_factor > 1:
+            alive = self._straggle((self.slow_factor - 1.0) * (time.perf_counter() - t0), i, dynamic)
+        else:
+            alive = True
+        if alive and (not dynamic or self._claim_finish(i)):
+            accept(i, result)
+            stats.done += 1
+        elif backup:
+            stats.backups_discarded += 1
+        else:
+            stats.originals_lost += 1
+
+    def run_batch(self, n_mini_shards: int, compute, accept) -> BatchStats:
+        """Process mini-shards 0..n-1 over all ranks; collective.  Return this rank's BatchStats.
+
+        ``compute(i)`` computes mini-shard i and returns a result; ``accept(i, result)`` is called on the rank whose
+        copy won, right after ``compute`` and before this rank computes anything else, so ``result`` may be a view
+        of a buffer the next ``compute`` overwrites.  Each i is accepted exactly once over all ranks.
+        """
+        if not 1 <= n_mini_shards <= self.max_mini_shards:
+            raise ValueError(f"a batch needs 1..{self.max_mini_shards} mini-shards (the window size), "
+                             f"got {n_mini_shards}")
+        stats = BatchStats()
+        if self.schedule == "static":
+            lo, hi = shard_bounds(n_mini_shards, self.comm.size)[self.comm.rank]
+            for i in range(lo, hi):
+                self._copy(i, compute, accept, stats, backup=False, dynamic=False)
+            return stats
+        if self._counter is None:
+            raise RuntimeError("MiniShardScheduler used after free()")
+        # Nobody may still be reading the previous batch's flags when rank 0 clears them, nor claim before it has.
+        polled_barrier(self.comm)
+        if self.comm.rank == 0:
+            self._reset(n_mini_shards)
+        polled_barrier(self.comm)
+        while True:
+            i = self._fetch_add(self._counter, 0)
+            if i >= n_mini_shards:
+                break
+            self._copy(i, compute, accept, stats, backup=False)
+        # Everything is claimed: back up unfinished mini-shards, least backed-up first, spread by rank.
+        while True:
+            done, backups = self._read_flags(n_mini_shards)
+            unfinished = numpy.flatnonzero(done == 0)
+            if unfinished.size == 0:
+                break
+            open_ = unfinished[backups[unfinished] < self.max_backups]
+            if open_.size == 0:
+                time.sleep(_POLL)
+                continue
+            fewest = open_[backups[open_] == backups[open_].min()]
+            i = int(fewest[self.comm.rank % fewest.size])
+            self._fetch_add(self._flags, self.max_mini_shards + i)
+            stats.launched += 1
+            self._copy(i, compute, accept, stats, backup=True)
+        return stats
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+
+    def free(self):
+        """Release the windows and stop the progress thread (collective; calling it again does nothing)."""
+        if self._counter is not None:
+            polled_barrier(self.comm)  # no rank may still be in an RMA call on the windows
+            self._counter.Unlock_all()
+            self._flags.Unlock_all()
+            if self._progress is not None:
+                # Stop the thread before freeing: Win.Free synchronises, and the thread's comm goes away after.
+                self._progress.stop()
+                self._progress = None
+            self._progress_comm.Free()
+            self._counter.Free()
+            self._flags.Free()
+            self._counter = self._flags = None
+        if self.comm != MPI.COMM_NULL:
+            self.comm.Free()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()

@@ -1,0 +1,258 @@
+"""Sandblaster L-BFGS (Dean et al. 2012): batch L-BFGS with sharded vectors and dynamically balanced replicas.
+
+Every rank is both a parameter/history shard owner and a model replica; rank 0 is also the coordinator (it hosts
+the mini-shard windows, evaluates nothing special and writes the log).  One iteration:
+
+1. the direction: the vector-free two-loop recursion on one Allreduced Gram matrix (``lbfgs.ShardedLBFGS``);
+2. each trial point of the strong-Wolfe line search is one function evaluation: ``Allgatherv`` of the shards into
+   every replica's model (the fetch), the batch's mini-shards computed by whichever replica claims them
+   (``minishards.MiniShardScheduler``: Fetch_and_op claims, backup copies, Compare_and_swap picks the copy that
+   counts), each replica's winning gradients summed locally and ``Reduce_scatter``-ed to the shard owners, and one
+   Allreduce of [loss, count, dots];
+3. bookkeeping: test accuracy (each rank evaluates a slice of the test set) and the scheduler counts, reduced in one
+   Allreduce; rank 0 records them.
+
+Defaults when an option is None (see ``defaults``): the whole training set as one batch for logreg (a fixed convex
+objective: L-BFGS converges to its unique optimum); for the CNNs a batch of 1000 examples re-drawn every iteration
+(mini-batch L-BFGS; a full FSDD batch costs about a minute per evaluation on 2 cores).  A re-drawn batch (or dropout,
+whose masks are drawn per batch) changes the objective, so the gradient at the new point is re-evaluated on the new
+batch while the (s, y) pair is taken on the old one, where both gradients were measured.
+L2 penalty ``l2/2 |x|^2``: 1e-4 by default (for logreg it makes the optimum unique; separable data would otherwise
+have none).  Mini-shards: batch / (8 x ranks) examples, so there are many more mini-shards than replicas.
+``--slow-ranks`` (tests and benchmarks only) makes ranks stragglers.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy
+from mpi4py import MPI
+
+from ..config import parse_slow_ranks
+from ..model import build_model
+from ..model.layers import Dropout
+from ..mpiutil import UsageError
+from .lbfgs import ShardedEvaluator, ShardedLBFGS, relative_decrease, shard_bounds
+from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds
+
+__all__ = ["run", "defaults", "check_options"]
+
+# model: (batch size, None = the whole training set; L2 penalty)
+_DEFAULTS = {"logreg": (None, 1e-4), "speech_cnn": (1000, 1e-4), "mnist_cnn": (1000, 1e-4)}
+MINI_SHARDS_PER_REPLICA = 8
+_MAX_FAILED_SEARCHES = 3  # stochastic batches: give up after this many line searches in a row found no decrease
+
+
+def defaults(cfg, n_train: int, size: int) -> dict:
+    """Return the effective batch_size, mini_shard_size and l2 for ``cfg`` (None options take the defaults)."""
+    batch, l2 = _DEFAULTS.get(cfg.model, (None, 1e-4))
+    batch = cfg.batch_size if cfg.batch_size is not None else (n_train if batch is None else batch)
+    batch = min(batch, n_train) if cfg.batch_size is None else batch
+    ms = cfg.mini_shard_size
+    if ms is None:
+        ms = max(1, batch // (MINI_SHARDS_PER_REPLICA * size))
+    return {"batch_size": int(batch), "mini_shard_size": int(ms), "l2": float(cfg.l2 if cfg.l2 is not None else l2)}
+
+
+def check_options(cfg, n_train: int, size: int) -> dict:
+    """Validate the Sandblaster options before any work; return the effective settings (see ``defaults``)."""
+    if cfg.history < 1:
+        raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
+    eff = defaults(cfg, n_train, size)
+    if eff["batch_size"] > n_train:
+        raise UsageError(f"--batch-size {eff['batch_size']} exceeds the {n_train} training examples; "
+                         f"use --batch-size <= {n_train} (or leave it unset for the whole set)")
+    if eff["mini_shard_size"] > eff["batch_size"]:
+        raise UsageError(f"--mini-shard-size {eff['mini_shard_size']} is larger than the batch "
+                         f"({eff['batch_size']} examples); use --mini-shard-size <= --batch-size")
+    parse_slow_ranks(cfg.slow_ranks, size)
+    return eff
+
+
+class _Replica:
+    """One rank's model replica: computes mini-shards of the current batch and sums the winning gradients."""
+
+    def __init__(self, net, backend, x, y, seed: int):
+        self.net, self.backend = net, backend
+        self.x, self.y = x, y
+        self.seed = seed
+        self.stochastic_masks = any(isinstance(layer, Dropout) for layer in net.layers)
+        self.grad_sum = numpy.zeros(net.n_params, dtype=numpy.float64)
+        self.grad_host = numpy.zeros(net.n_params, dtype=net.dtype)
+        self.batch_no = 0
+        self.rows = None
+        self.bounds = None
+        self.loss_sum = 0.0
+        self.count = 0
+
+    def set_batch(self, batch_no: int, rows, bounds):
+        """Use training rows ``rows`` (int array) cut into ``bounds`` mini-shards for the following evaluations."""
+        self.batch_no, self.rows, self.bounds = batch_no, rows, bounds
+
+    def load(self, x_full):
+        """Copy the gathered parameters (float64) into the model."""
+        self.net.params[...] = self.backend.to_device(x_full.astype(self.net.dtype, copy=False))
+
+    def compute(self, i):
+        a, b = self.bounds[i]
+        idx = self.rows[a:b]
+        xb = self.backend.to_device(self.x[idx])
+        yb = self.backend.to_device(self.y[idx])
+        # Dropout masks fixed per (batch, mini-shard): every trial point of a line search, and every backup copy,
+        # sees the same function, so the line search works on a deterministic objective.
+        rng = self.net.ops.make_rng((self.seed * 1_000_003 + self.batch_no) * 100_003 + i)
+        loss = self.net.loss_and_grad(xb, yb, rng=rng)
+        return loss, b - a
+
+    def accept(self, i, result):
+        loss, n = result
+        self.backend.to_host(self.net.grads, out=self.grad_host)
+        self.grad_sum += n * self.grad_host.astype(numpy.float64, copy=False)
+        self.loss_sum += n * loss
+        self.count += n
+
+    def start_sums(self):
+        self.grad_sum[:] = 0.0
+        self.loss_sum, self.count = 0.0, 0
+
+
+class _Counts:
+    """Scheduler counts of this rank summed over the evaluations of one iteration."""
+
+    def __init__(self):
+        self.batch = BatchStats()
+        self.examples = 0
+
+    def add(self, stats: BatchStats, examples: int):
+        for f in ("done", "computed", "launched", "backups_discarded", "originals_lost"):
+            setattr(self.batch, f, getattr(self.batch, f) + getattr(stats, f))
+        self.examples += examples
+
+
+def _draw_batch(rng, n_train: int, batch: int):
+    """Rows of the next batch: all rows in order for a full batch, else a random subset (same on every rank)."""
+    if batch >= n_train:
+        return numpy.arange(n_train)
+    return numpy.sort(rng.choice(n_train, size=batch, replace=False))
+
+
+def run(comm, cfg, src, backend, reporter):
+    """Train ``cfg.model`` with Sandblaster L-BFGS over every rank of ``comm``; return the summary on rank 0."""
+    comm = comm.Dup()
+    try:
+        return _run(comm, cfg, src, backend, reporter)
+    finally:
+        comm.Free()
+
+
+def _run(comm, cfg, src, backend, reporter):
+    size, rank = comm.size, comm.rank
+    eff = check_options(cfg, src.n_train, size)
+    slow = parse_slow_ranks(cfg.slow_ranks, size).get(rank, 1.0)
+    batch, ms_size, l2 = eff["batch_size"], eff["mini_shard_size"], eff["l2"]
+    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
+    # Any replica may be handed any mini-shard, so each holds the training set (FSDD: 28 MB).
+    x_train, y_train = src.train_range(0, src.n_train)
+    x_test, y_test = src.test_set()
+    t_lo, t_hi = shard_bounds(len(y_test), size)[rank]
+    x_test, y_test = x_test[t_lo:t_hi], y_test[t_lo:t_hi]
+    replica = _Replica(net, backend, x_train, y_train, cfg.seed)
+    n_ms = len(mini_shard_bounds(batch, ms_size))
+    stochastic = batch < src.n_train or replica.stochastic_masks
+    batch_rng = numpy.random.default_rng(cfg.seed + 7)
+    counts = _Counts()
+
+    with MiniShardScheduler(comm, n_ms, schedule=cfg.schedule, slow_factor=slow) as sched:
+        def local_sums(x_full):
+            replica.load(x_full)
+            replica.start_sums()
+            stats = sched.run_batch(len(replica.bounds), replica.compute, replica.accept)
+            counts.add(stats, replica.count)
+            return replica.loss_sum, replica.grad_sum, replica.count
+
+        evaluate = ShardedEvaluator(comm, net.n_params, local_sums, l2=l2)
+        x0 = backend.to_host(net.params).astype(numpy.float64)
+        opt = ShardedLBFGS(evaluate, x0[evaluate.lo:evaluate.hi], cfg.history)
+
+        def next_batch():
+            rows = _draw_batch(batch_rng, src.n_train, batch)
+            replica.set_batch(replica.batch_no + 1, rows, mini_shard_bounds(len(rows), ms_size))
+            opt.refresh()
+
+        start = time.perf_counter()
+        next_batch()
+        totals = numpy.zeros(4, dtype=numpy.int64)  # launched, backups discarded, originals lost, examples
+        reason, failed, accuracy, test_loss = "max_iter", 0, None, None
+        while opt.iterations < cfg.max_iter:
+            f_old = opt.f
+            ls = opt.step()
+            stepped = ls.alpha != 0
+            failed = 0 if stepped else failed + 1
+            if not stepped:  # the model holds the last rejected trial point: put the current one back
+                replica.load(evaluate.gather(opt.x))
+            test_loss, accuracy, done_per_rank, it_counts = _bookkeeping(comm, net, x_test, y_test, counts)
+            counts = _Counts()
+            totals += it_counts
+            elapsed = time.perf_counter() - start
+            if reporter is not None and stepped:
+                reporter.record({"time": elapsed, "iteration": opt.iterations, "loss": opt.f,
+                                 "grad_norm": opt.gnorm, "test_loss": test_loss, "test_accuracy": accuracy,
+                                 "step": ls.alpha, "function_evaluations": opt.function_evaluations,
+                                 "minishards_per_rank": done_per_rank, "backups_launched": int(it_counts[0]),
+                                 "backups_discarded": int(it_counts[1]), "stragglers_beaten": int(it_counts[2]),
+                                 "samples_per_s": totals[3] / max(elapsed, 1e-9)})
+            if not stepped and (not stochastic or failed >= _MAX_FAILED_SEARCHES):
+                reason = "line_search"
+                break
+            if stepped and opt.gnorm <= cfg.grad_tol:
+                reason = "grad_tol"
+                break
+            if stepped and relative_decrease(f_old, opt.f) <= cfg.loss_tol:
+                reason = "loss_tol"
+                break
+            if cfg.time_limit is not None and elapsed >= cfg.time_limit:
+                reason = "time_limit"
+                break
+            if cfg.target_accuracy is not None and accuracy is not None and accuracy >= cfg.target_accuracy:
+                reason = "target_accuracy"
+                break
+            if stochastic:
+                next_batch()
+        wall = time.perf_counter() - start
+        params = backend.to_host(net.params).copy() if rank == 0 else None
+    if rank != 0:
+        return None
+    return {"mode": "sandblaster", "model": cfg.model, "data": src.name, "iterations": opt.iterations,
+            "final_loss": opt.f, "grad_norm": opt.gnorm, "function_evaluations": opt.function_evaluations,
+            "backups_launched": int(totals[0]), "backups_discarded": int(totals[1]),
+            "stragglers_beaten": int(totals[2]), "test_accuracy": accuracy, "test_loss": test_loss,
+            "wall_s": wall, "samples": int(totals[3]), "samples_per_s": totals[3] / max(wall, 1e-9),
+            "stop_reason": reason, "batch_size": batch, "mini_shard_size": ms_size, "l2": l2,
+            "history": cfg.history, "schedule": cfg.schedule, "workers": size, "servers": size,
+            "n_params": int(net.n_params), "params": params, "layout": net.param_layout()}
+
+
+def _bookkeeping(comm, net, x_test, y_test, counts: _Counts):
+    """Evaluate this rank's test slice and reduce it with the iteration's scheduler counts in one Allreduce.
+
+    Returns (test loss, test accuracy, mini-shards done per rank, [launched, backups discarded, originals lost,
+    examples]) on every rank; the net holds the accepted point (the line search's last evaluation).
+    """
+    from ..mpiutil import wait
+    size = comm.size
+    loss_sum = correct = 0.0
+    if len(y_test):
+        mean_loss, acc = net.evaluate(x_test, y_test)
+        loss_sum, correct = mean_loss * len(y_test), acc * len(y_test)
+    b = counts.batch
+    send = numpy.zeros(3 + size + 4, dtype=numpy.float64)
+    send[:3] = loss_sum, correct, len(y_test)
+    send[3 + comm.rank] = b.done
+    send[3 + size:] = b.launched, b.backups_discarded, b.originals_lost, counts.examples
+    out = numpy.empty_like(send)
+    wait(comm.Iallreduce(send, out, op=MPI.SUM))
+    n_test = out[2]
+    test_loss = out[0] / n_test if n_test else None
+    accuracy = out[1] / n_test if n_test else None
+    done = [int(round(v)) for v in out[3:3 + size]]
+    return test_loss, accuracy, done, numpy.rint(out[3 + size:]).astype(numpy.int64)

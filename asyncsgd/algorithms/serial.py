@@ -1,0 +1,65 @@
+"""Single-process mini-batch SGD with momentum: the baseline the distributed modes are measured against."""
+from __future__ import annotations
+
+import time
+
+import numpy
+
+from ..data import BatchStream
+from ..model import build_model
+from .common import Evaluator, StopRule, sgd_defaults
+
+__all__ = ["run"]
+
+
+def run(comm, cfg, src, backend, reporter):
+    """Train ``cfg.model`` on ``src`` in this process; return the summary dict (``comm`` is unused)."""
+    sgd_defaults(cfg)
+    xp = backend.xp
+    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
+    eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
+    x, y = src.train_slice(0, 1)
+    x_test, y_test = src.test_set()
+    evaluate = Evaluator(eval_net, x_test, y_test, backend)
+    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed)
+    rng = numpy.random.default_rng(cfg.seed + 1)
+    velocity = xp.zeros_like(net.params)
+    stop = StopRule(cfg, samples_per_epoch=len(y))
+    samples = steps = 0
+    last_eval = time.monotonic()
+    loss_ewma = None
+    accuracy = test_loss = None
+    compute_s = 0.0
+    for xb, yb in stream:
+        t0 = time.perf_counter()
+        loss = net.loss_and_grad(backend.to_device(xb), backend.to_device(yb), rng=rng)
+        if not numpy.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {steps}: lower --lr (now {cfg.lr})")
+        velocity *= cfg.momentum
+        velocity += net.grads
+        net.params -= cfg.lr * velocity
+        compute_s += time.perf_counter() - t0
+        steps += 1
+        samples += len(yb)
+        loss_ewma = loss if loss_ewma is None else 0.95 * loss_ewma + 0.05 * loss
+        epoch_end = stream.samples_seen % len(y) < len(yb)
+        finished = stop.done(samples, steps)
+        if finished or epoch_end or time.monotonic() - last_eval >= cfg.eval_every:
+            test_loss, accuracy = evaluate(backend.to_host(net.params))
+            last_eval = time.monotonic()
+            if reporter is not None:
+                reporter.record({"time": stop.elapsed(), "samples": samples, "steps": steps, "epoch": stream.epoch,
+                                 "loss": loss_ewma, "test_loss": test_loss, "test_accuracy": accuracy,
+                                 "samples_per_s": samples / max(stop.elapsed(), 1e-9),
+                                 "per_worker_samples_per_s": [samples / max(stop.elapsed(), 1e-9)],
+                                 "fraction_done": stop.fraction(samples, steps)})
+            if finished or stop.done(samples, steps, accuracy):
+                break
+    wall = stop.elapsed()
+    return {
+        "mode": "serial", "model": cfg.model, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,
+        "final_loss": loss_ewma, "samples": samples, "steps": steps, "samples_per_s": samples / wall,
+        "compute_samples_per_s": samples / max(compute_s, 1e-9), "wall_s": wall, "epochs": samples / len(y),
+        "stop_reason": stop.reason, "workers": 1, "servers": 0, "n_params": int(net.n_params),
+        "params": backend.to_host(net.params), "layout": net.param_layout(),
+    }

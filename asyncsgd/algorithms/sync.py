@@ -1,0 +1,91 @@
+"""Synchronous data parallelism for comparison: every rank computes a gradient, one Allreduce averages them.
+
+All ranks are replicas (there is no parameter store); rank 0 also evaluates and reports.  The stop decision rides
+in the same reduction (one extra element), so no rank ever waits in a second collective.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy
+from mpi4py import MPI
+
+from ..data import BatchStream
+from ..model import build_model
+from ..mpiutil import wait
+from .common import Evaluator, StopRule, sgd_defaults
+
+__all__ = ["run"]
+
+
+def run(comm, cfg, src, backend, reporter):
+    """Train with all-reduce SGD on every rank of ``comm``; return the summary dict on rank 0."""
+    sgd_defaults(cfg)
+    comm = comm.Dup()
+    xp = backend.xp
+    size, rank = comm.size, comm.rank
+    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
+    x, y = src.train_slice(rank, size)
+    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + rank)
+    rng = numpy.random.default_rng(cfg.seed + 2000 + rank)
+    evaluate = None
+    if rank == 0:
+        eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
+        evaluate = Evaluator(eval_net, *src.test_set(), backend)
+    n = net.n_params
+    send = numpy.zeros(n + 2, dtype=numpy.float32)  # gradient, loss, stop vote
+    recv = numpy.empty_like(send)
+    velocity = xp.zeros_like(net.params)
+    stop = StopRule(cfg, samples_per_epoch=len(y))
+    samples = steps = 0
+    last_eval = time.monotonic()
+    accuracy = test_loss = loss_ewma = None
+    comm_s = 0.0
+    for xb, yb in stream:
+        loss = net.loss_and_grad(backend.to_device(xb), backend.to_device(yb), rng=rng)
+        backend.to_host(net.grads, out=send[:n])
+        send[n] = loss
+        steps += 1
+        samples += len(yb)
+        want_stop = stop.done(samples, steps)
+        if rank == 0 and time.monotonic() - last_eval >= cfg.eval_every:
+            test_loss, accuracy = evaluate(backend.to_host(net.params))
+            last_eval = time.monotonic()
+            want_stop = want_stop or stop.done(samples, steps, accuracy)
+            if reporter is not None:
+                el = stop.elapsed()
+                reporter.record({"time": el, "samples": samples * size, "steps": steps, "loss": loss_ewma,
+                                 "test_loss": test_loss, "test_accuracy": accuracy,
+                                 "samples_per_s": samples * size / el,
+                                 "per_worker_samples_per_s": [samples / el] * size,
+                                 "fraction_done": stop.fraction(samples, steps)})
+        send[n + 1] = 1.0 if want_stop else 0.0
+        t0 = time.perf_counter()
+        wait(comm.Iallreduce(send, recv, op=MPI.SUM), what="gradient all-reduce")
+        comm_s += time.perf_counter() - t0
+        mean_grad = backend.to_device(recv[:n] / size)
+        velocity *= cfg.momentum
+        velocity += mean_grad
+        net.params -= cfg.lr * velocity
+        mean_loss = float(recv[n]) / size
+        loss_ewma = mean_loss if loss_ewma is None else 0.95 * loss_ewma + 0.05 * mean_loss
+        if not numpy.isfinite(mean_loss):
+            raise FloatingPointError(f"loss became {mean_loss} at step {steps}: lower --lr (now {cfg.lr})")
+        if recv[n + 1] > 0:
+            break
+    wall = stop.elapsed()
+    result = None
+    if rank == 0:
+        test_loss, accuracy = evaluate(backend.to_host(net.params))
+        if reporter is not None:
+            reporter.record({"time": wall, "samples": samples * size, "steps": steps, "loss": loss_ewma,
+                             "test_loss": test_loss, "test_accuracy": accuracy,
+                             "samples_per_s": samples * size / wall, "per_worker_samples_per_s": [samples / wall] * size})
+        result = {"mode": "sync", "model": cfg.model, "data": src.name, "workers": size, "servers": 0,
+                  "test_accuracy": accuracy, "test_loss": test_loss, "final_loss": loss_ewma,
+                  "samples": samples * size, "steps": steps, "samples_per_s": samples * size / wall, "wall_s": wall,
+                  "epochs": samples * size / src.n_train, "allreduce_s": comm_s, "stop_reason": stop.reason,
+                  "per_worker_samples_per_s": [samples / wall] * size, "n_params": int(n),
+                  "params": backend.to_host(net.params), "layout": net.param_layout()}
+    comm.Free()
+    return result

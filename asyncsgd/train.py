@@ -1,0 +1,168 @@
+"""Entry point: ``python -m asyncsgd.train`` (Downpour under mpiexec by default; see ``--help``).
+
+Order of work: parse and validate every option (every rank identically), check the data and device on rank 0 and
+share the verdict, and only then start training.  Any bad input ends the job with one ``asyncsgd: error:`` line from
+rank 0 and exit status 2, before anything is written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .config import config_to_dict, parse_config, to_toml, validate
+from .mpiutil import EXIT_USAGE, UsageError
+
+__all__ = ["main"]
+
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+
+
+def _launcher_value(names, default):
+    """Read this process's rank or size from the launcher's environment, before MPI is initialised."""
+    for name in names:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return default
+
+
+def _fail(message: str, rank: int) -> int:
+    if rank == 0:
+        sys.stderr.write(f"asyncsgd: error: {message}\n")
+        sys.stderr.flush()
+    return EXIT_USAGE
+
+
+def _prepare_outputs(cfg):
+    """Check that every output path can be written before training starts (nothing is created yet)."""
+    for opt in ("log", "summary_json", "model_out", "checkpoint"):
+        path = getattr(cfg, opt)
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--{opt.replace('_', '-')}: folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--{opt.replace('_', '-')}: folder {folder} is not writable")
+
+
+def _open_data(cfg):
+    from .data import open_source
+    src = open_source(cfg.data)
+    if cfg.model == "mnist_cnn" and tuple(src.input_shape) != (1, 28, 28):
+        raise UsageError(f"--model mnist_cnn needs 1x28x28 inputs but {cfg.data} holds "
+                         f"{'x'.join(map(str, src.input_shape))}; use --model speech_cnn or logreg")
+    if cfg.model == "speech_cnn" and (src.input_shape[0] != 1 or src.input_shape[1] != 40):
+        raise UsageError(f"--model speech_cnn needs 1x40xT log-mel inputs but {cfg.data} holds "
+                         f"{'x'.join(map(str, src.input_shape))}; use --model mnist_cnn or logreg")
+    return src
+
+
+def _write_outputs(cfg, summary, reporter):
+    """Rank 0: final model, summary JSON, and the final accuracy line that job scripts look for."""
+    from .ops.metrics import write_json_atomic
+    from .ops.modelio import save_model
+    import numpy
+
+    params = summary.pop("params", None)
+    layout = summary.pop("layout", None)
+    summary.pop("adagrad_sums", None)
+    summary["config"] = config_to_dict(cfg)
+    if cfg.model_out and params is not None:
+        save_model(cfg.model_out, numpy.asarray(params), layout,
+                   {"model": cfg.model, "config": summary["config"], "test_accuracy": summary.get("test_accuracy")})
+    if cfg.summary_json:
+        write_json_atomic(cfg.summary_json, summary)
+    acc = summary.get("test_accuracy")
+    reporter.message(f"final test accuracy: {acc:.4f}" if acc is not None else "final test accuracy: n/a")
+    reporter.message(f"mode {summary['mode']}, {summary.get('workers', 1)} worker(s), "
+                     f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s")
+
+
+def _run_serial(cfg) -> int:
+    from .backend import BackendError, select_backend
+    from .algorithms import get_mode
+    from .ops.metrics import Reporter
+    try:
+        _prepare_outputs(cfg)
+        src = _open_data(cfg)
+        backend = select_backend(cfg.device)
+    except (UsageError, ValueError, OSError, BackendError) as exc:
+        return _fail(str(exc), 0)
+    reporter = Reporter(cfg.log, progress=cfg.progress)
+    try:
+        summary = get_mode("serial").run(None, cfg, src, backend, reporter)
+        _write_outputs(cfg, summary, reporter)
+    finally:
+        reporter.close()
+    return 0
+
+
+def _run_distributed(cfg) -> int:
+    from mpi4py import MPI
+    from .backend import BackendError, select_backend
+    from .algorithms import get_mode
+    from .mpiutil import check_on_root, install_abort_hook, local_rank
+    from .ops.metrics import Reporter
+
+    world = MPI.COMM_WORLD
+    comm = world.Dup()
+    install_abort_hook(comm)
+    rank = comm.rank
+    try:
+        validate(cfg, comm.size)
+        if cfg.mode == "sandblaster" and cfg.servers != 1:
+            raise UsageError("--servers applies to --mode downpour only")
+        src = check_on_root(comm, lambda: (_prepare_outputs(cfg), _open_data(cfg))[1], root=0)
+        if rank != 0:
+            src = _open_data(cfg)  # cheap after rank 0 validated the file; every rank reads its own slice
+        try:
+            backend, error = select_backend(cfg.device, local_rank(comm)), None
+        except (BackendError, ValueError) as exc:
+            backend, error = None, str(exc)
+        errors = comm.allgather(error)
+        first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
+        if first is not None:
+            raise UsageError(first[1] if first[0] == 0 else f"rank {first[0]}: {first[1]}")
+        if cfg.mode == "downpour" and cfg.servers > 0:
+            from .model import build_model
+            n_params = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
+            if cfg.servers > n_params:
+                raise UsageError(f"--servers {cfg.servers} is more shards than the model's {n_params} parameters")
+    except UsageError as exc:
+        code = _fail(str(exc), rank)
+        comm.Free()
+        return code
+    reporter = Reporter(cfg.log, progress=cfg.progress) if rank == 0 else None
+    try:
+        summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter)
+        if rank == 0:
+            _write_outputs(cfg, summary, reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    comm.Free()
+    return 0
+
+
+def main(argv=None) -> int:
+    """Run the trainer; return the process exit status."""
+    rank_hint = _launcher_value(_RANK_VARIABLES, 0)
+    try:
+        cfg = parse_config(argv)
+    except UsageError as exc:
+        return _fail(str(exc), rank_hint)
+    if cfg.print_config:
+        if rank_hint == 0:
+            sys.stdout.write(to_toml(cfg))
+        return 0
+    if cfg.mode == "serial":
+        if _launcher_value(_SIZE_VARIABLES, 1) > 1:
+            return _fail("--mode serial runs in one process; start it without mpiexec "
+                         "(or choose --mode downpour, sync or sandblaster)", rank_hint)
+        return _run_serial(cfg)
+    return _run_distributed(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
