@@ -58,7 +58,7 @@ def _open_data(cfg):
     return src
 
 
-def _write_outputs(cfg, summary, reporter):
+def _write_outputs(cfg, src, summary, reporter):
     """Rank 0: final model, summary JSON, and the final accuracy line that job scripts look for."""
     from .ops.metrics import write_json_atomic
     from .ops.modelio import save_model
@@ -70,13 +70,15 @@ def _write_outputs(cfg, summary, reporter):
     summary["config"] = config_to_dict(cfg)
     if cfg.model_out and params is not None:
         save_model(cfg.model_out, numpy.asarray(params), layout,
-                   {"model": cfg.model, "config": summary["config"], "test_accuracy": summary.get("test_accuracy")})
+                   {"model": cfg.model, "input_shape": list(src.input_shape), "n_classes": int(src.n_classes),
+                    "config": summary["config"], "test_accuracy": summary.get("test_accuracy")})
     if cfg.summary_json:
         write_json_atomic(cfg.summary_json, summary)
+    reporter.close()  # ends a live progress line; the result lines below print whatever --progress says
     acc = summary.get("test_accuracy")
-    reporter.message(f"final test accuracy: {acc:.4f}" if acc is not None else "final test accuracy: n/a")
-    reporter.message(f"mode {summary['mode']}, {summary.get('workers', 1)} worker(s), "
-                     f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s")
+    print(f"final test accuracy: {acc:.4f}" if acc is not None else "final test accuracy: n/a")
+    print(f"mode {summary['mode']}, {summary.get('workers', 1)} worker(s), "
+          f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s", flush=True)
 
 
 def _run_serial(cfg) -> int:
@@ -92,7 +94,7 @@ def _run_serial(cfg) -> int:
     reporter = Reporter(cfg.log, progress=cfg.progress)
     try:
         summary = get_mode("serial").run(None, cfg, src, backend, reporter)
-        _write_outputs(cfg, summary, reporter)
+        _write_outputs(cfg, src, summary, reporter)
     finally:
         reporter.close()
     return 0
@@ -137,7 +139,7 @@ def _run_distributed(cfg) -> int:
     try:
         summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter)
         if rank == 0:
-            _write_outputs(cfg, summary, reporter)
+            _write_outputs(cfg, src, summary, reporter)
     finally:
         if reporter is not None:
             reporter.close()

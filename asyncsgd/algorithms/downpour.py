@@ -187,7 +187,7 @@ def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start):
             last_eval = time.monotonic()
             record = _record(stats, hist, stop.elapsed(), loss, acc, last_samples, last_time)
             last_samples, last_time = record["samples"], record["time"]
-            record["fraction_done"] = stop.fraction(record["samples"] * n_workers,
+            record["fraction_done"] = stop.fraction(record["samples"],
                                                     min((s["steps"] for s in stats), default=0))
             if reporter is not None:
                 reporter.record(record)

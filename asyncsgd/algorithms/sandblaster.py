@@ -35,7 +35,7 @@ from ..mpiutil import UsageError
 from .lbfgs import ShardedEvaluator, ShardedLBFGS, relative_decrease, shard_bounds
 from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds
 
-__all__ = ["run", "defaults", "check_options"]
+__all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator"]
 
 # model: (batch size, None = the whole training set; L2 penalty)
 _DEFAULTS = {"logreg": (None, 1e-4), "speech_cnn": (1000, 1e-4), "mnist_cnn": (1000, 1e-4)}
@@ -69,7 +69,7 @@ def check_options(cfg, n_train: int, size: int) -> dict:
     return eff
 
 
-class _Replica:
+class Replica:
     """One rank's model replica: computes mini-shards of the current batch and sums the winning gradients."""
 
     def __init__(self, net, backend, x, y, seed: int):
@@ -116,10 +116,29 @@ class _Replica:
         self.loss_sum, self.count = 0.0, 0
 
 
+def build_evaluator(comm, replica: Replica, sched: MiniShardScheduler, *, l2: float, on_batch=None):
+    """Return the ShardedEvaluator whose local sums are the replica's winning mini-shards of its current batch.
+
+    ``on_batch(stats, examples)`` receives each evaluation's BatchStats and the examples summed on this rank.
+    """
+    def local_sums(x_full):
+        replica.load(x_full)
+        replica.start_sums()
+        stats = sched.run_batch(len(replica.bounds), replica.compute, replica.accept)
+        if on_batch is not None:
+            on_batch(stats, replica.count)
+        return replica.loss_sum, replica.grad_sum, replica.count
+
+    return ShardedEvaluator(comm, replica.net.n_params, local_sums, l2=l2)
+
+
 class _Counts:
     """Scheduler counts of this rank summed over the evaluations of one iteration."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
         self.batch = BatchStats()
         self.examples = 0
 
@@ -156,21 +175,13 @@ def _run(comm, cfg, src, backend, reporter):
     x_test, y_test = src.test_set()
     t_lo, t_hi = shard_bounds(len(y_test), size)[rank]
     x_test, y_test = x_test[t_lo:t_hi], y_test[t_lo:t_hi]
-    replica = _Replica(net, backend, x_train, y_train, cfg.seed)
+    replica = Replica(net, backend, x_train, y_train, cfg.seed)
     n_ms = len(mini_shard_bounds(batch, ms_size))
     stochastic = batch < src.n_train or replica.stochastic_masks
     batch_rng = numpy.random.default_rng(cfg.seed + 7)
     counts = _Counts()
-
     with MiniShardScheduler(comm, n_ms, schedule=cfg.schedule, slow_factor=slow) as sched:
-        def local_sums(x_full):
-            replica.load(x_full)
-            replica.start_sums()
-            stats = sched.run_batch(len(replica.bounds), replica.compute, replica.accept)
-            counts.add(stats, replica.count)
-            return replica.loss_sum, replica.grad_sum, replica.count
-
-        evaluate = ShardedEvaluator(comm, net.n_params, local_sums, l2=l2)
+        evaluate = build_evaluator(comm, replica, sched, l2=l2, on_batch=counts.add)
         x0 = backend.to_host(net.params).astype(numpy.float64)
         opt = ShardedLBFGS(evaluate, x0[evaluate.lo:evaluate.hi], cfg.history)
 
@@ -191,7 +202,7 @@ def _run(comm, cfg, src, backend, reporter):
             if not stepped:  # the model holds the last rejected trial point: put the current one back
                 replica.load(evaluate.gather(opt.x))
             test_loss, accuracy, done_per_rank, it_counts = _bookkeeping(comm, net, x_test, y_test, counts)
-            counts = _Counts()
+            counts.reset()
             totals += it_counts
             elapsed = time.perf_counter() - start
             if reporter is not None and stepped:

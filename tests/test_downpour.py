@@ -1,0 +1,93 @@
+"""Downpour SGD end to end (whole jobs under mpiexec) and a replica's handling of non-finite gradients."""
+import json
+import os
+import sys
+
+import numpy
+import pytest
+
+from asyncsgd.launch import run_mpi
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, "-m", "asyncsgd.train"]
+
+
+def _train(n, args, tmp_path, timeout=240):
+    summary = tmp_path / "summary.json"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = run_mpi(n, TRAIN + ["--data", "synthetic:600", "--batch-size", "16", "--progress", "none",
+                               "--eval-every", "1", "--summary-json", str(summary)] + args,
+                   timeout=timeout, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return json.loads(summary.read_text()), proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [3, 6])
+def test_downpour_reaches_accuracy(n, tmp_path):
+    s, out = _train(n, ["--steps", "40"], tmp_path)
+    assert "final test accuracy:" in out
+    assert s["workers"] == n - 1 and s["servers"] == 1
+    assert s["test_accuracy"] >= 0.85, s["test_accuracy"]
+    assert s["pushes"] == 40 * (n - 1)
+    assert s["push_bytes"] == s["pushes"] * s["n_params"] * 4
+    assert sum(s["staleness_hist"]) == s["pushes"]
+    assert 0 <= s["staleness_mean"] <= s["staleness_p95"] + 1
+    assert len(s["per_worker_samples_per_s"]) == n - 1
+
+
+@pytest.mark.slow
+def test_downpour_sparse_decay_two_servers(tmp_path):
+    s, _ = _train(4, ["--steps", "80", "--servers", "2", "--sparsity", "0.05", "--staleness-decay", "exp:0.9",
+                      "--n-push", "2"], tmp_path)
+    assert s["servers"] == 2 and s["workers"] == 2
+    assert s["pushes"] == 2 * 40
+    # a sparse push moves an int64 index and a float32 value per chosen entry: 5% of the parameters
+    k = int(numpy.ceil(0.05 * s["n_params"]))
+    assert s["push_bytes"] == s["pushes"] * k * 12
+    assert s["test_accuracy"] >= 0.8, s["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_downpour_adagrad_warm_start_and_sync(tmp_path):
+    s, _ = _train(3, ["--steps", "40", "--optimizer", "adagrad", "--warm-start-steps", "10"], tmp_path)
+    assert s["test_accuracy"] >= 0.8, s["test_accuracy"]
+    s, _ = _train(3, ["--steps", "40", "--mode", "sync"], tmp_path)
+    assert s["mode"] == "sync" and s["workers"] == 3 and s["test_accuracy"] >= 0.8
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.ranks(2, 3)
+def test_nonfinite_gradient_is_never_pushed():
+    """A replica that meets a NaN batch skips it, counts it, warns once, and the store stays unchanged."""
+    from argparse import Namespace
+
+    from mpi4py import MPI
+
+    from asyncsgd.algorithms.downpour import DownpourWorker
+    from asyncsgd.backend import select_backend
+    from asyncsgd.model import build_model
+    from asyncsgd.store import ShardedParameters
+
+    comm = MPI.COMM_WORLD.Dup()
+    net = build_model("logreg", (1, 4, 4), 3, seed=0)
+    cfg = Namespace(staleness_decay="none", optimizer="sgd", sparsity=1.0, momentum=0.9, lr=0.1, adagrad_eps=1e-6)
+    with ShardedParameters(comm, net.n_params, n_servers=1, initial=net.params) as store:
+        before = store.read_all()
+        comm.Barrier()
+        if comm.rank == 1:
+            worker = DownpourWorker(cfg, net, store, select_backend("cpu"), seed=0)
+            worker.fetch()
+            x = numpy.ones((4, 1, 4, 4), numpy.float32)
+            x[0, 0, 0, 0] = numpy.nan
+            with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+                assert worker.step(x, numpy.array([0, 1, 2, 0])) is False
+            assert worker.step(x, numpy.array([0, 1, 2, 0])) is False  # no second warning needed
+            assert worker.skipped_nonfinite == 2
+            worker.push()  # nothing accrued: an all-zero update
+            assert worker.step(numpy.ones((4, 1, 4, 4), numpy.float32), numpy.array([0, 1, 2, 0])) is True
+        comm.Barrier()
+        after_nan = store.read_all()
+        comm.Barrier()
+    comm.Free()
+    numpy.testing.assert_array_equal(before, after_nan)
