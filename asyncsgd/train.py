@@ -135,6 +135,8 @@ def _run_distributed(cfg) -> int:
         code = _fail(str(exc), rank)
         comm.Free()
         return code
+    from .watchdog import Watchdog
+    watchdog = Watchdog(comm)
     reporter = Reporter(cfg.log, progress=cfg.progress) if rank == 0 else None
     try:
         summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter)
@@ -143,6 +145,7 @@ def _run_distributed(cfg) -> int:
     finally:
         if reporter is not None:
             reporter.close()
+    watchdog.stop()
     comm.Free()
     return 0
 

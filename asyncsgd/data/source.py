@@ -1,0 +1,216 @@
+"""Data sources for training: open a spec, hand each worker its contiguous slice, stream shuffled mini-batches.
+
+``open_source(spec)`` accepts
+
+* ``'fsdd'``: the bundled FSDD log-mel features (``data/fsdd.h5`` beside a source checkout, or the copy installed
+  as package data ``asyncsgd.bundled``; see :func:`resolve_path`);
+* a path to an asyncsgd HDF5 file (layout in ``h5format`` and ``data/README.md``);
+* ``'synthetic:N'``: N generated speech-like training examples (+ N // 5, at least 10, test examples), in memory.
+
+Every source has the same interface (ARCHITECTURE.md, "Data"): features come back as float32 numpy arrays
+[N, C, H, W] whatever the storage dtype, labels as int64 [N].
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .h5format import DataError, FileSummary, h5open, validate_file
+
+__all__ = ["DataSource", "H5Source", "BatchStream", "open_source", "resolve_path", "slice_bounds",
+           "BUNDLED_NAME"]
+
+BUNDLED_NAME = "fsdd"
+_BUNDLED_FILE = "fsdd.h5"
+
+
+def resolve_path(spec: str) -> str:
+    """Return the file a spec names: 'fsdd' -> the bundled file's path; anything else is returned unchanged.
+
+    The bundled file is looked for (1) in ``data/`` beside the ``asyncsgd`` package (a source checkout or an
+    editable install), then (2) as package data of ``asyncsgd.bundled`` (a regular ``pip install .``, where
+    setup.py maps that package to ``data/``).  Raises DataError if neither exists.
+    """
+    if spec != BUNDLED_NAME:
+        return os.fspath(spec)
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    candidates = [os.path.join(os.path.dirname(package_dir), "data", _BUNDLED_FILE)]
+    try:
+        from importlib import resources
+        candidates.append(str(resources.files("asyncsgd.bundled").joinpath(_BUNDLED_FILE)))
+    except (ModuleNotFoundError, TypeError):
+        candidates.append(os.path.join(package_dir, "bundled", _BUNDLED_FILE))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"fsdd: the bundled features file {_BUNDLED_FILE} is missing (looked in "
+                    f"{', '.join(candidates)}); reinstall asyncsgd or pass the path of an HDF5 data set")
+
+
+def slice_bounds(n: int, part: int, n_parts: int) -> tuple[int, int]:
+    """Return [start, stop) of part ``part`` of ``n_parts`` near-equal contiguous parts of n rows (sizes differ by 1)."""
+    if not (isinstance(n_parts, (int, np.integer)) and n_parts >= 1):
+        raise ValueError(f"n_parts must be a positive integer, got {n_parts!r}")
+    if not 0 <= part < n_parts:
+        raise ValueError(f"part must be in [0, {n_parts}), got {part}")
+    if n_parts > n:
+        raise ValueError(f"cannot split {n} training rows among {n_parts} workers: use fewer workers or more data")
+    return part * n // n_parts, (part + 1) * n // n_parts
+
+
+class DataSource:
+    """Base of every source: metadata plus train_slice / train_range / test_set returning float32 numpy arrays.
+
+    Subclasses set name, input_shape (C, H, W), n_classes, n_train, n_test, attrs and implement
+    ``_read_train(start, stop)`` and ``_read_test()``.
+    """
+    name: str
+    input_shape: tuple
+    n_classes: int
+    n_train: int
+    n_test: int
+    attrs: dict
+
+    def train_slice(self, part: int, n_parts: int):
+        """Return (x float32 [n, C, H, W], y int64 [n]): worker ``part``'s contiguous share of the training rows.
+
+        The n_parts slices are disjoint, cover every row, and differ in size by at most one.
+        """
+        return self.train_range(*slice_bounds(self.n_train, part, n_parts))
+
+    def train_range(self, start: int, stop: int):
+        """Return (x float32, y int64) for training rows [start, stop) (Sandblaster mini-shards), reading only those."""
+        if not 0 <= start < stop <= self.n_train:
+            raise ValueError(f"training row range [{start}, {stop}) is empty or outside [0, {self.n_train})")
+        return self._read_train(int(start), int(stop))
+
+    def test_set(self):
+        """Return the whole test split (x float32 [M, C, H, W], y int64 [M])."""
+        return self._read_test()
+
+    def describe(self) -> str:
+        """Return a one-line description: name, sizes, input shape."""
+        c, h, w = self.input_shape
+        return (f"{self.name}: {self.n_train} train / {self.n_test} test examples, input {c}x{h}x{w}, "
+                f"{self.n_classes} classes")
+
+    def _read_train(self, start, stop):
+        raise NotImplementedError
+
+    def _read_test(self):
+        raise NotImplementedError
+
+
+class H5Source(DataSource):
+    """A validated asyncsgd HDF5 file.  The file is opened for each read, so no handle outlives a call."""
+
+    def __init__(self, path, summary: FileSummary, name: str | None = None):
+        self.path = os.fspath(path)
+        self.name = name or os.path.basename(self.path)
+        self.input_shape = tuple(summary.input_shape)
+        self.n_classes = summary.n_classes
+        self.n_train, self.n_test = summary.counts["train"], summary.counts["test"]
+        self.attrs = dict(summary.attrs)
+
+    def _read(self, split, start, stop):
+        try:
+            with h5open(self.path) as f:
+                # h5py reads just the chunks under [start, stop): a worker never loads other workers' rows.
+                x = f[f"{split}/x"][start:stop].astype(np.float32, copy=False)
+                y = f[f"{split}/y"][start:stop].astype(np.int64, copy=False)
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise DataError(f"{self.path}: cannot read /{split} rows [{start}, {stop}): {exc}") from None
+        return x, y
+
+    def _read_train(self, start, stop):
+        return self._read("train", start, stop)
+
+    def _read_test(self):
+        return self._read("test", 0, self.n_test)
+
+
+def open_source(spec, *, scan_values: bool = True) -> DataSource:
+    """Open 'fsdd', 'synthetic:N' or an HDF5 path, validate it, and return its DataSource.
+
+    Raises DataError (a ValueError) with one line naming the file or spec and the problem.  ``scan_values=False``
+    skips the label-range and NaN/Inf scans (for ranks other than the one that already validated the file).
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("synthetic:"):
+        from .synthetic import SyntheticSource
+        text = spec.split(":", 1)[1]
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise DataError(f"{spec}: N must be a positive integer number of training examples, e.g. synthetic:2000")
+        return SyntheticSource(n)
+    path = resolve_path(spec)
+    summary = validate_file(path, scan_values=scan_values)
+    return H5Source(path, summary, name=BUNDLED_NAME if spec == BUNDLED_NAME else None)
+
+
+class BatchStream:
+    """Endless mini-batches of (x, y), reshuffled every epoch from ``seed``; every batch has ``batch_size`` rows.
+
+    The last partial batch of an epoch WRAPS: it is completed with the first rows of the next epoch's permutation,
+    so batches are always full (constant shapes for kernels and fair staleness accounting) and every row is seen
+    once per epoch.  ``epoch`` counts completed passes (samples_seen // n); ``epochs`` is the fractional count.
+    Works with numpy and CuPy arrays (indices move to the device for CuPy).
+    """
+
+    def __init__(self, x, y, batch_size: int, seed: int = 0):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+        if len(x) == 0:
+            raise ValueError("cannot stream batches from an empty slice")
+        if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.x, self.y, self.n = x, y, len(x)
+        self.batch_size = int(batch_size)
+        self.samples_seen = 0
+        self._rng = np.random.default_rng(seed)
+        self._perm = self._rng.permutation(self.n)
+        self._pos = 0
+        self._x_index, self._y_index = _index_mover(x), _index_mover(y)
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the slice."""
+        return self.samples_seen // self.n
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the slice so far, fractional."""
+        return self.samples_seen / self.n
+
+    def next_indices(self) -> np.ndarray:
+        """Return the row indices (int64 [batch_size]) of the next batch and advance the stream."""
+        parts, need = [], self.batch_size
+        while need:
+            if self._pos == self.n:
+                self._perm = self._rng.permutation(self.n)
+                self._pos = 0
+            take = min(need, self.n - self._pos)
+            parts.append(self._perm[self._pos:self._pos + take])
+            self._pos += take
+            need -= take
+        self.samples_seen += self.batch_size
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        idx = self.next_indices()
+        return self.x[self._x_index(idx)], self.y[self._y_index(idx)]
+
+
+def _index_mover(x):
+    """Return a function that puts numpy indices where ``x`` lives (identity for numpy, cupy.asarray for CuPy)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+        return cupy.asarray
+    return lambda idx: idx

@@ -1,0 +1,453 @@
+"""Array primitives of the network layers on numpy; ``asyncsgd.gpu.cupy_ops.CupyOps`` overrides them with kernels.
+
+Layers call only ``ops.<method>`` and ``ops.xp.<function>``, so the same layer code runs on either backend.
+
+Layout.  Image activations inside the network are *channel-major*: ``(C, N, H, W)`` ("CNHW"), C-contiguous.  With
+this layout a convolution is one row-major GEMM ``W[F, C*kh*kw] @ col[C*kh*kw, N*Ho*Wo]`` whose result is already the
+next layer's ``(F, N, Ho, Wo)`` input, im2col copies run along whole image rows, and no transposes are needed between
+layers.  ``nchw_to_cnhw`` converts the network input (free when C == 1, as for speech and MNIST) and ``flatten`` turns
+``(C, N, H, W)`` into ``(N, C*H*W)`` in the same feature order as flattening ``(N, C, H, W)`` (PyTorch's order).
+
+Workspaces.  Methods taking ``ws`` receive a dict that the calling layer keeps between calls; a method may keep
+reusable buffers in it (keyed by what it needs) so a training loop allocates nothing after its first step.  Arrays a
+method returns may live in ``ws``: they are valid until the next call with the same ``ws``, which is how the layers
+use them (forward of step t+1 starts after backward of step t).
+
+Weight gradients are written INTO the given ``dw``/``db`` arrays (views into the network's flat gradient vector),
+overwriting them.  Inputs may be non-contiguous views (a method copies what it needs); outputs may be too.
+
+For a subclass (the GPU ops).  The methods are: ``make_rng``, ``dropout_mask``, ``nchw_to_cnhw``, ``flatten``,
+``unflatten``, ``conv2d_forward``/``conv2d_backward``, ``conv2d_maxpool_forward``/``conv2d_maxpool_backward`` (a
+stride-1 conv followed by a 2x2/2 max-pool, in one step), ``maxpool_forward``/``maxpool_backward``,
+``relu_forward``/``relu_backward``, ``dense_forward``/``dense_backward``, ``softmax_cross_entropy``,
+``sum_loss_and_correct``.  The base code is written against ``self.xp`` and also runs on CuPy arrays, so a subclass may
+override any subset.  A network uses the fused conv+pool only while ``fuses_conv_pool`` is True: that is the case when
+the subclass overrides none of the four unfused conv/pool methods, or when it overrides ``conv2d_maxpool_forward``
+(and then also ``conv2d_maxpool_backward``, whose cache it defines).  Caches are opaque: only the matching backward
+reads them.
+"""
+from __future__ import annotations
+
+import numpy
+
+__all__ = ["NumpyOps"]
+
+
+def _buffer(ws, key, shape, dtype, xp, zero=False):
+    """Return a cached array of ``shape``/``dtype`` from ``ws`` (allocated on first use or when the shape changes).
+
+    ``zero`` zeroes a freshly allocated buffer only; callers rely on this to keep zero borders between calls.
+    """
+    buf = ws.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+        buf = xp.zeros(shape, dtype) if zero else xp.empty(shape, dtype)
+        ws[key] = buf
+    return buf
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Return the output length of a convolution or pooling window along one axis (floor division)."""
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+class NumpyOps:
+    """Convolution, pooling and elementwise primitives on numpy arrays (the reference implementation).
+
+    Subclasses set ``xp`` to their array module and override methods they speed up; every method's contract is
+    stated in its docstring and holds for float32 and float64.
+    """
+
+    xp = numpy
+    name = "numpy"
+
+    # ---- random numbers -------------------------------------------------------------------------------------------
+    def make_rng(self, seed: int):
+        """Return this backend's random generator seeded with ``seed`` (used for dropout masks)."""
+        return numpy.random.default_rng(seed)
+
+    def dropout_mask(self, shape, rate: float, rng, dtype):
+        """Return an array of ``shape``: ``1/(1-rate)`` where a uniform draw is >= rate, else 0 (inverted dropout).
+
+        ``rng`` is what ``make_rng`` returned, or a ``numpy.random.Generator`` (its draws are then made on the host).
+        """
+        u = rng.random(shape, dtype=numpy.float32)
+        mask = (u >= rate).astype(dtype)
+        mask *= 1.0 / (1.0 - rate)
+        return self.xp.asarray(mask)
+
+    # ---- layout ---------------------------------------------------------------------------------------------------
+    def nchw_to_cnhw(self, x):
+        """Return ``x`` (N, C, H, W) as a C-contiguous (C, N, H, W) array (a view when C == 1)."""
+        return self.xp.ascontiguousarray(x.transpose(1, 0, 2, 3))
+
+    def flatten(self, x):
+        """Return (C, N, H, W) ``x`` as (N, C*H*W), features ordered (c, h, w)."""
+        c, n, h, w = x.shape
+        return self.xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(n, c * h * w)
+
+    def unflatten(self, d, shape):
+        """Return (N, C*H*W) ``d`` as a C-contiguous (C, N, H, W) array; ``shape`` is (C, N, H, W). Inverse of flatten."""
+        c, n, h, w = shape
+        return self.xp.ascontiguousarray(d.reshape(n, c, h, w).transpose(1, 0, 2, 3))
+
+    # ---- convolution ----------------------------------------------------------------------------------------------
+    def conv2d_forward(self, x, w, b, stride: int, pad: int, ws=None):
+        """Return ``(y, cache)`` of a 2-D cross-correlation (PyTorch's Conv2d), zero padding ``pad`` on every side.
+
+        x: (C, N, H, W); w: (F, C, kh, kw); b: (F,); y: (F, N, Ho, Wo) with
+        ``Ho = (H + 2*pad - kh)//stride + 1`` (likewise Wo) and
+        ``y[f, n, i, j] = b[f] + sum_{c,p,q} w[f, c, p, q] * xpad[c, n, i*stride + p, j*stride + q]``.
+        ``cache`` is opaque; pass it unchanged to ``conv2d_backward``.
+
+        Implementation: x is copied into a zero-bordered buffer, the kh*kw shifted windows are copied with one
+        strided copy into ``col`` (C*kh*kw + 1, N*Ho*Wo) whose last row is ones, and one GEMM with ``[w | b]`` gives y
+        (the ones row folds the bias into the GEMM, saving a pass over y).
+        """
+        xp = self.xp
+        ws = {} if ws is None else ws
+        c, n, h, wd = x.shape
+        f, c2, kh, kw = w.shape
+        if c2 != c:
+            raise ValueError(f"conv2d: input has {c} channels but the weights expect {c2}")
+        ho, wo = conv_output_size(h, kh, stride, pad), conv_output_size(wd, kw, stride, pad)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"conv2d: input {h}x{wd} is smaller than the {kh}x{kw} kernel (pad {pad})")
+        k = c * kh * kw
+        p = n * ho * wo
+        if pad:
+            xpad = _buffer(ws, "xpad", (c, n, h + 2 * pad, wd + 2 * pad), x.dtype, xp, zero=True)
+            xpad[:, :, pad:pad + h, pad:pad + wd] = x   # the border stays zero from allocation
+        else:
+            xpad = x
+        col = ws.get("col")
+        if col is None or col.shape != (k + 1, p) or col.dtype != x.dtype:
+            col = xp.empty((k + 1, p), x.dtype)
+            col[k] = 1                                    # the bias row, written once per buffer
+            ws["col"] = col
+        self.im2col(xpad, kh, kw, stride, ho, wo, out=col[:k].reshape(c, kh, kw, n, ho, wo))
+        wb = _buffer(ws, "wb", (f, k + 1), w.dtype, xp)
+        wb[:, :k] = w.reshape(f, k)
+        wb[:, k] = b
+        y = _buffer(ws, "y", (f, p), x.dtype, xp)
+        xp.matmul(wb, col, out=y)
+        cache = (x.shape, stride, pad, ho, wo, col, xpad.shape)
+        return y.reshape(f, n, ho, wo), cache
+
+    def im2col(self, xpad, kh: int, kw: int, stride: int, ho: int, wo: int, out):
+        """Copy windows of padded ``xpad`` (C, N, Hp, Wp) into ``out`` (C, kh, kw, N, Ho, Wo):
+
+        ``out[c, p, q, n, i, j] = xpad[c, n, i*stride + p, j*stride + q]``.
+        """
+        s_c, s_n, s_h, s_w = xpad.strides
+        view = self.xp.lib.stride_tricks.as_strided(
+            xpad, shape=out.shape, strides=(s_c, s_h, s_w, s_n, s_h * stride, s_w * stride))
+        self.xp.copyto(out, view)
+        return out
+
+    def col2im_add(self, dcol, stride: int, out):
+        """Add ``dcol`` (C, kh, kw, N, Ho, Wo) into ``out`` (C, N, Hp, Wp): the adjoint of ``im2col``.
+
+        ``out[c, n, i*stride + p, j*stride + q] += dcol[c, p, q, n, i, j]``; one strided add per kernel offset.
+        """
+        _, kh, kw, _, ho, wo = dcol.shape
+        for p in range(kh):
+            for q in range(kw):
+                dst = out[:, :, p:p + stride * (ho - 1) + 1:stride, q:q + stride * (wo - 1) + 1:stride]
+                dst += dcol[:, p, q]
+        return out
+
+    def conv2d_backward(self, dy, cache, w, dw, db, need_dx: bool = True, ws=None):
+        """Write the weight gradients of ``conv2d_forward`` into ``dw``/``db`` and return dx (or None).
+
+        dy: (F, N, Ho, Wo) gradient of the loss w.r.t. y; w: (F, C, kh, kw) the forward weights;
+        dw: (F, C, kh, kw) and db: (F,) arrays that are OVERWRITTEN with dL/dw and dL/db;
+        returns dx: (C, N, H, W) (possibly a non-contiguous view into ``ws``), or None when ``need_dx`` is False
+        (the network's first layer), which skips the input-gradient GEMM.
+        """
+        xp = self.xp
+        ws = {} if ws is None else ws
+        xshape, stride, pad, ho, wo, col, pshape = cache
+        c, n, h, wd = xshape
+        f, _, kh, kw = w.shape
+        k = c * kh * kw
+        p = n * ho * wo
+        dy2 = dy.reshape(f, p)
+        dwb = _buffer(ws, "dwb", (f, k + 1), dy.dtype, xp)
+        xp.matmul(dy2, col.T, out=dwb)                      # [dw | db] in one GEMM thanks to the ones row
+        dw[...] = dwb[:, :k].reshape(dw.shape)
+        db[...] = dwb[:, k]
+        if not need_dx:
+            return None
+        dcol = _buffer(ws, "dcol", (k, p), dy.dtype, xp)
+        xp.matmul(w.reshape(f, k).T, dy2, out=dcol)
+        dxpad = _buffer(ws, "dxpad", pshape, dy.dtype, xp)
+        dxpad.fill(0)
+        self.col2im_add(dcol.reshape(c, kh, kw, n, ho, wo), stride, dxpad)
+        if pad:
+            return dxpad[:, :, pad:pad + h, pad:pad + wd]
+        return dxpad
+
+    # ---- convolution fused with 2x2 max pooling --------------------------------------------------------------------
+    @property
+    def fuses_conv_pool(self) -> bool:
+        """True when ``conv2d_maxpool_*`` may replace a stride-1 Conv2D followed by a 2x2/2 MaxPool2D.
+
+        A subclass that overrides the unfused conv or pool primitives but not the fused pair gets False, so its own
+        kernels are used; overriding ``conv2d_maxpool_forward`` turns fusion back on.
+        """
+        cls = type(self)
+        own = cls.conv2d_maxpool_forward is not NumpyOps.conv2d_maxpool_forward
+        plain = (cls.conv2d_forward is NumpyOps.conv2d_forward and cls.maxpool_forward is NumpyOps.maxpool_forward
+                 and cls.conv2d_backward is NumpyOps.conv2d_backward
+                 and cls.maxpool_backward is NumpyOps.maxpool_backward)
+        return own or plain
+
+    def conv2d_maxpool_forward(self, x, w, b, pad: int, ws=None):
+        """Return ``(y, cache)`` of a stride-1 ``conv2d_forward`` followed by ``maxpool_forward`` with size 2, stride 2.
+
+        x: (C, N, H, W); w: (F, C, kh, kw); b: (F,); y: (F, N, Ho//2, Wo//2) with ``Ho = H + 2*pad - kh + 1``
+        (likewise Wo), possibly a non-contiguous view.  Values and the routing of gradients to each window's first
+        maximum equal the unfused pair; conv outputs the pooling ignores (an odd last row or column) are not computed.
+
+        Why it is faster (memory traffic, not FLOPs, bounds numpy here):
+        - the GEMM's columns are ordered (a, b, n, i, j) for conv output row 2i+a, column 2j+b, so the four members of
+          every pooling window lie in four contiguous slabs and pooling is a few vectorised maxima;
+        - the padded input is split once into its four row/column parity planes ("polyphase"), so window (p, q) of
+          output parity (a, b) reads plane ((a+p)%2, (b+q)%2) at offset ((a+p)//2, (b+q)//2) with unit stride;
+        - each output row j runs over the plane's full width Wq instead of Wo//2, so one copy per image is a single
+          run of (Ho//2)*Wq values; the few extra columns are junk that is never returned and gets zero gradient.
+        """
+        xp = self.xp
+        ws = {} if ws is None else ws
+        c, n, h, wd = x.shape
+        f, c2, kh, kw = w.shape
+        if c2 != c:
+            raise ValueError(f"conv2d: input has {c} channels but the weights expect {c2}")
+        hh, wh = (h + 2 * pad - kh + 1) // 2, (wd + 2 * pad - kw + 1) // 2
+        if hh < 1 or wh < 1:
+            raise ValueError(f"conv2d+maxpool: input {h}x{wd} gives no 2x2 pooling window after the {kh}x{kw} conv")
+        hq, wq = (h + 2 * pad + 1) // 2 + 1, (wd + 2 * pad + 1) // 2   # +1 row: slack for the last run's junk tail
+        k, run = c * kh * kw, hh * wq
+        m = n * run
+        planes = _buffer(ws, "planes", (2, 2, c, n, hq, wq), x.dtype, xp, zero=True)
+        for r in (0, 1):
+            for s in (0, 1):
+                src, dst = self._parity_slices(x.shape, pad, r, s)
+                planes[r, s][dst] = x[src]                  # borders stay zero from allocation
+        flat = planes.reshape(2, 2, c, n, hq * wq)
+        col = ws.get("col")
+        if col is None or col.shape != (k + 1, 4 * m) or col.dtype != x.dtype:
+            col = xp.empty((k + 1, 4 * m), x.dtype)
+            col[k] = 1                                      # the bias row
+            ws["col"] = col
+        col8 = col[:k].reshape(c, kh, kw, 2, 2, n, run)
+        for p in range(kh):
+            for q in range(kw):
+                for a in (0, 1):
+                    for bb in (0, 1):
+                        u, v = a + p, bb + q
+                        off = (u // 2) * wq + v // 2
+                        col8[:, p, q, a, bb] = flat[u % 2, v % 2, :, :, off:off + run]
+        wb = _buffer(ws, "wb", (f, k + 1), w.dtype, xp)
+        wb[:, :k] = w.reshape(f, k)
+        wb[:, k] = b
+        y = _buffer(ws, "y", (f, 4, m), x.dtype, xp)
+        xp.matmul(wb, col, out=y.reshape(f, 4 * m))
+        out, arg = self._max4(y, ws)
+        cache = (x.shape, pad, hh, wh, wq, col, arg)
+        return out.reshape(f, n, hh, wq)[:, :, :, :wh], cache
+
+    def _max4(self, y, ws):
+        """Return (max over axis 1, index of its first maximum as uint8) of y (F, 4, M), with vectorised maxima.
+
+        The index is built from three comparisons as 2*g23 + (g3 if g23 else g1) without any masked assignment.
+        """
+        xp = self.xp
+        f, _, m = y.shape
+        out = _buffer(ws, "out", (f, m), y.dtype, xp)
+        m23 = _buffer(ws, "m23", (f, m), y.dtype, xp)
+        g1, g3, g23 = (_buffer(ws, key, (f, m), numpy.bool_, xp) for key in ("g1", "g3", "g23"))
+        xp.greater(y[:, 1], y[:, 0], out=g1)
+        xp.greater(y[:, 3], y[:, 2], out=g3)
+        xp.maximum(y[:, 0], y[:, 1], out=out)
+        xp.maximum(y[:, 2], y[:, 3], out=m23)
+        xp.greater(m23, out, out=g23)
+        xp.maximum(out, m23, out=out)
+        arg = _buffer(ws, "arg", (f, m), numpy.uint8, xp)
+        u1, u3, u23 = g1.view(numpy.uint8), g3.view(numpy.uint8), g23.view(numpy.uint8)
+        xp.bitwise_xor(u1, u3, out=arg)
+        xp.bitwise_and(arg, u23, out=arg)
+        xp.bitwise_xor(arg, u1, out=arg)                   # g3 where g23 else g1
+        xp.bitwise_or(arg, xp.left_shift(u23, 1), out=arg)
+        return out, arg
+
+    @staticmethod
+    def _parity_slices(xshape, pad, r, s):
+        """Return (source slices of x, destination slices of a parity plane) for padded-row parity r, column s."""
+        _, _, h, wd = xshape
+        h0, w0 = (r - pad) % 2, (s - pad) % 2
+        nh, nw = len(range(h0, h, 2)), len(range(w0, wd, 2))
+        i0, j0 = (h0 + pad) // 2, (w0 + pad) // 2
+        return ((slice(None), slice(None), slice(h0, h, 2), slice(w0, wd, 2)),
+                (slice(None), slice(None), slice(i0, i0 + nh), slice(j0, j0 + nw)))
+
+    def conv2d_maxpool_backward(self, dy, cache, w, dw, db, need_dx: bool = True, ws=None):
+        """Write dL/dw, dL/db of ``conv2d_maxpool_forward`` into ``dw`` (F, C, kh, kw) and ``db`` (F,); return dx.
+
+        dy: (F, N, Ho//2, Wo//2); returns dx: (C, N, H, W), or None when ``need_dx`` is False.
+        """
+        xp = self.xp
+        ws = {} if ws is None else ws
+        xshape, pad, hh, wh, wq, col, arg = cache
+        c, n, h, wd = xshape
+        f, _, kh, kw = w.shape
+        k, run = c * kh * kw, hh * wq
+        m = n * run
+        dyq = _buffer(ws, "dyq", (f, n, hh, wq), dy.dtype, xp, zero=True)
+        dyq[:, :, :, :wh] = dy                              # junk columns keep a zero gradient
+        dy2 = dyq.reshape(f, m)
+        dconv = _buffer(ws, "dconv", (f, 4, m), dy.dtype, xp)
+        hit = _buffer(ws, "hit", (f, m), numpy.bool_, xp)
+        for t in range(4):
+            xp.equal(arg, t, out=hit)
+            xp.multiply(dy2, hit, out=dconv[:, t])
+        dconv2 = dconv.reshape(f, 4 * m)
+        dwb = _buffer(ws, "dwb", (f, k + 1), dy.dtype, xp)
+        xp.matmul(dconv2, col.T, out=dwb)
+        dw[...] = dwb[:, :k].reshape(dw.shape)
+        db[...] = dwb[:, k]
+        if not need_dx:
+            return None
+        dcol = _buffer(ws, "dcol", (k, 4 * m), dy.dtype, xp)
+        xp.matmul(w.reshape(f, k).T, dconv2, out=dcol)
+        dcol8 = dcol.reshape(c, kh, kw, 2, 2, n, run)
+        hq = (h + 2 * pad + 1) // 2 + 1
+        dplanes = _buffer(ws, "dplanes", (2, 2, c, n, hq, wq), dy.dtype, xp)
+        dplanes.fill(0)
+        dflat = dplanes.reshape(2, 2, c, n, hq * wq)
+        for p in range(kh):
+            for q in range(kw):
+                for a in (0, 1):
+                    for bb in (0, 1):
+                        u, v = a + p, bb + q
+                        off = (u // 2) * wq + v // 2
+                        dflat[u % 2, v % 2, :, :, off:off + run] += dcol8[:, p, q, a, bb]
+        dx = _buffer(ws, "dx", xshape, dy.dtype, xp)
+        for r in (0, 1):
+            for s in (0, 1):
+                src, dst = self._parity_slices(xshape, pad, r, s)
+                dx[src] = dplanes[r, s][dst]
+        return dx
+
+    # ---- max pooling ----------------------------------------------------------------------------------------------
+    def maxpool_forward(self, x, size: int, stride: int, ws=None):
+        """Return ``(y, cache)`` of max pooling over ``size`` x ``size`` windows, no padding.
+
+        x: (C, N, H, W); y: (C, N, Ho, Wo) with ``Ho = (H - size)//stride + 1``; rows/columns past the last full window
+        are ignored.  The gradient goes to the first maximum of each window in row-major window order (PyTorch's
+        choice), recorded in ``cache`` as a uint8 window index per output.
+        """
+        xp = self.xp
+        ws = {} if ws is None else ws
+        c, n, h, wd = x.shape
+        ho, wo = conv_output_size(h, size, stride, 0), conv_output_size(wd, size, stride, 0)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"maxpool: input {h}x{wd} is smaller than the {size}x{size} window")
+        y = _buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
+        arg = _buffer(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
+        gt = _buffer(ws, "gt", (c, n, ho, wo), numpy.bool_, xp)
+        last_h, last_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+        y[...] = x[:, :, 0:last_h:stride, 0:last_w:stride]
+        arg.fill(0)
+        t = 0
+        for p in range(size):
+            for q in range(size):
+                if t:
+                    cand = x[:, :, p:p + last_h:stride, q:q + last_w:stride]
+                    xp.greater(cand, y, out=gt)
+                    xp.multiply(arg, ~gt, out=arg)         # masked assignment arg[gt] = t without copyto(where=),
+                    arg += gt.view(numpy.uint8) * numpy.uint8(t)   # which is ~40x slower in numpy
+                    xp.maximum(y, cand, out=y)
+                t += 1
+        return y, (x.shape, size, stride, arg)
+
+    def maxpool_backward(self, dy, cache, ws=None):
+        """Return dx (C, N, H, W) of ``maxpool_forward`` for dy (C, N, Ho, Wo): dy routed to each window's argmax."""
+        xp = self.xp
+        ws = {} if ws is None else ws
+        xshape, size, stride, arg = cache
+        _, _, ho, wo = dy.shape
+        dx = _buffer(ws, "dx", xshape, dy.dtype, xp)
+        last_h, last_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+        overlap = stride < size
+        covered = stride == size and xshape[2] == size * ho and xshape[3] == size * wo
+        if overlap or not covered:
+            dx.fill(0)
+        hit = _buffer(ws, "hit", dy.shape, numpy.bool_, xp)
+        t = 0
+        for p in range(size):
+            for q in range(size):
+                dst = dx[:, :, p:p + last_h:stride, q:q + last_w:stride]
+                xp.equal(arg, t, out=hit)
+                if overlap:
+                    dst += dy * hit
+                else:
+                    xp.multiply(dy, hit, out=dst)
+                t += 1
+        return dx
+
+    # ---- elementwise ----------------------------------------------------------------------------------------------
+    def relu_forward(self, x, ws=None):
+        """Return max(x, 0) (same shape as x); the result is the cache ``relu_backward`` needs."""
+        ws = {} if ws is None else ws
+        y = _buffer(ws, "y", x.shape, x.dtype, self.xp)
+        self.xp.maximum(x, 0, out=y)
+        return y
+
+    def relu_backward(self, dy, y, ws=None):
+        """Return dy * (y > 0) for y the output of ``relu_forward``."""
+        ws = {} if ws is None else ws
+        dx = _buffer(ws, "dx", dy.shape, dy.dtype, self.xp)
+        self.xp.multiply(dy, y > 0, out=dx)
+        return dx
+
+    # ---- dense and loss -------------------------------------------------------------------------------------------
+    def dense_forward(self, x, w, b):
+        """Return x @ w + b for x (N, D), w (D, K), b (K,): (N, K)."""
+        y = x @ w
+        y += b
+        return y
+
+    def dense_backward(self, dy, x, w, dw, db, need_dx: bool = True):
+        """Write dL/dw = x.T @ dy into ``dw`` (D, K) and dL/db into ``db`` (K,); return dx = dy @ w.T (N, D) or None."""
+        self.xp.matmul(x.T, dy, out=dw)
+        self.xp.sum(dy, axis=0, out=db)
+        return dy @ w.T if need_dx else None
+
+    def softmax_cross_entropy(self, logits, y, need_grad: bool = True):
+        """Return ``(mean_loss, dlogits)`` of softmax cross-entropy for logits (N, K) and int labels y (N,).
+
+        mean_loss is a 0-d array in the backend's memory (float(...) it on the host); dlogits (N, K) is the gradient
+        of the MEAN loss, or None when ``need_grad`` is False.
+        """
+        xp = self.xp
+        n = logits.shape[0]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        s = e.sum(axis=1, keepdims=True)
+        rows = xp.arange(n)
+        loss = (xp.log(s[:, 0]) - shifted[rows, y]).mean()
+        if not need_grad:
+            return loss, None
+        e /= s
+        e[rows, y] -= 1
+        e /= n
+        return loss, e
+
+    def sum_loss_and_correct(self, logits, y):
+        """Return (sum of cross-entropy losses, number of argmax hits) as 0-d arrays, for evaluation."""
+        xp = self.xp
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        rows = xp.arange(logits.shape[0])
+        losses = xp.log(xp.exp(shifted).sum(axis=1)) - shifted[rows, y]
+        return losses.sum(), (logits.argmax(axis=1) == y).sum()

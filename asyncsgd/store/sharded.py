@@ -1,0 +1,511 @@
+"""Downpour's parameter store: the flat float32 parameter vector in contiguous shards of MPI RMA windows.
+
+Ranks 0..S-1 of the communicator each host one shard in an ``MPI.Win.Allocate`` window (``Win.Create`` is slower
+and gets no asynchronous progress on Open MPI 5); rank 0 also hosts the version counter.  Workers use passive
+target operations only, so a server's CPU never takes part in a transfer:
+
+- fetch: per shard ``Get`` + ``Flush`` (``Get`` on an allocated window runs near memcpy speed);
+- push: ``Accumulate(SUM)``, element-wise atomic, so concurrent pushes never lose an update;
+- sparse push: ``Accumulate`` through an indexed target datatype, one per shard touched, freed after use;
+- Adagrad: a second window per shard holds the sums of squared gradients; ``Get_accumulate(g*g, SUM)`` returns the
+  old sums atomically, the worker computes ``step = -lr * g / sqrt(old + g*g + eps)`` and accumulates it.
+
+Every rank opens one shared passive epoch per window (``Lock_all``) at construction and closes it in ``free()``;
+each operation ends with ``Flush``, because within an epoch a ``Get`` issued after an ``Accumulate`` is unordered
+with it.  Hosting ranks run a ``ProgressThread`` (see progress.py for the measurements behind it).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy
+from mpi4py import MPI
+
+from ..mpiutil import polled_barrier
+from .counter import VersionCounter
+from .progress import ProgressThread
+
+__all__ = ["ShardedParameters", "shard_bounds"]
+
+DTYPE = numpy.dtype(numpy.float32)
+_MPI_DTYPE = MPI.FLOAT
+# Elements per MPI call.  MPI counts are C ints (< 2**31); 2**28 float32 = 1 GiB keeps every count far below that.
+# Module level so tests can shrink it to exercise the chunked path.
+_MAX_COUNT = 1 << 28
+_MAX_SHARD = (1 << 31) - 1  # elements: indexed datatypes take C int displacements
+_INDEX_BYTES = 4  # one displacement of an indexed datatype, as an MPI implementation ships it
+
+
+def shard_bounds(n_params: int, n_servers: int) -> tuple:
+    """Split ``range(n_params)`` into ``n_servers`` contiguous ``(start, stop)`` shards whose sizes differ by <= 1.
+
+    The first ``n_params % n_servers`` shards hold one extra element.
+    """
+    n_params = _as_count(n_params, "n_params", minimum=1)
+    n_servers = _as_count(n_servers, "n_servers", minimum=1)
+    if n_servers > n_params:
+        raise ValueError(f"n_servers={n_servers} is more shards than parameters ({n_params}): use at most "
+                         f"{n_params} servers")
+    base, extra = divmod(n_params, n_servers)
+    bounds, start = [], 0
+    for shard in range(n_servers):
+        stop = start + base + (1 if shard < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return tuple(bounds)
+
+
+def _as_count(value, name: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _chunks(start: int, stop: int):
+    """Yield ``(lo, hi)`` pieces of ``[start, stop)`` no longer than ``_MAX_COUNT``."""
+    for lo in range(start, stop, _MAX_COUNT):
+        yield lo, min(lo + _MAX_COUNT, stop)
+
+
+def _indexed_type(disp: numpy.ndarray):
+    """Return a committed datatype of float32 at sorted element displacements ``disp`` (int64 [k]) and its size.
+
+    Runs of consecutive displacements become blocks (block-sparse pushes); scattered ones use blocklength 1.
+    The size is the bytes of datatype description the target has to receive (one int per block, plus one block
+    length per block when blocks are longer than one element).
+    """
+    starts = numpy.flatnonzero(numpy.diff(disp) != 1) + 1
+    starts = numpy.concatenate(([0], starts))
+    if 2 * starts.size <= disp.size:
+        lengths = numpy.diff(numpy.concatenate((starts, [disp.size])))
+        dtype = _MPI_DTYPE.Create_indexed(lengths.tolist(), disp[starts].tolist())
+        desc_bytes = 2 * _INDEX_BYTES * starts.size
+    else:
+        dtype = _MPI_DTYPE.Create_indexed_block(1, disp.tolist())
+        desc_bytes = _INDEX_BYTES * disp.size
+    return dtype.Commit(), desc_bytes
+
+
+def _adagrad_step(grad, old_sums, squares, lr: float, eps: float, scale: float, out=None):
+    """Return ``-lr * scale * grad / sqrt(old_sums + squares + eps)`` in float32 (all arrays float32 [k]).
+
+    ``out`` (float32 [k], not aliasing the inputs) receives the step; the arithmetic is done in place to spare
+    the temporaries of a full-vector expression.
+    """
+    if out is None:
+        out = numpy.empty_like(grad)
+    denom = numpy.add(old_sums, squares)
+    denom += DTYPE.type(eps)
+    numpy.sqrt(denom, out=denom)
+    numpy.multiply(grad, DTYPE.type(-lr * scale), out=out)
+    out /= denom
+    return out
+
+
+class ShardedParameters:
+    """A float32 vector of ``n_params`` sharded over ranks ``0..n_servers-1`` of ``comm`` in RMA windows.
+
+    Collective over ``comm`` (which it ``Dup``s): construction, ``free()`` and leaving the ``with`` block.  Every
+    other method is one-sided and may be called by any rank at any time, concurrently with the others.
+    ``initial`` (float [n_params], needed on hosting ranks only) sets the start values; None means zeros.
+    ``n_servers == comm.size`` is allowed (every rank hosts and may push); choosing roles is the trainer's job.
+    With ``adagrad=True`` a second window per shard holds the per-parameter sums of squared gradients.
+
+    Leaving a ``with`` block by an exception on a multi-rank store does not free it (see ``__exit__``).
+    One object serves one thread of its rank.
+
+    Per-rank statistics of this rank's own calls: ``pushes``, ``push_bytes`` (payload moved by this rank's pushes:
+    values, both directions for Adagrad, plus a sparse push's index datatype: 4 bytes per scattered index, 8 per run
+    of consecutive indices), ``fetches``.
+    """
+
+    def __init__(self, comm, n_params: int, *, n_servers: int = 1, initial=None, adagrad: bool = False):
+        n_params = _as_count(n_params, "n_params", minimum=1)
+        n_servers = _as_count(n_servers, "n_servers", minimum=1)
+        if n_servers > comm.size:
+            raise ValueError(f"n_servers={n_servers} exceeds the communicator's {comm.size} ranks: host the "
+                             f"shards on at most {comm.size} ranks")
+        bounds = shard_bounds(n_params, n_servers)
+        if bounds[0][1] > _MAX_SHARD:
+            raise ValueError(f"a shard of {bounds[0][1]} parameters is too big for MPI's int displacements of "
+                             f"sparse pushes: use at least {-(-n_params // _MAX_SHARD)} servers")
+        if initial is not None:
+            initial = self._float_vector(initial, "initial", n_params)
+        self._n_params = n_params
+        self._bounds = bounds
+        self._adagrad = bool(adagrad)
+        self._freed = False
+        self._work = []
+        self.pushes = 0
+        self.push_bytes = 0
+        self.fetches = 0
+
+        self._comm = comm.Dup()
+        rank = self._comm.rank
+        self._is_server = rank < n_servers
+        start, stop = bounds[rank] if self._is_server else (0, 0)
+        nbytes = (stop - start) * DTYPE.itemsize
+        self._params = MPI.Win.Allocate(nbytes, DTYPE.itemsize, comm=self._comm)
+        self._sums = MPI.Win.Allocate(nbytes, DTYPE.itemsize, comm=self._comm) if self._adagrad else None
+        if self._is_server:
+            shard = (numpy.zeros(stop - start, DTYPE) if initial is None
+                     else numpy.ascontiguousarray(initial[start:stop]))
+            self._init_local(self._params, rank, shard)
+            if self._sums is not None:
+                self._init_local(self._sums, rank, numpy.zeros(stop - start, DTYPE))
+        self._counter = VersionCounter(self._comm, root=0)  # its barrier also publishes the shard initialisation
+        for win in self._windows():
+            win.Lock_all(MPI.MODE_NOCHECK)  # shared epochs only, never an exclusive lock: NOCHECK is valid
+
+        # Every rank Dups (collective); only hosts poll.  A lone rank has no peers to serve.
+        self._progress_comm = self._comm.Dup()
+        self._progress = None
+        if self._is_server and self._comm.size > 1:
+            self._progress = ProgressThread(self._progress_comm).start()
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def n_params(self) -> int:
+        """Length of the parameter vector."""
+        return self._n_params
+
+    @property
+    def n_servers(self) -> int:
+        """Number of hosting ranks (ranks 0..n_servers-1)."""
+        return len(self._bounds)
+
+    @property
+    def bounds(self) -> tuple:
+        """``((start, stop), ...)`` of each shard, shard i on rank i."""
+        return self._bounds
+
+    @property
+    def adagrad(self) -> bool:
+        """Whether the store keeps Adagrad sums of squared gradients."""
+        return self._adagrad
+
+    @property
+    def is_server(self) -> bool:
+        """Whether this rank hosts a shard."""
+        return self._is_server
+
+    @property
+    def progress_running(self) -> bool:
+        """Whether this rank's progress thread is polling (hosts of a multi-rank store, until ``free()``)."""
+        return self._progress is not None and self._progress.running
+
+    def stats(self) -> dict:
+        """Return this rank's ``{'pushes', 'push_bytes', 'fetches'}``."""
+        return {"pushes": self.pushes, "push_bytes": self.push_bytes, "fetches": self.fetches}
+
+    # ---------------------------------------------------------------- reads
+
+    def fetch(self, out: numpy.ndarray) -> int:
+        """Copy every shard into ``out`` (float32 [n_params], C-contiguous); return the version it saw.
+
+        The version is read before the data, so a push counted after it may already be visible in ``out``:
+        staleness is over-counted by at most the pushes in flight, never under-counted.
+        """
+        self._check_alive()
+        out = self._buffer(out, "out", writeable=True)
+        version = self._counter.read()
+        self._get_all(self._params, out)
+        self.fetches += 1
+        return version
+
+    def version(self) -> int:
+        """Return the number of pushes taken so far by all ranks."""
+        self._check_alive()
+        return self._counter.read()
+
+    def read_all(self) -> numpy.ndarray:
+        """Return a copy of the whole parameter vector (float32 [n_params]); not counted as a fetch."""
+        self._check_alive()
+        return self._get_all(self._params, numpy.empty(self._n_params, DTYPE))
+
+    def adagrad_sums(self) -> numpy.ndarray:
+        """Return a copy of the Adagrad sums of squared gradients (float32 [n_params])."""
+        self._check_alive()
+        self._need_adagrad("adagrad_sums")
+        return self._get_all(self._sums, numpy.empty(self._n_params, DTYPE))
+
+    # ---------------------------------------------------------------- pushes
+
+    def push(self, delta: numpy.ndarray, *, base_version: int, weight=None) -> int:
+        """Add ``weight(tau) * delta`` (float32 [n_params]) to the store atomically; return the staleness tau.
+
+        ``base_version`` is what ``fetch`` returned; tau = pushes by anyone since then.  ``weight`` maps tau to a
+        factor (None: 1).
+        """
+        self._check_alive()
+        delta = self._buffer(delta, "delta")
+        tau, scale = self._ticket(base_version, weight)
+        update = delta if scale == 1.0 else numpy.multiply(delta, DTYPE.type(scale), out=self._scratch(1)[0])
+        win = self._params
+        for rank, (start, stop) in enumerate(self._bounds):
+            for lo, hi in _chunks(start, stop):
+                win.Accumulate([update[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE), MPI.SUM)
+        self._flush(win)
+        self.pushes += 1
+        self.push_bytes += update.nbytes
+        return tau
+
+    def push_sparse(self, idx: numpy.ndarray, vals: numpy.ndarray, *, base_version: int, weight=None) -> int:
+        """Add ``weight(tau) * vals`` at positions ``idx`` (int [k], float32 [k]); return tau.
+
+        Entries outside ``idx`` are untouched.  Repeated indices are summed first.
+        """
+        self._check_alive()
+        idx, vals = self._sparse(idx, vals)
+        tau, scale = self._ticket(base_version, weight)
+        if scale != 1.0:
+            vals = vals * DTYPE.type(scale)
+        win = self._params
+        issued = []  # (rank, datatype): every shard's transfer is issued before any is waited for
+        for rank, disp, part in self._split(idx, vals):
+            for lo, hi in _chunks(0, disp.size):
+                dtype, desc_bytes = _indexed_type(disp[lo:hi])
+                win.Accumulate([part[lo:hi], _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM)
+                issued.append((rank, dtype))
+                self.push_bytes += part[lo:hi].nbytes + desc_bytes
+        for rank, dtype in issued:
+            win.Flush(rank)  # complete before the datatype goes
+            dtype.Free()
+        self.pushes += 1
+        return tau
+
+    def push_adagrad(self, grad: numpy.ndarray, lr: float, eps: float, *, base_version: int, weight=None) -> int:
+        """Apply an Adagrad step for ``grad`` (float32 [n_params]) at the store; return tau.
+
+        Per element: ``old = sums; sums += g*g`` (atomic ``Get_accumulate``), then
+        ``params += -lr * weight(tau) * g / sqrt(old + g*g + eps)``.
+        """
+        self._check_alive()
+        self._need_adagrad("push_adagrad")
+        grad = self._buffer(grad, "grad")
+        lr, eps = self._rates(lr, eps)
+        tau, scale = self._ticket(base_version, weight)
+        squares, old, step = self._scratch(3)
+        numpy.multiply(grad, grad, out=squares)
+        for rank, (start, stop) in enumerate(self._bounds):
+            for lo, hi in _chunks(start, stop):
+                self._sums.Get_accumulate([squares[lo:hi], _MPI_DTYPE], [old[lo:hi], _MPI_DTYPE], rank,
+                                          (lo - start, hi - lo, _MPI_DTYPE), MPI.SUM)
+            self._sums.Flush(rank)
+            piece = slice(start, stop)
+            _adagrad_step(grad[piece], old[piece], squares[piece], lr, eps, scale, out=step[piece])
+            for lo, hi in _chunks(start, stop):
+                self._params.Accumulate([step[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE),
+                                        MPI.SUM)
+        self._flush(self._params)
+        self.pushes += 1
+        self.push_bytes += 3 * grad.nbytes  # squares out, old sums back, step out
+        return tau
+
+    def push_adagrad_sparse(self, idx: numpy.ndarray, vals: numpy.ndarray, lr: float, eps: float, *,
+                            base_version: int, weight=None) -> int:
+        """Apply an Adagrad step for a sparse gradient (int [k], float32 [k]) at the store; return tau.
+
+        Only the entries at ``idx`` of the parameters and of the sums change.  Repeated indices are summed first.
+        """
+        self._check_alive()
+        self._need_adagrad("push_adagrad_sparse")
+        idx, vals = self._sparse(idx, vals)
+        lr, eps = self._rates(lr, eps)
+        tau, scale = self._ticket(base_version, weight)
+        for rank, disp, grad in self._split(idx, vals):
+            for lo, hi in _chunks(0, disp.size):
+                g = grad[lo:hi]
+                squares = g * g
+                old = numpy.empty_like(g)
+                dtype, desc_bytes = _indexed_type(disp[lo:hi])
+                self._sums.Get_accumulate([squares, _MPI_DTYPE], [old, _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM)
+                self._sums.Flush(rank)
+                step = _adagrad_step(g, old, squares, lr, eps, scale)
+                self._params.Accumulate([step, _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM)
+                self._params.Flush(rank)
+                dtype.Free()
+                self.push_bytes += 3 * g.nbytes + 2 * desc_bytes
+        self.pushes += 1
+        return tau
+
+    def load(self, params: numpy.ndarray, adagrad_sums: numpy.ndarray | None = None):
+        """Overwrite the parameters (float [n_params]) and, if given, the Adagrad sums; called by one rank.
+
+        Uses ``Accumulate(REPLACE)``; call it while no rank pushes (resuming, before workers start), since
+        REPLACE racing with SUM is outside the window's default ``accumulate_ops`` (same_op_no_op).  The sums
+        are left as they are when ``adagrad_sums`` is None.  The version counter is not changed.
+        """
+        self._check_alive()
+        params = self._float_vector(params, "params", self._n_params)
+        targets = [(self._params, params)]
+        if adagrad_sums is not None:
+            self._need_adagrad("load(adagrad_sums=...)")
+            targets.append((self._sums, self._float_vector(adagrad_sums, "adagrad_sums", self._n_params)))
+        for win, values in targets:
+            for rank, (start, stop) in enumerate(self._bounds):
+                for lo, hi in _chunks(start, stop):
+                    win.Accumulate([values[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE),
+                                   MPI.REPLACE)
+            self._flush(win)
+
+    # ---------------------------------------------------------------- lifetime
+
+    def free(self):
+        """Close every epoch and free every window (collective over the store's ranks); idempotent."""
+        if self._freed:
+            return
+        self._freed = True
+        self._work = []
+        polled_barrier(self._comm)  # arrive together: MPICH spins in the blocking Win.Free below
+        for win in self._windows():
+            win.Unlock_all()
+            win.Free()
+        self._counter.free()
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress_comm.Free()
+        self._comm.Free()
+
+    def __enter__(self):
+        self._check_alive()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._comm.size > 1:
+            # An exception on one rank: a collective free() would wait for ranks that may never come and hide the
+            # error in a hang.  Let it propagate (the job's abort hook ends every rank); only stop the thread.
+            if self._progress is not None:
+                self._progress.stop()
+            return False
+        self.free()
+        return False
+
+    def __repr__(self):
+        state = "freed" if self._freed else f"version={self._counter.read()}"
+        return (f"ShardedParameters(n_params={self._n_params}, n_servers={self.n_servers}, "
+                f"adagrad={self._adagrad}, {state})")
+
+    # ---------------------------------------------------------------- helpers
+
+    def _scratch(self, count: int):
+        """Return ``count`` float32 [n_params] scratch vectors, allocated on first use and kept.
+
+        Fresh full-size arrays on every push would page-fault their way in each time; dense pushes reuse these.
+        """
+        while len(self._work) < count:
+            self._work.append(numpy.empty(self._n_params, DTYPE))
+        return self._work[:count]
+
+    def _windows(self):
+        return [w for w in (self._params, self._sums) if w is not None]
+
+    def _check_alive(self):
+        if self._freed:
+            raise RuntimeError("ShardedParameters used after free()")
+
+    def _need_adagrad(self, what: str):
+        if not self._adagrad:
+            raise ValueError(f"{what} needs the Adagrad sums: build the store with adagrad=True")
+
+    @staticmethod
+    def _init_local(win, rank: int, values: numpy.ndarray):
+        """Write this rank's own shard through RMA in an exclusive epoch (window memory starts undefined)."""
+        win.Lock(rank, MPI.LOCK_EXCLUSIVE)
+        for lo, hi in _chunks(0, values.size):
+            win.Put([values[lo:hi], _MPI_DTYPE], rank, (lo, hi - lo, _MPI_DTYPE))
+        win.Unlock(rank)
+
+    def _get_all(self, win, out: numpy.ndarray) -> numpy.ndarray:
+        for rank, (start, stop) in enumerate(self._bounds):
+            for lo, hi in _chunks(start, stop):
+                win.Get([out[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE))
+            win.Flush(rank)
+        return out
+
+    def _flush(self, win):
+        for rank in range(len(self._bounds)):
+            win.Flush(rank)
+
+    def _ticket(self, base_version, weight):
+        """Take the counter; return (tau, weight(tau))."""
+        if isinstance(base_version, bool) or not isinstance(base_version, numbers.Integral) or base_version < 0:
+            raise ValueError(f"base_version must be the non-negative int that fetch() returned, got {base_version!r}")
+        before = self._counter.take()
+        tau = before - int(base_version)
+        if tau < 0:
+            raise ValueError(f"base_version={base_version} is newer than the store's version {before}: pass the "
+                             f"value fetch() returned")
+        scale = 1.0 if weight is None else float(weight(tau))
+        if not math.isfinite(scale):
+            raise ValueError(f"weight({tau}) returned {scale}; a staleness weight must be finite")
+        return tau, scale
+
+    @staticmethod
+    def _rates(lr, eps):
+        lr, eps = float(lr), float(eps)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {lr}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a positive finite number (it keeps 0/sqrt(0) away), got {eps}")
+        return lr, eps
+
+    def _buffer(self, array, name: str, *, writeable: bool = False) -> numpy.ndarray:
+        """Check a dense float32 [n_params] C-contiguous numpy buffer."""
+        if not isinstance(array, numpy.ndarray):
+            raise ValueError(f"{name} must be a numpy.ndarray (copy GPU arrays to a host buffer first), "
+                             f"got {type(array).__module__}.{type(array).__name__}")
+        if array.dtype != DTYPE or array.shape != (self._n_params,):
+            raise ValueError(f"{name} must be float32 of shape ({self._n_params},), got {array.dtype} of shape "
+                             f"{array.shape}")
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous: pass numpy.ascontiguousarray({name})")
+        if writeable and not array.flags.writeable:
+            raise ValueError(f"{name} must be writeable")
+        return array
+
+    @staticmethod
+    def _float_vector(array, name: str, n: int) -> numpy.ndarray:
+        """Check a floating numpy vector of length ``n``; return it as C-contiguous float32."""
+        if not isinstance(array, numpy.ndarray):
+            raise ValueError(f"{name} must be a numpy.ndarray, got {type(array).__module__}.{type(array).__name__}")
+        if array.dtype.kind != "f" or array.shape != (n,):
+            raise ValueError(f"{name} must be a float vector of shape ({n},), got {array.dtype} of shape "
+                             f"{array.shape}")
+        return numpy.ascontiguousarray(array, dtype=DTYPE)
+
+    def _sparse(self, idx, vals):
+        """Check a sparse update; return (sorted unique int64 indices [k], float32 values [k])."""
+        if not isinstance(idx, numpy.ndarray) or not isinstance(vals, numpy.ndarray):
+            raise ValueError("idx and vals must be numpy.ndarray (copy GPU arrays to host buffers first)")
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise ValueError(f"idx must be a 1-D integer array, got {idx.dtype} of shape {idx.shape}")
+        if vals.dtype != DTYPE or vals.shape != idx.shape:
+            raise ValueError(f"vals must be float32 of shape {idx.shape} (one value per index), got {vals.dtype} "
+                             f"of shape {vals.shape}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._n_params):
+            raise ValueError(f"idx must lie in [0, {self._n_params}), got values in [{int(idx.min())}, "
+                             f"{int(idx.max())}]")
+        idx = idx.astype(numpy.int64, copy=False)
+        if idx.size > 1 and not bool(numpy.all(idx[1:] > idx[:-1])):
+            # argsort + a neighbour test: several times faster than a stable sort or numpy.unique (top-k
+            # selections arrive unsorted, and this runs on every sparse push).
+            order = numpy.argsort(idx)
+            idx, vals = idx[order], vals[order]
+            repeated = idx[1:] == idx[:-1]
+            if repeated.any():
+                first = numpy.flatnonzero(numpy.concatenate(([True], ~repeated)))
+                idx, vals = idx[first], numpy.add.reduceat(vals, first)
+        return idx, numpy.ascontiguousarray(vals)
+
+    def _split(self, idx, vals):
+        """Yield (rank, shard-local displacements int64 [k_r], values float32 [k_r]) for each shard touched."""
+        cuts = numpy.searchsorted(idx, [start for start, _ in self._bounds] + [self._n_params])
+        for rank, (start, _) in enumerate(self._bounds):
+            a, b = int(cuts[rank]), int(cuts[rank + 1])
+            if b > a:
+                yield rank, idx[a:b] - start, vals[a:b]

@@ -1,0 +1,128 @@
+"""Detect a dead rank and end the whole job with a message naming it, instead of hanging.
+
+Two mechanisms, because launchers differ (measured with the PyPI MPIs):
+
+* Heartbeats.  Rank 0 and every other rank exchange a small message every ``interval`` seconds on a private
+  communicator, from a daemon thread.  A peer silent for ``timeout`` seconds is reported by the surviving side
+  ("rank 3 (pid 4711 on node7) stopped responding ...") and the job is aborted.  This covers ``srun`` (which by
+  default lets the other tasks run on) and MPICH's ``mpiexec -disable-auto-cleanup``.
+* Signals from the launcher.  The moment a rank dies, Open MPI's ``mpiexec`` sends SIGTERM to the survivors and
+  MPICH's ``mpiexec -disable-auto-cleanup`` sends SIGUSR1; rank 0 then checks which of its node's peers are gone
+  and names them before exiting.  MPICH's ``mpiexec`` with its default auto-cleanup kills the survivors with SIGKILL
+  at once, so there only its own "BAD TERMINATION ... PID" banner appears; the job still ends within seconds.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import numpy
+from mpi4py import MPI
+
+__all__ = ["Watchdog"]
+
+_TAG = 7301
+
+
+class Watchdog:
+    """Heartbeats between rank 0 and the other ranks of ``comm``; collective constructor, ``stop()`` collective."""
+
+    def __init__(self, comm, *, interval: float = 1.0, timeout: float | None = None, stream=None):
+        self.comm = comm.Dup()
+        self.interval = interval
+        self.timeout = float(os.environ.get("ASYNCSGD_HEARTBEAT_TIMEOUT", "15")) if timeout is None else timeout
+        self.stream = sys.stderr if stream is None else stream
+        self.peers_info = self.comm.allgather((os.getpid(), socket.gethostname()))
+        rank, size = self.comm.rank, self.comm.size
+        self.peers = [r for r in range(size) if r != rank] if rank == 0 else ([0] if size > 1 else [])
+        self._halt = threading.Event()
+        self._sends = []
+        self._thread = None
+        self._previous_handlers = {}
+        if size > 1:
+            self._thread = threading.Thread(target=self._loop, name="asyncsgd-watchdog", daemon=True)
+            self._thread.start()
+            if rank == 0 and threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGTERM, signal.SIGUSR1):
+                    self._previous_handlers[sig] = signal.signal(sig, self._on_launcher_signal)
+
+    def describe(self, rank: int) -> str:
+        pid, host = self.peers_info[rank]
+        return f"rank {rank} (pid {pid} on {host})"
+
+    def _say(self, text: str):
+        self.stream.write(f"asyncsgd: error: {text}\n")
+        self.stream.flush()
+
+    def _loop(self):
+        now = time.monotonic()
+        last_seen = {p: now for p in self.peers}
+        beat = numpy.zeros(1, dtype=numpy.int64)
+        inbox = numpy.zeros(1, dtype=numpy.int64)
+        status = MPI.Status()
+        next_beat = 0.0
+        while not self._halt.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._sends = [r for r in self._sends if not r.Test()]
+                for p in self.peers:
+                    self._sends.append(self.comm.Isend(beat, dest=p, tag=_TAG))
+                next_beat = now + self.interval
+            while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
+                self.comm.Recv(inbox, source=status.Get_source(), tag=_TAG)
+                last_seen[status.Get_source()] = now
+            for p, seen in last_seen.items():
+                if now - seen > self.timeout:
+                    self._say(f"{self.describe(p)} stopped responding for {now - seen:.0f} s (it died or hangs); "
+                              f"{self.describe(self.comm.rank)} is ending the job")
+                    self.comm.Abort(1)
+            self._halt.wait(0.1)
+
+    def _on_launcher_signal(self, signum, frame):
+        gone = []
+        here = socket.gethostname()
+        for r, (pid, host) in enumerate(self.peers_info):
+            if r == self.comm.rank or host != here:
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.append(r)
+        if gone:
+            self._say(", ".join(self.describe(r) for r in gone) + " died; the launcher is ending the job")
+        else:
+            self._say(f"terminated by the launcher ({signal.Signals(signum).name})")
+        os._exit(128 + signum)
+
+    def stop(self):
+        """Stop the heartbeats (collective: every rank calls it when it is about to finish normally)."""
+        from .mpiutil import polled_barrier
+
+        if self.comm == MPI.COMM_NULL:
+            return
+        if self._thread is None:  # a one-rank job has no peers to watch
+            self.comm.Free()
+            self.comm = MPI.COMM_NULL
+            return
+        polled_barrier(self.comm)  # nobody stops listening while a peer could still time it out
+        self._halt.set()
+        self._thread.join()
+        self._thread = None
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+        polled_barrier(self.comm)
+        status = MPI.Status()
+        inbox = numpy.zeros(1, dtype=numpy.int64)
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):  # drain late heartbeats
+            self.comm.Recv(inbox, source=status.Get_source(), tag=_TAG)
+        deadline = time.monotonic() + 5
+        while self._sends and time.monotonic() < deadline:
+            self._sends = [r for r in self._sends if not r.Test()]
+            time.sleep(0.001)
+        self.comm.Free()
+        self.comm = MPI.COMM_NULL

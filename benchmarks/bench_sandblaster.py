@@ -1,0 +1,75 @@
+"""Sandblaster iteration time with a straggler: dynamic mini-shards with backups vs a static split vs no straggler.
+
+Run under MPI (every rank is a replica):
+
+    mpiexec -n 6 python benchmarks/bench_sandblaster.py [--model logreg] [--data fsdd] [--iters 5] [--repeats 3]
+
+Three configurations of the same full-batch L-BFGS run (same iterates, so the same work per iteration):
+(a) dynamic mini-shards with backups and one rank FACTOR x slower, (b) a static even split with the same slow rank,
+(c) dynamic with no slow rank.  The slow rank sleeps (FACTOR-1) x its compute time after each mini-shard (the
+test/benchmark-only --slow-ranks option).  Runs are interleaved a, b, c, a, b, c, ... and the medians of the seconds
+per function evaluation are compared, because these machines are shared and noisy.  Prints the ratios (a)/(c) and
+(b)/(c): a perfect load balancer keeps (a)/(c) near 1 + the lost share of the slow rank's capacity, a static split
+makes (b)/(c) approach FACTOR.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+from mpi4py import MPI
+
+from asyncsgd.algorithms import sandblaster
+from asyncsgd.backend import Backend
+from asyncsgd.config import parse_config
+from asyncsgd.data import open_source
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="logreg", choices=("logreg", "speech_cnn", "mnist_cnn"))
+    p.add_argument("--data", default="fsdd")
+    p.add_argument("--batch-size", type=int, default=None, help="L-BFGS batch (default: the mode's default)")
+    p.add_argument("--iters", type=int, default=5, help="L-BFGS iterations per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
+    p.add_argument("--factor", type=float, default=4.0, help="how many times slower the slow rank is")
+    args = p.parse_args(argv)
+    comm = MPI.COMM_WORLD
+    if comm.size < 2:
+        sys.exit("run under mpiexec with at least 2 ranks, e.g. mpiexec -n 6 python benchmarks/bench_sandblaster.py")
+    src = open_source(args.data)
+    slow = f"{comm.size - 1}:{args.factor}"
+    configs = {"a": ("dynamic", slow), "b": ("static", slow), "c": ("dynamic", "")}
+    common = ["--mode", "sandblaster", "--model", args.model, "--max-iter", str(args.iters),
+              "--grad-tol", "0", "--loss-tol", "0", "--progress", "none"]
+    if args.batch_size:
+        common += ["--batch-size", str(args.batch_size)]
+    per_eval = {k: [] for k in configs}
+    info = {}
+    for rep in range(args.repeats):
+        for key, (schedule, slow_ranks) in configs.items():
+            cfg = parse_config(common + ["--schedule", schedule, "--slow-ranks", slow_ranks])
+            summary = sandblaster.run(comm, cfg, src, Backend("cpu", __import__("numpy")), None)
+            if comm.rank == 0:
+                per_eval[key].append(summary["wall_s"] / summary["function_evaluations"])
+                info[key] = summary
+                print(f"run {rep} ({key}) {schedule:7s} slow={slow_ranks or '-':6s} "
+                      f"{summary['iterations']} it, {summary['function_evaluations']} evals, "
+                      f"{summary['wall_s']:.2f} s, backups {summary['backups_launched']} launched / "
+                      f"{summary['backups_discarded']} discarded / {summary['stragglers_beaten']} beat the straggler",
+                      flush=True)
+    if comm.rank == 0:
+        med = {k: statistics.median(v) for k, v in per_eval.items()}
+        s = info["a"]
+        print(f"\n{comm.size} ranks, model {args.model}, batch {s['batch_size']}, mini-shard {s['mini_shard_size']}, "
+              f"slow rank {comm.size - 1} x{args.factor}")
+        for k, label in (("a", "dynamic + backups, slow rank"), ("b", "static split, slow rank"),
+                         ("c", "dynamic, no slow rank")):
+            print(f"({k}) {label:30s} {med[k] * 1000:8.1f} ms per evaluation (median of {len(per_eval[k])})")
+        print(f"ratio (a)/(c) = {med['a'] / med['c']:.2f}")
+        print(f"ratio (b)/(c) = {med['b'] / med['c']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The mini-shard scheduler: every mini-shard is summed exactly once, backups cover a slow rank, bad sizes fail."""
+import time
+
+import numpy
+import pytest
+from mpi4py import MPI
+
+from asyncsgd.algorithms.minishards import MiniShardScheduler, mini_shard_bounds
+
+
+@pytest.fixture
+def comm():
+    c = MPI.COMM_WORLD.Dup()
+    yield c
+    c.Free()
+
+
+def _problem(n_examples=240, dim=7, seed=3):
+    rng = numpy.random.default_rng(seed)
+    return rng.normal(size=(n_examples, dim)), rng.normal(size=dim)
+
+
+def _batch_gradient(comm, sched, x, w, bounds, delay=0.0):
+    """Sum over mini-shards of the least-squares gradient, each mini-shard's sum accepted on its winning rank."""
+    total = numpy.zeros_like(w)
+    seen = numpy.zeros(len(bounds), dtype=numpy.int64)
+
+    def compute(i):
+        a, b = bounds[i]
+        if delay:
+            time.sleep(delay)
+        r = x[a:b] @ w - 1.0
+        return x[a:b].T @ r
+
+    def accept(i, g):
+        total[...] += g
+        seen[i] += 1
+
+    stats = sched.run_batch(len(bounds), compute, accept)
+    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+    comm.Allreduce(MPI.IN_PLACE, seen, op=MPI.SUM)
+    return total, seen, stats
+
+
+def _reduce_stats(comm, stats):
+    fields = ("done", "computed", "launched", "backups_discarded", "originals_lost")
+    v = numpy.array([getattr(stats, f) for f in fields], dtype=numpy.int64)
+    comm.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+    return dict(zip(fields, v.tolist()))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["dynamic", "static"])
+def test_batch_gradient_equals_serial(comm, schedule):
+    x, w = _problem()
+    bounds = mini_shard_bounds(len(x), 13)
+    expected = x.T @ (x @ w - 1.0)
+    with MiniShardScheduler(comm, len(bounds), schedule=schedule) as sched:
+        for _ in range(3):  # the windows are reset between batches
+            total, seen, stats = _batch_gradient(comm, sched, x, w, bounds)
+            assert numpy.all(seen == 1)
+            numpy.testing.assert_allclose(total, expected, rtol=1e-12, atol=1e-12)
+            counts = _reduce_stats(comm, stats)
+            assert counts["done"] == len(bounds)
+            assert counts["launched"] == counts["backups_discarded"] + counts["originals_lost"]
+            if schedule == "static":
+                assert counts["launched"] == 0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_slow_rank_is_backed_up_and_counted_once(comm):
+    x, w = _problem()
+    bounds = mini_shard_bounds(len(x), 20)
+    expected = x.T @ (x @ w - 1.0)
+    slow = comm.size - 1
+    factor = 8.0 if comm.rank == slow else 1.0
+    with MiniShardScheduler(comm, len(bounds), slow_factor=factor) as sched:
+        total, seen, stats = _batch_gradient(comm, sched, x, w, bounds, delay=0.005)
+    assert numpy.all(seen == 1)
+    numpy.testing.assert_allclose(total, expected, rtol=1e-12, atol=1e-12)
+    counts = _reduce_stats(comm, stats)
+    assert counts["done"] == len(bounds)
+    assert counts["launched"] > 0
+    assert counts["originals_lost"] > 0  # the straggler's copies were beaten by backups
+    assert counts["launched"] == counts["backups_discarded"] + counts["originals_lost"]
+    done_here = comm.allgather(stats.done)
+    assert done_here[slow] < max(done_here)  # fast ranks did more of the work
+
+
+@pytest.mark.mpi(min_size=1)
+def test_bad_sizes_are_errors(comm):
+    with pytest.raises(ValueError, match="larger than the batch"):
+        mini_shard_bounds(10, 11)
+    with pytest.raises(ValueError, match="schedule"):
+        MiniShardScheduler(comm, 4, schedule="random")
+    with MiniShardScheduler(comm, 4) as sched:
+        with pytest.raises(ValueError, match="mini-shards"):
+            sched.run_batch(5, lambda i: None, lambda i, r: None)
