@@ -2,7 +2,8 @@
 
 The CUDA sources live in the top-level ``kernels/`` folder (so they can be read, compiled and reviewed on their
 own) and are installed as the package ``asyncsgd.kernels``; ``asyncsgd.gpu.kernels`` finds them there after a
-non-editable install and in ``kernels/`` in a source checkout.
+non-editable install and in ``kernels/`` in a source checkout.  The bundled data set ``data/fsdd.h5`` is installed
+the same way, as ``asyncsgd.bundled``, so the default trainer runs from any directory.
 """
 from setuptools import find_packages, setup
 
@@ -15,9 +16,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["asyncsgd", "asyncsgd.*"]) + ["asyncsgd.kernels"],
-    package_dir={"asyncsgd.kernels": "kernels"},
-    package_data={"asyncsgd.kernels": ["*.cu"]},
+    packages=find_packages(include=["asyncsgd", "asyncsgd.*"]) + ["asyncsgd.kernels", "asyncsgd.bundled"],
+    package_dir={"asyncsgd.kernels": "kernels", "asyncsgd.bundled": "data"},
+    package_data={"asyncsgd.kernels": ["*.cu"], "asyncsgd.bundled": ["*.h5", "README.md"]},
     install_requires=["numpy>=1.23", "mpi4py>=4.0", "h5py>=3.8", "tomli>=2.0; python_version<'3.11'"],
     extras_require={
         "mpich": ["mpich"],

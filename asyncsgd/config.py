@@ -217,6 +217,9 @@ def validate(cfg, size: int | None = None):
     if cfg.history < 1:
         raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
     parse_slow_ranks(cfg.slow_ranks, size)
+    if cfg.mode == "sandblaster" and (cfg.checkpoint_every is not None or cfg.resume is not None):
+        raise UsageError("--checkpoint-every and --resume work with --mode downpour, sync and serial, "
+                         "not sandblaster")
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
         raise UsageError(f"--resume: checkpoint {cfg.resume} does not exist")
     if size is not None and cfg.mode in ("downpour", "sync", "sandblaster"):

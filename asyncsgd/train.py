@@ -81,6 +81,17 @@ def _write_outputs(cfg, src, summary, reporter):
           f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s", flush=True)
 
 
+def _load_resume(cfg, src):
+    """Load the checkpoint --resume names (None when there is none), checked against this run's model."""
+    from .algorithms.resume import load_resume
+    from .model import build_model
+
+    if cfg.resume is None:
+        return None
+    n_params = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
+    return load_resume(cfg, n_params)
+
+
 def _run_serial(cfg) -> int:
     from .backend import BackendError, select_backend
     from .algorithms import get_mode
@@ -89,11 +100,12 @@ def _run_serial(cfg) -> int:
         _prepare_outputs(cfg)
         src = _open_data(cfg)
         backend = select_backend(cfg.device)
+        resume = _load_resume(cfg, src)
     except (UsageError, ValueError, OSError, BackendError) as exc:
         return _fail(str(exc), 0)
-    reporter = Reporter(cfg.log, progress=cfg.progress)
+    reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None)
     try:
-        summary = get_mode("serial").run(None, cfg, src, backend, reporter)
+        summary = get_mode("serial").run(None, cfg, src, backend, reporter, resume=resume)
         _write_outputs(cfg, src, summary, reporter)
     finally:
         reporter.close()
@@ -131,15 +143,18 @@ def _run_distributed(cfg) -> int:
             n_params = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
             if cfg.servers > n_params:
                 raise UsageError(f"--servers {cfg.servers} is more shards than the model's {n_params} parameters")
+        check_on_root(comm, lambda: _load_resume(cfg, src) and None, root=0)  # a bad checkpoint: one error
+        resume = _load_resume(cfg, src)
     except UsageError as exc:
         code = _fail(str(exc), rank)
         comm.Free()
         return code
     from .watchdog import Watchdog
     watchdog = Watchdog(comm)
-    reporter = Reporter(cfg.log, progress=cfg.progress) if rank == 0 else None
+    reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None) if rank == 0 else None
     try:
-        summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter)
+        extra = {"resume": resume} if resume is not None else {}
+        summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter, **extra)
         if rank == 0:
             _write_outputs(cfg, src, summary, reporter)
     finally:

@@ -103,11 +103,7 @@ def conv_flops(net, batch):
 
 def worker(args):
     import numpy as np
-    try:
-        import torch
-    except ImportError:
-        print(json.dumps({"error": "torch missing"}))
-        return
+    import torch
     sys.path.insert(0, ROOT)
     from asyncsgd.model import build_model
 
@@ -158,7 +154,7 @@ def worker(args):
     rate_conv, rate_gemm = best_rate(conv_only, args.batch, args.rounds, args.seconds / 2, others=[(gemm, [])])
     gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * rate_gemm / args.batch
     conv_flops_s = conv_flops(net, args.batch) * rate_conv / args.batch
-    print(json.dumps({"threads": args.threads, "ours": rate_ours, "torch": rate_torch,
+    print(json.dumps({"threads": args.threads, "ours": rate_ours, "torch": rate_torch, "torch_version": torch.__version__,
                       "conv_gflops": conv_flops_s / 1e9, "gemm_gflops": gemm_flops / 1e9}))
 
 
@@ -180,7 +176,7 @@ def main():
     except ImportError:
         sys.exit("bench_conv.py needs PyTorch for the comparison: pip install torch (CPU build is enough)")
 
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     for n in args.threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(n), "--batch", str(args.batch),
@@ -191,7 +187,9 @@ def main():
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
 
     print(f"speech_cnn (1, 40, {args.frames}), batch {args.batch}, float32, forward+backward, best of "
-          f"{args.rounds} rounds")
+          f"{args.rounds} rounds; torch {rows[0]['torch_version']} twin checked identical (logits, loss, gradients)")
+    print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
+          f"after (timings are only meaningful when it is below the CPU count)")
     print(f"{'threads':>7} {'asyncsgd/s':>11} {'torch/s':>9} {'ratio':>6} {'conv GF/s':>10} {'gemm GF/s':>10} "
           f"{'conv/gemm':>9}")
     for r in rows:

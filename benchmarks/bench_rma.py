@@ -78,8 +78,8 @@ def bench_size(comm, mib: int, densities) -> dict:
                 before = store.push_bytes
                 store.push_sparse(idx, vals, base_version=0)
                 nbytes = store.push_bytes - before
-                t = _best_time(lambda: store.push_sparse(idx, vals, base_version=0), max(5, reps // 2))
-                prep = _best_time(lambda: _prepare_sparse(store, idx, vals), max(5, reps // 2))
+                t = _best_time(lambda: store.push_sparse(idx, vals, base_version=0), max(3, reps // 4))
+                prep = _best_time(lambda: _prepare_sparse(store, idx, vals), max(3, reps // 4))
                 row["sparse"].append((density, k, t, prep, nbytes))
         polled_barrier(comm)
     return row

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from asyncsgd.data import BatchStream, DataError, open_source, resolve_path, slice_bounds, write_dataset
-from asyncsgd.data.h5format import balanced_order, round_mantissa, validate_file
+from asyncsgd.data.__main__ import main as data_main
+from asyncsgd.data.h5format import balanced_order, round_mantissa
 from asyncsgd.data.synthetic import BLOCK, SyntheticSource
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,10 +30,18 @@ def good_file(tmp_path):
     return path, train, test
 
 
-def check_cli(path):
-    """Run the check subcommand; return (exit status, stderr)."""
+def check_cli(path, capsys=None):
+    """Run ``python -m asyncsgd.data check PATH``; return (exit status, stderr).
+
+    With ``capsys`` the CLI's main() runs in this process (what ``python -m`` passes to sys.exit), which saves an
+    interpreter start per case; without, a real subprocess is started.
+    """
+    if capsys is not None:
+        capsys.readouterr()
+        rc = data_main(["check", str(path)])
+        return rc, capsys.readouterr().err
     out = subprocess.run([sys.executable, "-m", "asyncsgd.data", "check", str(path)], capture_output=True,
-                         text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                         text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     return out.returncode, out.stderr
 
 
@@ -107,21 +116,21 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_invalid_file_error_and_cli_exit(good_file, case):
+def test_invalid_file_error_and_cli_exit(good_file, case, capsys):
     path, _, _ = good_file
     fn, pattern = BAD_CASES[case]
     _mutate(path, fn)
     with pytest.raises(DataError, match=pattern) as info:
         open_source(str(path))
     assert str(info.value).startswith(str(path) + ": ")
-    rc, err = check_cli(path)
+    rc, err = check_cli(path, capsys)
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ")
 
 
 @pytest.mark.parametrize("case", ["missing_file", "not_hdf5", "truncated", "directory"])
-def test_unreadable_file_error_and_cli_exit(good_file, tmp_path, case):
+def test_unreadable_file_error_and_cli_exit(good_file, tmp_path, case, capsys):
     path = tmp_path / f"{case}.h5"
     if case == "not_hdf5":
         path.write_text("this is not an HDF5 file\n")
@@ -135,7 +144,8 @@ def test_unreadable_file_error_and_cli_exit(good_file, tmp_path, case):
     with pytest.raises(DataError, match=expected) as info:
         open_source(str(path))
     assert str(path) in str(info.value)
-    rc, err = check_cli(path)
+    # one case through a real interpreter: the process exit status itself
+    rc, err = check_cli(path, None if case == "not_hdf5" else capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and expected in err
 
 

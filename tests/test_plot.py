@@ -45,18 +45,16 @@ def test_staleness_counts_cumulative_or_per_interval():
     assert staleness_counts([{"loss": 1.0}]) == []
 
 
-def test_bad_logs_are_clear_errors(tmp_path):
-    pytest.importorskip("matplotlib")
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    proc = run_plot(empty, "-o", tmp_path / "x.png")
-    assert proc.returncode != 0 and "no records" in proc.stderr
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("this is not json\n")
-    proc = run_plot(bad, "-o", tmp_path / "x.png")
-    assert proc.returncode != 0 and "bad.jsonl:1" in proc.stderr
-    proc = run_plot(tmp_path / "missing.jsonl", "-o", tmp_path / "x.png")
-    assert proc.returncode != 0 and "missing.jsonl" in proc.stderr
+@pytest.mark.parametrize("content,message", [("", "no records"), ("this is not json\n", "bad.jsonl:1"),
+                                             (None, "missing.jsonl")])
+def test_bad_logs_are_clear_errors(tmp_path, capsys, content, message):
+    from asyncsgd.plot import main
+    log = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
+    if content is not None:
+        log.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        main([str(log), "-o", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -1,6 +1,5 @@
 """Sandblaster L-BFGS: same optimum as serial L-BFGS, mini-shard gradients counted once, run() and its options."""
 import json
-import subprocess
 import sys
 import time
 
@@ -157,6 +156,39 @@ def test_run_trains_and_reports(comm, schedule):
     assert sum(sum(r["minishards_per_rank"]) for r in recs) == 12 * summary["function_evaluations"]
     if schedule == "static":
         assert summary["backups_launched"] == 0
+
+
+@pytest.mark.mpi(min_size=1)
+def test_run_with_redrawn_batches(comm):
+    src = Blobs()
+    cfg = _cfg("--max-iter", "5", "--batch-size", "60", "--mini-shard-size", "7")
+    reporter = Records() if comm.rank == 0 else None
+    summary = sandblaster.run(comm, cfg, src, CPU, reporter)
+    if comm.rank == 0:
+        assert summary["batch_size"] == 60 and summary["iterations"] == 5
+        # a new batch every iteration: the gradient is re-evaluated there, then at least one line-search point
+        assert summary["function_evaluations"] >= 2 * summary["iterations"]
+        assert summary["samples"] == 60 * summary["function_evaluations"]  # each mini-shard summed once
+        assert numpy.isfinite(summary["final_loss"]) and summary["test_accuracy"] > 0.5
+
+
+def test_dropout_masks_are_fixed_per_batch_and_mini_shard():
+    """Every copy of a mini-shard (and every line-search point) sees the same masks; a new batch draws new ones."""
+    src = Blobs()
+    x = numpy.repeat(numpy.repeat(src.train_range(0, 40)[0], 2, axis=2), 2, axis=3)[:, :, :8, :8]
+    y = src.train_range(0, 40)[1]
+    net = build_model("mnist_cnn", (1, 8, 8), src.n_classes, dtype=numpy.float64)
+    replica = sandblaster.Replica(net, CPU, x, y, seed=0)
+    assert replica.stochastic_masks
+    replica.set_batch(1, numpy.arange(40), mini_shard_bounds(40, 10))
+    grads = []
+    for batch_no in (1, 1, 2):
+        replica.batch_no = batch_no
+        loss, n = replica.compute(2)
+        grads.append((loss, net.grads.copy()))
+    assert grads[0][0] == grads[1][0]
+    numpy.testing.assert_array_equal(grads[0][1], grads[1][1])
+    assert not numpy.array_equal(grads[0][1], grads[2][1])
 
 
 @pytest.mark.mpi(min_size=1)

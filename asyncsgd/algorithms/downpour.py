@@ -29,6 +29,7 @@ from ..mpiutil import polled_barrier
 from ..store import ShardedParameters
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
 from .common import Evaluator, StopRule, sgd_defaults, staleness_weight
+from .resume import Checkpointer
 
 __all__ = ["run", "DownpourWorker"]
 
@@ -62,6 +63,7 @@ class DownpourWorker:
         self.staleness_sum = 0
         self.compute_s = 0.0
         self.loss_ewma = None
+        self.resumed_samples = 0  # samples done before a resume: counted in budgets, not in rates
         self._warned = False
 
     def fetch(self):
@@ -128,16 +130,17 @@ class DownpourWorker:
                 "pushed_entries": self.pushed_entries, "skipped_nonfinite": self.skipped_nonfinite,
                 "loss": self.loss_ewma if self.loss_ewma is not None else float("nan"),
                 "staleness_sum": self.staleness_sum, "done": float(done), "compute_s": self.compute_s,
-                "elapsed_s": elapsed}
+                "elapsed_s": elapsed, "resumed_samples": self.resumed_samples}
 
 
-def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start):
+def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start, samples_done=0):
     net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
     x, y = src.train_slice(worker, n_workers)
-    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker)
-    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker)
+    # re-seeded from the position, so a resumed worker does not replay the order it already saw
+    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done)
+    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done)
     stop = StopRule(cfg, samples_per_epoch=len(y), start=start)
-    samples = 0
+    samples = replica.resumed_samples = samples_done
     last_publish = 0.0
     warm = cfg.warm_start_steps if worker == 0 else 0
     if worker != 0 and cfg.warm_start_steps > 0:
@@ -169,8 +172,8 @@ def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start):
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
 
 
-def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start):
-    """Rank 0: evaluate every eval_every seconds, report, raise the stop flag; return the final record."""
+def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start, checkpointer):
+    """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record."""
     eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
     x_test, y_test = src.test_set()
     evaluate = Evaluator(eval_net, x_test, y_test, backend)
@@ -196,9 +199,18 @@ def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start):
                 board.set_flag(FLAG_STOP)
             if all_done:
                 break
+        if checkpointer.due():
+            _checkpoint(cfg, store, checkpointer, stats)
         time.sleep(0.05)
     record["time_to_target"] = time_to_target
     return record, stats, hist
+
+
+def _checkpoint(cfg, store, checkpointer, stats):
+    """Save the store's state (read one-sidedly while workers keep pushing) and each worker's position."""
+    state = {"adagrad_sums": store.adagrad_sums()} if cfg.optimizer == "adagrad" else {}
+    checkpointer.save(params=store.read_all(), state=state, version=store.version(),
+                      data_position={"worker_samples": [int(s["samples"]) for s in stats]})
 
 
 def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time):
@@ -212,7 +224,8 @@ def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time):
         "time": elapsed, "samples": samples, "loss": float(numpy.mean(losses)) if losses else None,
         "test_loss": test_loss, "test_accuracy": acc,
         "samples_per_s": (samples - last_samples) / dt,
-        "per_worker_samples_per_s": [s["samples"] / max(s["elapsed_s"], 1e-9) for s in stats],
+        "per_worker_samples_per_s": [(s["samples"] - s["resumed_samples"]) / max(s["elapsed_s"], 1e-9)
+                                     for s in stats],
         "pushes": pushes, "staleness_mean": float(sum(s["staleness_sum"] for s in stats) / max(pushes, 1)),
         "staleness_hist": total_hist.astype(int).tolist()[:16],
         "push_bytes": int(sum(s["push_bytes"] for s in stats)),
@@ -228,25 +241,39 @@ def _percentile_from_hist(hist, q):
     return int(numpy.searchsorted(cum, q * cum[-1]))
 
 
-def run(comm, cfg, src, backend, reporter):
-    """Run Downpour on every rank of ``comm``; return the summary dict on rank 0 (None elsewhere)."""
+def run(comm, cfg, src, backend, reporter, resume=None):
+    """Run Downpour on every rank of ``comm``; return the summary dict on rank 0 (None elsewhere).
+
+    ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
+    """
     sgd_defaults(cfg)
     n_servers = cfg.servers
     n_workers = comm.size - n_servers
     rank = comm.rank
     init = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=numpy)
-    start_params = getattr(cfg, "_resume_params", None)
-    initial = init.params if start_params is None else start_params
+    initial = init.params if resume is None else resume.params
+    done = [0] * n_workers
+    if resume is not None:
+        saved = resume.data_position.get("worker_samples", [])
+        # the same workers continue where they were; another worker count shares the samples done evenly
+        done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
+    checkpointer = Checkpointer(cfg, init.n_params, {"seed": cfg.seed})
     with ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
                            adagrad=cfg.optimizer == "adagrad") as store, \
             JobBoard(comm, n_workers) as board:
+        if rank == 0 and resume is not None and "adagrad_sums" in resume.state:
+            store.load(resume.params, resume.state["adagrad_sums"])  # before any worker starts pushing
         polled_barrier(comm)
         start = time.monotonic()
         result = None
         if rank >= n_servers:
-            _worker_loop(cfg, src, backend, store, board, rank - n_servers, n_workers, start)
+            _worker_loop(cfg, src, backend, store, board, rank - n_servers, n_workers, start,
+                         samples_done=int(done[rank - n_servers]))
         elif rank == 0:
-            record, stats, hist = _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start)
+            record, stats, hist = _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start,
+                                                checkpointer)
+            if checkpointer.path:
+                _checkpoint(cfg, store, checkpointer, stats)  # the final one
             wall = time.monotonic() - start
             params = store.read_all()
             total_hist = hist.sum(axis=0)
@@ -254,7 +281,7 @@ def run(comm, cfg, src, backend, reporter):
                 "mode": "downpour", "model": cfg.model, "data": src.name, "workers": n_workers,
                 "servers": n_servers, "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
                 "final_loss": record["loss"], "samples": record["samples"],
-                "samples_per_s": record["samples"] / wall, "wall_s": wall,
+                "samples_per_s": (record["samples"] - sum(done)) / wall, "wall_s": wall,
                 "epochs": record["samples"] / src.n_train, "steps": int(sum(s["steps"] for s in stats)),
                 "pushes": record["pushes"], "push_bytes": record["push_bytes"],
                 "push_density": record["push_density"] / max(init.n_params, 1),
@@ -263,8 +290,10 @@ def run(comm, cfg, src, backend, reporter):
                 "staleness_hist": total_hist.astype(int).tolist(),
                 "skipped_nonfinite": record["skipped_nonfinite"],
                 "per_worker_samples_per_s": record["per_worker_samples_per_s"],
-                "per_worker_compute_samples_per_s": [s["samples"] / max(s["compute_s"], 1e-9) for s in stats],
+                "per_worker_compute_samples_per_s": [(s["samples"] - s["resumed_samples"]) / max(s["compute_s"], 1e-9)
+                                                     for s in stats],
                 "time_to_target": record["time_to_target"], "n_params": int(init.n_params),
+                "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
                 "params": params, "layout": init.param_layout(),
             }
             if cfg.optimizer == "adagrad":

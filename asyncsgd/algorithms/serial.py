@@ -8,12 +8,16 @@ import numpy
 from ..data import BatchStream
 from ..model import build_model
 from .common import Evaluator, StopRule, sgd_defaults
+from .resume import Checkpointer
 
 __all__ = ["run"]
 
 
-def run(comm, cfg, src, backend, reporter):
-    """Train ``cfg.model`` on ``src`` in this process; return the summary dict (``comm`` is unused)."""
+def run(comm, cfg, src, backend, reporter, resume=None):
+    """Train ``cfg.model`` on ``src`` in this process; return the summary dict (``comm`` is unused).
+
+    ``resume`` is a loaded checkpoint (asyncsgd.ops.checkpoint.Checkpoint) to continue from, or None.
+    """
     sgd_defaults(cfg)
     xp = backend.xp
     net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
@@ -21,11 +25,18 @@ def run(comm, cfg, src, backend, reporter):
     x, y = src.train_slice(0, 1)
     x_test, y_test = src.test_set()
     evaluate = Evaluator(eval_net, x_test, y_test, backend)
-    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed)
-    rng = numpy.random.default_rng(cfg.seed + 1)
     velocity = xp.zeros_like(net.params)
-    stop = StopRule(cfg, samples_per_epoch=len(y))
     samples = steps = 0
+    if resume is not None:
+        net.params[...] = backend.to_device(resume.params)
+        velocity[...] = backend.to_device(resume.state["momentum"])
+        samples, steps = int(resume.data_position["samples"]), int(resume.data_position["steps"])
+    start_samples = samples
+    # re-seeded from the position, so a resumed run does not replay the order it already saw
+    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + steps)
+    rng = numpy.random.default_rng(cfg.seed + 1 + steps)
+    checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
+    stop = StopRule(cfg, samples_per_epoch=len(y))
     last_eval = time.monotonic()
     loss_ewma = None
     accuracy = test_loss = None
@@ -44,22 +55,29 @@ def run(comm, cfg, src, backend, reporter):
         loss_ewma = loss if loss_ewma is None else 0.95 * loss_ewma + 0.05 * loss
         epoch_end = stream.samples_seen % len(y) < len(yb)
         finished = stop.done(samples, steps)
+        if checkpointer.due() or (finished and checkpointer.path):
+            checkpointer.save(params=backend.to_host(net.params), state={"momentum": backend.to_host(velocity)},
+                              version=steps, data_position={"samples": samples, "steps": steps})
         if finished or epoch_end or time.monotonic() - last_eval >= cfg.eval_every:
             test_loss, accuracy = evaluate(backend.to_host(net.params))
             last_eval = time.monotonic()
             if reporter is not None:
                 reporter.record({"time": stop.elapsed(), "samples": samples, "steps": steps, "epoch": stream.epoch,
                                  "loss": loss_ewma, "test_loss": test_loss, "test_accuracy": accuracy,
-                                 "samples_per_s": samples / max(stop.elapsed(), 1e-9),
-                                 "per_worker_samples_per_s": [samples / max(stop.elapsed(), 1e-9)],
+                                 "samples_per_s": (samples - start_samples) / max(stop.elapsed(), 1e-9),
+                                 "per_worker_samples_per_s": [(samples - start_samples) / max(stop.elapsed(), 1e-9)],
                                  "fraction_done": stop.fraction(samples, steps)})
             if finished or stop.done(samples, steps, accuracy):
+                if not finished and checkpointer.path:
+                    checkpointer.save(params=backend.to_host(net.params),
+                                      state={"momentum": backend.to_host(velocity)}, version=steps,
+                                      data_position={"samples": samples, "steps": steps})
                 break
     wall = stop.elapsed()
     return {
         "mode": "serial", "model": cfg.model, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,
-        "final_loss": loss_ewma, "samples": samples, "steps": steps, "samples_per_s": samples / wall,
-        "compute_samples_per_s": samples / max(compute_s, 1e-9), "wall_s": wall, "epochs": samples / len(y),
+        "final_loss": loss_ewma, "samples": samples, "steps": steps, "samples_per_s": (samples - start_samples) / wall,
+        "compute_samples_per_s": samples / max(compute_s, 1e-9), "checkpoints": checkpointer.written, "wall_s": wall, "epochs": samples / len(y),
         "stop_reason": stop.reason, "workers": 1, "servers": 0, "n_params": int(net.n_params),
         "params": backend.to_host(net.params), "layout": net.param_layout(),
     }

@@ -14,20 +14,31 @@ from ..data import BatchStream
 from ..model import build_model
 from ..mpiutil import wait
 from .common import Evaluator, StopRule, sgd_defaults
+from .resume import Checkpointer
 
 __all__ = ["run"]
 
 
-def run(comm, cfg, src, backend, reporter):
-    """Train with all-reduce SGD on every rank of ``comm``; return the summary dict on rank 0."""
+def run(comm, cfg, src, backend, reporter, resume=None):
+    """Train with all-reduce SGD on every rank of ``comm``; return the summary dict on rank 0.
+
+    ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
+    """
     sgd_defaults(cfg)
     comm = comm.Dup()
     xp = backend.xp
     size, rank = comm.size, comm.rank
     net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
     x, y = src.train_slice(rank, size)
-    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + rank)
-    rng = numpy.random.default_rng(cfg.seed + 2000 + rank)
+    velocity = xp.zeros_like(net.params)
+    steps = 0
+    if resume is not None:  # every replica holds the same parameters and momentum in this mode
+        net.params[...] = backend.to_device(resume.params)
+        velocity[...] = backend.to_device(resume.state["momentum"])
+        steps = int(resume.data_position["steps"])
+    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + rank + steps)
+    rng = numpy.random.default_rng(cfg.seed + 2000 + rank + steps)
+    checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
     evaluate = None
     if rank == 0:
         eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
@@ -35,9 +46,9 @@ def run(comm, cfg, src, backend, reporter):
     n = net.n_params
     send = numpy.zeros(n + 2, dtype=numpy.float32)  # gradient, loss, stop vote
     recv = numpy.empty_like(send)
-    velocity = xp.zeros_like(net.params)
     stop = StopRule(cfg, samples_per_epoch=len(y))
-    samples = steps = 0
+    samples = steps * cfg.batch_size
+    start_steps = steps
     last_eval = time.monotonic()
     accuracy = test_loss = loss_ewma = None
     comm_s = 0.0
@@ -71,7 +82,11 @@ def run(comm, cfg, src, backend, reporter):
         loss_ewma = mean_loss if loss_ewma is None else 0.95 * loss_ewma + 0.05 * mean_loss
         if not numpy.isfinite(mean_loss):
             raise FloatingPointError(f"loss became {mean_loss} at step {steps}: lower --lr (now {cfg.lr})")
-        if recv[n + 1] > 0:
+        stopping = recv[n + 1] > 0
+        if rank == 0 and (checkpointer.due() or (stopping and checkpointer.path)):
+            checkpointer.save(params=backend.to_host(net.params), state={"momentum": backend.to_host(velocity)},
+                              version=steps, data_position={"steps": steps})
+        if stopping:
             break
     wall = stop.elapsed()
     result = None
@@ -83,8 +98,10 @@ def run(comm, cfg, src, backend, reporter):
                              "samples_per_s": samples * size / wall, "per_worker_samples_per_s": [samples / wall] * size})
         result = {"mode": "sync", "model": cfg.model, "data": src.name, "workers": size, "servers": 0,
                   "test_accuracy": accuracy, "test_loss": test_loss, "final_loss": loss_ewma,
-                  "samples": samples * size, "steps": steps, "samples_per_s": samples * size / wall, "wall_s": wall,
+                  "samples": samples * size, "steps": steps,
+                  "samples_per_s": (steps - start_steps) * cfg.batch_size * size / wall, "wall_s": wall,
                   "epochs": samples * size / src.n_train, "allreduce_s": comm_s, "stop_reason": stop.reason,
+                  "checkpoints": checkpointer.written,
                   "per_worker_samples_per_s": [samples / wall] * size, "n_params": int(n),
                   "params": backend.to_host(net.params), "layout": net.param_layout()}
     comm.Free()
