@@ -217,6 +217,9 @@ def validate(cfg, size: int | None = None):
     if cfg.history < 1:
         raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
     parse_slow_ranks(cfg.slow_ranks, size)
+    if cfg.cuda_aware_mpi:
+        raise UsageError("--cuda-aware-mpi is not available yet: GPU ranks stage window traffic through pinned "
+                         "host buffers; leave the option out")
     if cfg.mode == "sandblaster" and (cfg.checkpoint_every is not None or cfg.resume is not None):
         raise UsageError("--checkpoint-every and --resume work with --mode downpour, sync and serial, "
                          "not sandblaster")

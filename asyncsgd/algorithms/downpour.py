@@ -50,8 +50,17 @@ class DownpourWorker:
         self.adagrad = cfg.optimizer == "adagrad"
         self.velocity = self.xp.zeros_like(net.params)
         self.accrued = self.xp.zeros_like(net.params)
-        self.residual = numpy.zeros(net.n_params, dtype=numpy.float32) if cfg.sparsity < 1 else None
-        self.host = numpy.empty(net.n_params, dtype=numpy.float32)  # staging buffer for the windows
+        # the residual lives where the accrual does: a GPU rank selects on the GPU and copies only the pairs
+        self.residual = self.xp.zeros_like(net.params) if cfg.sparsity < 1 else None
+        self.select_topk = sparse.select_topk
+        if backend.is_gpu:
+            from ..gpu import sparse as gpu_sparse
+            self.select_topk = gpu_sparse.select_topk
+        # staging buffer between the replica and the windows; pinned on a GPU rank so copies run at full speed
+        self.host = numpy.empty(net.n_params, dtype=numpy.float32)
+        if backend.is_gpu:
+            import cupyx
+            self.host = cupyx.empty_pinned(net.n_params, dtype=numpy.float32)
         self.rng = numpy.random.default_rng(seed)
         self.base_version = 0
         self.steps = 0
@@ -102,9 +111,9 @@ class DownpourWorker:
     def push(self):
         """Send the accrued update to the store, scaled by the staleness weight; reset the accrual."""
         cfg = self.cfg
-        update = self.backend.to_host(self.accrued, out=self.host)
         if self.residual is not None:
-            idx, vals = sparse.select_topk(update, cfg.sparsity, self.residual)
+            idx, vals = self.select_topk(self.accrued, cfg.sparsity, self.residual)
+            idx, vals = self.backend.to_host(idx), self.backend.to_host(vals)
             if self.adagrad:
                 tau = self.store.push_adagrad_sparse(idx, vals, cfg.lr, cfg.adagrad_eps,
                                                      base_version=self.base_version, weight=self.weight)
@@ -113,6 +122,7 @@ class DownpourWorker:
             self.push_bytes += idx.nbytes + vals.nbytes
             self.pushed_entries += idx.size
         else:
+            update = self.backend.to_host(self.accrued, out=self.host)  # GPU: synchronises, then copies
             if self.adagrad:
                 tau = self.store.push_adagrad(update, cfg.lr, cfg.adagrad_eps, base_version=self.base_version,
                                               weight=self.weight)
