@@ -154,7 +154,8 @@ def worker(args):
     rate_conv, rate_gemm = best_rate(conv_only, args.batch, args.rounds, args.seconds / 2, others=[(gemm, [])])
     gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * rate_gemm / args.batch
     conv_flops_s = conv_flops(net, args.batch) * rate_conv / args.batch
-    print(json.dumps({"threads": args.threads, "ours": rate_ours, "torch": rate_torch, "torch_version": torch.__version__,
+    print(json.dumps({"threads": args.threads, "ours": rate_ours, "torch": rate_torch,
+                      "torch_version": torch.__version__,
                       "conv_gflops": conv_flops_s / 1e9, "gemm_gflops": gemm_flops / 1e9}))
 
 

@@ -101,8 +101,9 @@ def summary_text(counts: dict, seconds: float) -> str:
 
 
 def _pytest_args(*, marker: str, k: str | None, test_timeout: float, paths, extra) -> list:
+    # --durations: the slowest tests of each stage, to keep the whole CI well under its time budget.
     args = ["-m", "pytest", "-p", "no:cacheprovider", "-o", "tmp_path_retention_count=64",
-            f"--timeout={test_timeout:g}", "--timeout-method=thread", "-m", marker]
+            f"--timeout={test_timeout:g}", "--timeout-method=thread", "--durations=8", "-m", marker]
     if k:
         args += ["-k", k]
     return args + list(extra) + list(paths)

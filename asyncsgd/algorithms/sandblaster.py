@@ -47,7 +47,7 @@ _MAX_FAILED_SEARCHES = 3  # stochastic batches: give up after this many line sea
 
 
 def defaults(cfg, n_train: int, size: int) -> dict:
-    """Return the effective batch_size, mini_shard_size and l2 for ``cfg`` (None options take the defaults)."""
+    """Return the effective batch_size, mini_shard_size, l2 and iterations_per_batch (None options: defaults)."""
     batch, l2, per_batch = _DEFAULTS.get(cfg.model, (None, 1e-4, 1))
     batch = cfg.batch_size if cfg.batch_size is not None else (n_train if batch is None else batch)
     batch = min(batch, n_train) if cfg.batch_size is None else batch

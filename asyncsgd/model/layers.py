@@ -125,15 +125,15 @@ class Conv2D(Layer):
 
 
 class MaxPool2D(Layer):
-    """Max pooling over ``size`` x ``size`` windows with ``stride`` (default ``size``): (C, N, H, W) -> (C, N, Ho, Wo)."""
+    """Max pooling over ``size`` x ``size`` windows, ``stride`` (default ``size``): (C, N, H, W) -> (C, N, Ho, Wo)."""
 
     kind = "pool"
 
     def __init__(self, size: int = 2, stride: int | None = None):
         super().__init__()
         stride = size if stride is None else stride
-        if size < 1 or stride < 1:
-            raise ValueError(f"MaxPool2D needs size and stride >= 1, got size={size}, stride={stride}")
+        if not 1 <= size <= 16 or stride < 1:
+            raise ValueError(f"MaxPool2D needs 1 <= size <= 16 and stride >= 1, got size={size}, stride={stride}")
         self.size, self.stride = size, stride
         self.fused = False          # set by Conv2D.fuse_pool: the conv before it already pooled
 

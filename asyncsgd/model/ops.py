@@ -86,7 +86,7 @@ class NumpyOps:
         return self.xp.ascontiguousarray(x.transpose(1, 0, 2, 3)).reshape(n, c * h * w)
 
     def unflatten(self, d, shape):
-        """Return (N, C*H*W) ``d`` as a C-contiguous (C, N, H, W) array; ``shape`` is (C, N, H, W). Inverse of flatten."""
+        """Return (N, C*H*W) ``d`` as a C-contiguous (C, N, H, W) array of ``shape`` (C, N, H, W): undo flatten."""
         c, n, h, w = shape
         return self.xp.ascontiguousarray(d.reshape(n, c, h, w).transpose(1, 0, 2, 3))
 
@@ -349,6 +349,9 @@ class NumpyOps:
         """
         xp = self.xp
         ws = {} if ws is None else ws
+        if size * size > 256:
+            raise ValueError(f"maxpool: a {size}x{size} window has more offsets than the uint8 argmax can hold "
+                             f"(at most 16x16)")
         c, n, h, wd = x.shape
         ho, wo = conv_output_size(h, size, stride, 0), conv_output_size(wd, size, stride, 0)
         if ho < 1 or wo < 1:
