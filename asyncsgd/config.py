@@ -119,6 +119,9 @@ _OPTIONS = [
     (("--staleness-decay",), dict(default="none", help="scale each push by none, inverse (1/tau) or exp:LAMBDA")),
     (("--sparsity",), dict(type=float, default=1.0,
                            help="fraction of the accrued gradient pushed (largest magnitudes; 1.0 = dense)")),
+    (("--augment",), dict(default="auto",
+                          help="training-time augmentation: auto (time shifts of up to 6 frames on log-mel data), "
+                               "none, or shift:N")),
     (("--warm-start-steps",), dict(type=_nonneg_int, default=0, help="steps taken by one replica alone first")),
     (("--eval-every",), dict(type=_positive_float, default=5.0, help="seconds between test evaluations (rank 0)")),
     # Sandblaster
@@ -214,6 +217,8 @@ def validate(cfg, size: int | None = None):
         raise UsageError(f"--sparsity must be in (0, 1] (fraction of entries pushed), got {cfg.sparsity}")
     if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
         raise UsageError(f"--target-accuracy is a fraction in (0, 1], got {cfg.target_accuracy}")
+    if cfg.augment not in ("auto", "none") and not (cfg.augment.startswith("shift:") and cfg.augment[6:].isdigit()):
+        raise UsageError(f"--augment must be auto, none or shift:N (N frames), got {cfg.augment!r}")
     if cfg.history < 1:
         raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
     parse_slow_ranks(cfg.slow_ranks, size)

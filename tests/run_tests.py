@@ -36,7 +36,8 @@ DEFAULT_RANKS = (1, 2, 3, 6)
 FAST_RANKS = (2, 3)
 SERIAL_TEST_TIMEOUT = 300      # s per serial test (some start whole MPI jobs)
 MPI_TEST_TIMEOUT = 120         # s per multi-rank test
-STAGE_TIMEOUT = 900            # s per stage: the whole mpiexec job, or the serial pytest
+SERIAL_STAGE_TIMEOUT = 1500    # s for the serial pytest: a backstop, per-test timeouts end hangs first
+MPI_STAGE_TIMEOUT = 900        # s per mpiexec job (also after the tests, e.g. a hang in MPI_Finalize)
 EXIT_NO_TESTS = 5              # pytest's exit status when every test was deselected
 WIDTH = 80
 
@@ -121,7 +122,7 @@ def _base_env() -> dict:
 
 
 def serial_stage(paths=("tests",), *, k=None, fast=False, test_timeout=SERIAL_TEST_TIMEOUT,
-                 stage_timeout=STAGE_TIMEOUT, extra=()) -> Stage:
+                 stage_timeout=SERIAL_STAGE_TIMEOUT, extra=()) -> Stage:
     """Return the stage running every test not marked mpi with plain pytest."""
     argv = [sys.executable] + _pytest_args(marker=_marker("not mpi", fast), k=k, test_timeout=test_timeout,
                                            paths=paths, extra=extra)
@@ -129,7 +130,7 @@ def serial_stage(paths=("tests",), *, k=None, fast=False, test_timeout=SERIAL_TE
 
 
 def mpi_stage(n_ranks: int, paths=("tests",), *, k=None, fast=False, test_timeout=MPI_TEST_TIMEOUT,
-              stage_timeout=STAGE_TIMEOUT, extra=()) -> Stage:
+              stage_timeout=MPI_STAGE_TIMEOUT, extra=()) -> Stage:
     """Return the stage running the mpi-marked tests as one mpiexec job of ``n_ranks`` ranks."""
     env = mpi_env(_base_env())
     job_timeout = int(stage_timeout)
@@ -247,8 +248,9 @@ def parse_args(argv=None):
                         help="deselect tests marked slow and, unless --ranks is given, run mpi stages at 2, 3 ranks")
     parser.add_argument("--timeout", type=float, default=None,
                         help=f"per-test timeout in s (default {SERIAL_TEST_TIMEOUT} serial, {MPI_TEST_TIMEOUT} mpi)")
-    parser.add_argument("--stage-timeout", type=float, default=STAGE_TIMEOUT,
-                        help=f"whole-stage (mpiexec job) timeout in s (default {STAGE_TIMEOUT})")
+    parser.add_argument("--stage-timeout", type=float, default=None,
+                        help=f"whole-stage timeout in s (default {SERIAL_STAGE_TIMEOUT} serial, "
+                             f"{MPI_STAGE_TIMEOUT} per mpiexec job)")
     args, extra = parser.parse_known_args(argv)
     args.extra = extra
     if args.ranks is None:
@@ -258,12 +260,14 @@ def parse_args(argv=None):
 
 def stages_for(args) -> list:
     """Return the stages ``args`` asks for, serial first."""
-    common = dict(k=args.k, fast=args.fast, stage_timeout=args.stage_timeout, extra=args.extra)
+    common = dict(k=args.k, fast=args.fast, extra=args.extra)
     stages = []
     if args.only in (None, "serial"):
-        stages.append(serial_stage(args.paths, test_timeout=args.timeout or SERIAL_TEST_TIMEOUT, **common))
+        stages.append(serial_stage(args.paths, test_timeout=args.timeout or SERIAL_TEST_TIMEOUT,
+                                   stage_timeout=args.stage_timeout or SERIAL_STAGE_TIMEOUT, **common))
     if args.only in (None, "mpi"):
-        stages += [mpi_stage(n, args.paths, test_timeout=args.timeout or MPI_TEST_TIMEOUT, **common)
+        stages += [mpi_stage(n, args.paths, test_timeout=args.timeout or MPI_TEST_TIMEOUT,
+                             stage_timeout=args.stage_timeout or MPI_STAGE_TIMEOUT, **common)
                    for n in args.ranks]
     return stages
 

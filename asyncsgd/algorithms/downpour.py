@@ -24,6 +24,7 @@ import numpy
 from .. import sparse
 from ..config import parse_decay
 from ..data import BatchStream
+from ..data.augment import make_augmenter
 from ..model import build_model
 from ..mpiutil import polled_barrier
 from ..store import ShardedParameters
@@ -149,6 +150,7 @@ def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start, samp
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
     stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done)
     replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done)
+    augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
     stop = StopRule(cfg, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
     last_publish = 0.0
@@ -160,7 +162,7 @@ def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start, samp
     for xb, yb in stream:
         if replica.steps % cfg.n_fetch == 0:
             replica.fetch()
-        replica.step(xb, yb)
+        replica.step(augment(xb), yb)
         replica.steps += 1
         samples += len(yb)
         if replica.steps % cfg.n_push == 0:
@@ -256,9 +258,9 @@ def run(comm, cfg, src, backend, reporter, resume=None):
 
     ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
     """
-    sgd_defaults(cfg)
     n_servers = cfg.servers
     n_workers = comm.size - n_servers
+    sgd_defaults(cfg, async_replicas=n_workers)
     rank = comm.rank
     init = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=numpy)
     initial = init.params if resume is None else resume.params

@@ -6,6 +6,7 @@ import time
 import numpy
 
 from ..data import BatchStream
+from ..data.augment import make_augmenter
 from ..model import build_model
 from .common import Evaluator, StopRule, sgd_defaults
 from .resume import Checkpointer
@@ -36,6 +37,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + steps)
     rng = numpy.random.default_rng(cfg.seed + 1 + steps)
     checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
+    augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + steps)
     stop = StopRule(cfg, samples_per_epoch=len(y))
     last_eval = time.monotonic()
     loss_ewma = None
@@ -43,7 +45,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     compute_s = 0.0
     for xb, yb in stream:
         t0 = time.perf_counter()
-        loss = net.loss_and_grad(backend.to_device(xb), backend.to_device(yb), rng=rng)
+        loss = net.loss_and_grad(backend.to_device(augment(xb)), backend.to_device(yb), rng=rng)
         if not numpy.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {steps}: lower --lr (now {cfg.lr})")
         velocity *= cfg.momentum

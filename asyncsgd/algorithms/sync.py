@@ -11,6 +11,7 @@ import numpy
 from mpi4py import MPI
 
 from ..data import BatchStream
+from ..data.augment import make_augmenter
 from ..model import build_model
 from ..mpiutil import wait
 from .common import Evaluator, StopRule, sgd_defaults
@@ -39,6 +40,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + rank + steps)
     rng = numpy.random.default_rng(cfg.seed + 2000 + rank + steps)
     checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
+    augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + rank + steps)
     evaluate = None
     if rank == 0:
         eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
@@ -53,7 +55,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     accuracy = test_loss = loss_ewma = None
     comm_s = 0.0
     for xb, yb in stream:
-        loss = net.loss_and_grad(backend.to_device(xb), backend.to_device(yb), rng=rng)
+        loss = net.loss_and_grad(backend.to_device(augment(xb)), backend.to_device(yb), rng=rng)
         backend.to_host(net.grads, out=send[:n])
         send[n] = loss
         steps += 1
