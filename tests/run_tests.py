@@ -133,6 +133,10 @@ def mpi_stage(n_ranks: int, paths=("tests",), *, k=None, fast=False, test_timeou
               stage_timeout=MPI_STAGE_TIMEOUT, extra=()) -> Stage:
     """Return the stage running the mpi-marked tests as one mpiexec job of ``n_ranks`` ranks."""
     env = mpi_env(_base_env())
+    # each rank gets its share of the cores for BLAS, as asyncsgd.train gives its ranks (unless already set)
+    threads = str(max(1, (os.cpu_count() or 1) // n_ranks))
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
     job_timeout = int(stage_timeout)
     if mpi_flavour() == "mpich":
         env["MPIEXEC_TIMEOUT"] = str(job_timeout)
