@@ -225,9 +225,10 @@ def validate(cfg, size: int | None = None):
     if cfg.cuda_aware_mpi:
         raise UsageError("--cuda-aware-mpi is not available yet: GPU ranks stage window traffic through pinned "
                          "host buffers; leave the option out")
-    if cfg.mode == "sandblaster" and (cfg.checkpoint_every is not None or cfg.resume is not None):
-        raise UsageError("--checkpoint-every and --resume work with --mode downpour, sync and serial, "
-                         "not sandblaster")
+    if cfg.mode == "sandblaster" and (cfg.checkpoint_every is not None or cfg.resume is not None
+                                      or cfg.checkpoint is not None):
+        raise UsageError("--checkpoint, --checkpoint-every and --resume work with --mode downpour, sync and "
+                         "serial, not sandblaster")
     if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
         raise UsageError(f"--resume: checkpoint {cfg.resume} does not exist")
     if size is not None and cfg.mode in ("downpour", "sync", "sandblaster"):

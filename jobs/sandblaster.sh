@@ -34,4 +34,4 @@ echo "asyncsgd sandblaster: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}:"
      "${SLURM_NTASKS:-?} tasks x ${THREADS} cpus, outputs in ${RUN_DIR}"
 launch "$PY" -m asyncsgd.train --mode sandblaster --model logreg --device "${ASYNCSGD_DEVICE:-cpu}" \
     --log "$RUN_DIR/metrics.jsonl" --summary-json "$RUN_DIR/summary.json" --model-out "$RUN_DIR/model.h5" \
-    --checkpoint "$RUN_DIR/checkpoint.h5" "${EXTRA[@]}" "$@"
+    "${EXTRA[@]}" "$@"

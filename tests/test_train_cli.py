@@ -35,6 +35,9 @@ def _one_error(output: str, needle: str):
     (["--mode", "serial", "--history", "0"], "--history must be >= 1"),
     (["--mode", "serial", "--summary-json", "/nonexistent/dir/s.json"], "does not exist"),
     (["--bogus-option"], "unrecognized arguments"),
+    (["--mode", "sandblaster", "--checkpoint", "ck.h5"], "not sandblaster"),
+    (["--mode", "serial", "--augment", "shift:x"], "--augment"),
+    (["--mode", "serial", "--resume", "/nonexistent/ck.h5"], "does not exist"),
     (["--mode", "downpour"], "--mode serial"),  # one process: downpour needs mpiexec
 ])
 def test_bad_input_is_one_clear_error(args, needle, tmp_path):
