@@ -197,8 +197,9 @@ def main(argv=None) -> int:
         return 0
     if cfg.mode == "serial":
         if _launcher_value(_SIZE_VARIABLES, 1) > 1:
+            from mpi4py import MPI  # initialise MPI: Open MPI's launcher drops the output of ranks that never do
             return _fail("--mode serial runs in one process; start it without mpiexec "
-                         "(or choose --mode downpour, sync or sandblaster)", rank_hint)
+                         "(or choose --mode downpour, sync or sandblaster)", MPI.COMM_WORLD.rank)
         return _run_serial(cfg)
     return _run_distributed(cfg)
 

@@ -113,8 +113,12 @@ class DownpourWorker:
         """Send the accrued update to the store, scaled by the staleness weight; reset the accrual."""
         cfg = self.cfg
         if self.residual is not None:
-            idx, vals = self.select_topk(self.accrued, cfg.sparsity, self.residual)
-            idx, vals = self.backend.to_host(idx), self.backend.to_host(vals)
+            idx_dev, vals = self.select_topk(self.accrued, cfg.sparsity, self.residual)
+            # momentum factor masking (Deep Gradient Compression): the velocity of coordinates just pushed is
+            # cleared, so their delayed update is not pushed again through the momentum of later steps; without
+            # it, sparse pushes with momentum 0.9 diverged in about one run in four on synthetic data
+            self.velocity[idx_dev] = 0
+            idx, vals = self.backend.to_host(idx_dev), self.backend.to_host(vals)
             if self.adagrad:
                 tau = self.store.push_adagrad_sparse(idx, vals, cfg.lr, cfg.adagrad_eps,
                                                      base_version=self.base_version, weight=self.weight)
