@@ -12,7 +12,8 @@ What a push carries:
 - ``--optimizer adagrad``: the accrued (momentum-smoothed) gradient; the store turns it into
   ``-lr * g / sqrt(sum g^2 + eps)`` one-sidedly (DistBelief's Adagrad at the parameter server).
 With ``--sparsity F < 1`` only the largest-magnitude fraction F of (accrued + residual) is pushed; the rest stays in
-the residual for later pushes (error feedback).
+the residual for later pushes (error feedback), and the velocity of the pushed coordinates is cleared (momentum
+factor masking, Lin et al. 2018, Deep Gradient Compression).
 """
 from __future__ import annotations
 
