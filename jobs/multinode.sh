@@ -27,6 +27,8 @@ RUN_DIR="${ASYNCSGD_RUN_DIR:-runs/slurm-${SLURM_JOB_ID:-local}}"
 mkdir -p "$RUN_DIR"
 read -r -a EXTRA <<< "${ASYNCSGD_ARGS:-}"
 
+# Each script is self-contained on purpose: sbatch runs a copy from its spool folder, where no sibling file
+# could be sourced.
 launch() {
     case "${LAUNCHER:-srun}" in
         srun) srun --mpi="${SRUN_MPI:-pmi2}" --distribution=cyclic "$@" ;;
