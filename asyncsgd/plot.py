@@ -113,10 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        parser.exit(2, "asyncsgd.plot: error: matplotlib is not installed: pip install 'asyncsgd[plot]'\n")
     runs = {}
     try:
         for path in args.logs:
@@ -129,6 +125,10 @@ def main(argv=None) -> int:
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
         parser.exit(2, f"asyncsgd.plot: error: output folder {folder} does not exist\n")
+    try:  # checked after the logs, so a bad log is reported as such wherever matplotlib is missing
+        import matplotlib  # noqa: F401
+    except ImportError:
+        parser.exit(2, "asyncsgd.plot: error: matplotlib is not installed: pip install 'asyncsgd[plot]'\n")
     plot_runs(runs, args.output)
     print(f"wrote {args.output} ({len(runs)} run{'s' if len(runs) != 1 else ''})")
     return 0
