@@ -127,7 +127,8 @@ _OPTIONS = [
     # Sandblaster
     (("--history",), dict(type=int, default=10, help="L-BFGS history pairs (>= 1)")),
     (("--mini-shard-size",), dict(type=_positive_int, default=None, help="examples per mini-shard")),
-    (("--max-iter",), dict(type=_positive_int, default=100, help="L-BFGS iterations at most")),
+    (("--max-iter",), dict(type=_positive_int, default=None,
+                           help="L-BFGS iterations at most (default 1000 for logreg, 100 for the CNNs)")),
     (("--grad-tol",), dict(type=_nonneg_float, default=1e-6, help="stop when |gradient| falls below this")),
     (("--loss-tol",), dict(type=_nonneg_float, default=1e-10, help="stop when the relative loss decrease falls below")),
     (("--l2",), dict(type=_nonneg_float, default=None, help="L2 penalty (sandblaster; default 1e-4 for logreg)")),
