@@ -25,11 +25,11 @@ def _train(n, args, tmp_path, timeout=240):
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 6])
 def test_downpour_reaches_accuracy(n, tmp_path):
-    s, out = _train(n, ["--steps", "40"], tmp_path)
+    s, out = _train(n, ["--steps", "80"], tmp_path)
     assert "final test accuracy:" in out
     assert s["workers"] == n - 1 and s["servers"] == 1
     assert s["test_accuracy"] >= 0.85, s["test_accuracy"]
-    assert s["pushes"] == 40 * (n - 1)
+    assert s["pushes"] == 80 * (n - 1)
     assert s["push_bytes"] == s["pushes"] * s["n_params"] * 4
     assert sum(s["staleness_hist"]) == s["pushes"]
     assert 0 <= s["staleness_mean"] <= s["staleness_p95"] + 1
