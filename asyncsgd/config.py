@@ -149,8 +149,9 @@ _OPTIONS = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Return the trainer's argument parser (``parser_class`` lets parse_config raise instead of exiting)."""
+    p = parser_class(
         prog="python -m asyncsgd.train",
         description="Train a CNN with Downpour SGD (default), synchronous SGD, Sandblaster L-BFGS or serially. "
                     "Run the distributed modes under mpiexec, e.g. mpirun -n 6 python -m asyncsgd.train.")
@@ -196,10 +197,7 @@ def parse_config(argv=None) -> argparse.Namespace:
     """Parse the command line (and the TOML file it names); raise UsageError on any bad value."""
     if argv is None:
         argv = sys.argv[1:]
-    parser = _Parser(prog="python -m asyncsgd.train", add_help=True,
-                     description=build_parser().description)
-    for flags, kw in _OPTIONS:
-        parser.add_argument(*flags, **kw)
+    parser = build_parser(_Parser)
     pre, _ = parser.parse_known_args(argv) if "--help" not in argv and "-h" not in argv else (None, None)
     if pre is not None and pre.config:
         parser.set_defaults(**_toml_defaults(pre.config, parser))

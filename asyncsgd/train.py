@@ -99,15 +99,17 @@ def _write_outputs(cfg, src, summary, reporter):
           f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s", flush=True)
 
 
-def _load_resume(cfg, src):
+def _n_params(cfg, src) -> int:
+    """The number of parameters of the model this run builds."""
+    from .model import build_model
+    return build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
+
+
+def _load_resume(cfg, n_params: int):
     """Load the checkpoint --resume names (None when there is none), checked against this run's model."""
     from .algorithms.resume import load_resume
-    from .model import build_model
 
-    if cfg.resume is None:
-        return None
-    n_params = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
-    return load_resume(cfg, n_params)
+    return None if cfg.resume is None else load_resume(cfg, n_params)
 
 
 def _run_serial(cfg) -> int:
@@ -118,7 +120,7 @@ def _run_serial(cfg) -> int:
         _prepare_outputs(cfg)
         src = _open_data(cfg)
         backend = select_backend(cfg.device)
-        resume = _load_resume(cfg, src)
+        resume = _load_resume(cfg, _n_params(cfg, src)) if cfg.resume is not None else None
     except (UsageError, ValueError, OSError, BackendError) as exc:
         return _fail(str(exc), 0)
     reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None)
@@ -156,13 +158,13 @@ def _run_distributed(cfg) -> int:
         first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
         if first is not None:
             raise UsageError(first[1] if first[0] == 0 else f"rank {first[0]}: {first[1]}")
-        if cfg.mode == "downpour" and cfg.servers > 0:
-            from .model import build_model
-            n_params = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
-            if cfg.servers > n_params:
-                raise UsageError(f"--servers {cfg.servers} is more shards than the model's {n_params} parameters")
-        check_on_root(comm, lambda: _load_resume(cfg, src) and None, root=0)  # a bad checkpoint: one error
-        resume = _load_resume(cfg, src)
+        n_params = _n_params(cfg, src)
+        if cfg.mode == "downpour" and cfg.servers > n_params:
+            raise UsageError(f"--servers {cfg.servers} is more shards than the model's {n_params} parameters")
+        # rank 0 checks the checkpoint (a bad one is one error); the others read it only once it is known good
+        resume = check_on_root(comm, lambda: _load_resume(cfg, n_params), root=0)
+        if rank != 0:
+            resume = _load_resume(cfg, n_params)
     except UsageError as exc:
         code = _fail(str(exc), rank)
         comm.Free()

@@ -6,7 +6,7 @@ import time
 
 import numpy
 
-__all__ = ["sgd_defaults", "StopRule", "Evaluator", "staleness_weight", "STALENESS_BINS", "staleness_histogram"]
+__all__ = ["sgd_defaults", "StopRule", "Evaluator", "staleness_weight"]
 
 # Learning rates found to train each model well with momentum 0.9 at batch 32 (README, "Choosing defaults").
 _DEFAULTS = {
@@ -15,9 +15,6 @@ _DEFAULTS = {
     "mnist_cnn": (0.01, 0.01, 64, 3),
     "logreg": (0.01, 0.05, 64, 20),
 }
-
-STALENESS_BINS = 16  # histogram bins 0..14 and ">= 15"
-
 
 def sgd_defaults(cfg, async_replicas: int = 1):
     """Fill the options left unset (None) with the model's defaults, in place; return cfg.
@@ -45,13 +42,6 @@ def staleness_weight(kind: str, lam: float | None):
     if kind == "inverse":
         return lambda tau: 1.0 / max(tau, 1)
     return lambda tau: float(lam) ** tau
-
-
-def staleness_histogram(taus) -> list[int]:
-    """Counts of tau = 0, 1, ..., STALENESS_BINS-2 and >= STALENESS_BINS-1."""
-    h = numpy.bincount(numpy.minimum(numpy.asarray(taus, dtype=numpy.int64), STALENESS_BINS - 1),
-                       minlength=STALENESS_BINS)
-    return h.tolist()
 
 
 class StopRule:

@@ -39,6 +39,11 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + steps)
     stop = StopRule(cfg, samples_per_epoch=len(y))
+
+    def save_checkpoint():
+        checkpointer.save(params=backend.to_host(net.params), state={"momentum": backend.to_host(velocity)},
+                          version=steps, data_position={"samples": samples, "steps": steps})
+
     last_eval = time.monotonic()
     loss_ewma = None
     accuracy = test_loss = None
@@ -57,9 +62,8 @@ def run(comm, cfg, src, backend, reporter, resume=None):
         loss_ewma = loss if loss_ewma is None else 0.95 * loss_ewma + 0.05 * loss
         epoch_end = stream.samples_seen % len(y) < len(yb)
         finished = stop.done(samples, steps)
-        if checkpointer.due() or (finished and checkpointer.path):
-            checkpointer.save(params=backend.to_host(net.params), state={"momentum": backend.to_host(velocity)},
-                              version=steps, data_position={"samples": samples, "steps": steps})
+        if checkpointer.due():
+            save_checkpoint()
         if finished or epoch_end or time.monotonic() - last_eval >= cfg.eval_every:
             test_loss, accuracy = evaluate(backend.to_host(net.params))
             last_eval = time.monotonic()
@@ -70,11 +74,9 @@ def run(comm, cfg, src, backend, reporter, resume=None):
                                  "per_worker_samples_per_s": [(samples - start_samples) / max(stop.elapsed(), 1e-9)],
                                  "fraction_done": stop.fraction(samples, steps)})
             if finished or stop.done(samples, steps, accuracy):
-                if not finished and checkpointer.path:
-                    checkpointer.save(params=backend.to_host(net.params),
-                                      state={"momentum": backend.to_host(velocity)}, version=steps,
-                                      data_position={"samples": samples, "steps": steps})
                 break
+    if checkpointer.path:
+        save_checkpoint()  # the final one
     wall = stop.elapsed()
     return {
         "mode": "serial", "model": cfg.model, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,
