@@ -205,7 +205,7 @@ def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start, c
         if all_done or time.monotonic() - last_eval >= cfg.eval_every:
             loss, acc = evaluate(store.read_all())
             last_eval = time.monotonic()
-            record = _record(stats, hist, stop.elapsed(), loss, acc, last_samples, last_time)
+            record = _record(stats, hist, stop.elapsed(), loss, acc, last_samples, last_time, eval_net.n_params)
             last_samples, last_time = record["samples"], record["time"]
             record["fraction_done"] = stop.fraction(record["samples"],
                                                     min((s["steps"] for s in stats), default=0))
@@ -230,7 +230,7 @@ def _checkpoint(cfg, store, checkpointer, stats):
                       data_position={"worker_samples": [int(s["samples"]) for s in stats]})
 
 
-def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time):
+def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time, n_params):
     samples = int(sum(s["samples"] for s in stats))
     pushes = int(sum(s["pushes"] for s in stats))
     total_hist = hist.sum(axis=0)
@@ -246,7 +246,7 @@ def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time):
         "pushes": pushes, "staleness_mean": float(sum(s["staleness_sum"] for s in stats) / max(pushes, 1)),
         "staleness_hist": total_hist.astype(int).tolist()[:16],
         "push_bytes": int(sum(s["push_bytes"] for s in stats)),
-        "push_density": float(entries) / max(pushes, 1),
+        "push_density": float(entries) / max(pushes * n_params, 1),  # fraction of the parameters per push
         "skipped_nonfinite": int(sum(s["skipped_nonfinite"] for s in stats)),
     }
 
@@ -301,7 +301,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
                 "samples_per_s": (record["samples"] - sum(done)) / wall, "wall_s": wall,
                 "epochs": record["samples"] / src.n_train, "steps": int(sum(s["steps"] for s in stats)),
                 "pushes": record["pushes"], "push_bytes": record["push_bytes"],
-                "push_density": record["push_density"] / max(init.n_params, 1),
+                "push_density": record["push_density"],
                 "staleness_mean": record["staleness_mean"],
                 "staleness_p95": _percentile_from_hist(total_hist, 0.95),
                 "staleness_hist": total_hist.astype(int).tolist(),
