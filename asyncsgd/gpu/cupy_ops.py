@@ -13,18 +13,9 @@ import numpy
 
 from asyncsgd import backend
 from asyncsgd.gpu import kernels
-from asyncsgd.model.ops import NumpyOps, conv_output_size
+from asyncsgd.model.ops import NumpyOps, cached_buffer, conv_output_size
 
 __all__ = ["CupyOps"]
-
-
-def _workspace(ws, key, shape, dtype, xp):
-    """Return the array ``ws[key]`` of ``shape``/``dtype``, (re)allocated uninitialised when absent or different."""
-    buf = ws.get(key)
-    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-        buf = xp.empty(shape, dtype)
-        ws[key] = buf
-    return buf
 
 
 def _ints(*values):
@@ -128,10 +119,10 @@ class CupyOps(NumpyOps):
             col[k] = 1                                    # the bias row, written once per buffer
             ws["col"] = col
         self._im2col(x, col[:k], kh, kw, stride, pad, ho, wo)
-        wb = _workspace(ws, "wb", (f, k + 1), w.dtype, xp)
+        wb = cached_buffer(ws, "wb", (f, k + 1), w.dtype, xp)
         wb[:, :k] = w.reshape(f, k)
         wb[:, k] = b
-        y = _workspace(ws, "y", (f, p), x.dtype, xp)
+        y = cached_buffer(ws, "y", (f, p), x.dtype, xp)
         xp.matmul(wb, col, out=y)
         cache = (x.shape, stride, pad, ho, wo, col, (c, n, h + 2 * pad, wd + 2 * pad))
         return y.reshape(f, n, ho, wo), cache
@@ -149,18 +140,11 @@ class CupyOps(NumpyOps):
         self._check("dy", dy, 4, col.dtype, contiguous=False)
         if dy.shape != (f, n, ho, wo):
             raise ValueError(f"conv2d_backward: dy must have shape {(f, n, ho, wo)}, got {dy.shape}")
-        k = c * kh * kw
-        p = n * ho * wo
-        dy2 = xp.ascontiguousarray(dy).reshape(f, p)
-        dwb = _workspace(ws, "dwb", (f, k + 1), dy.dtype, xp)
-        xp.matmul(dy2, col.T, out=dwb)                    # [dw | db] in one GEMM thanks to the ones row
-        dw[...] = dwb[:, :k].reshape(dw.shape)
-        db[...] = dwb[:, k]
-        if not need_dx:
+        dy2 = xp.ascontiguousarray(dy).reshape(f, n * ho * wo)
+        dcol = self.conv_backward_gemms(dy2, col, w, dw, db, need_dx, ws)
+        if dcol is None:
             return None
-        dcol = _workspace(ws, "dcol", (k, p), dy.dtype, xp)
-        xp.matmul(w.reshape(f, k).T, dy2, out=dcol)
-        dx = _workspace(ws, "dx", xshape, dy.dtype, xp)
+        dx = cached_buffer(ws, "dx", xshape, dy.dtype, xp)
         self._col2im(dcol, dx, kh, kw, stride, pad, ho, wo, accumulate=False)
         return dx
 
@@ -178,8 +162,8 @@ class CupyOps(NumpyOps):
         ho, wo = conv_output_size(h, size, stride, 0), conv_output_size(wd, size, stride, 0)
         if ho < 1 or wo < 1:
             raise ValueError(f"maxpool: input {h}x{wd} is smaller than the {size}x{size} window")
-        y = _workspace(ws, "y", (c, n, ho, wo), x.dtype, xp)
-        arg = _workspace(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
+        y = cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
+        arg = cached_buffer(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
         kernels.kernel("pool", "maxpool_forward", x.dtype)(
             (kernels.launch_blocks(y.size),), (kernels.THREADS,),
             (x, y, arg) + _ints(c, n, h, wd, size, stride, ho, wo))
@@ -196,7 +180,7 @@ class CupyOps(NumpyOps):
         dy = xp.ascontiguousarray(dy)
         c, n, h, wd = xshape
         _, _, ho, wo = dy.shape
-        dx = _workspace(ws, "dx", xshape, dy.dtype, xp)
+        dx = cached_buffer(ws, "dx", xshape, dy.dtype, xp)
         kernels.kernel("pool", "maxpool_backward", dy.dtype)(
             (kernels.launch_blocks(dx.size),), (kernels.THREADS,),
             (dy, arg, dx) + _ints(c, n, h, wd, size, stride, ho, wo))

@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import numpy
 
-__all__ = ["NumpyOps"]
+__all__ = ["NumpyOps", "cached_buffer", "conv_output_size"]
 
 
-def _buffer(ws, key, shape, dtype, xp, zero=False):
+def cached_buffer(ws, key, shape, dtype, xp, zero=False):
     """Return a cached array of ``shape``/``dtype`` from ``ws`` (allocated on first use or when the shape changes).
 
     ``zero`` zeroes a freshly allocated buffer only; callers rely on this to keep zero borders between calls.
@@ -115,7 +115,7 @@ class NumpyOps:
         k = c * kh * kw
         p = n * ho * wo
         if pad:
-            xpad = _buffer(ws, "xpad", (c, n, h + 2 * pad, wd + 2 * pad), x.dtype, xp, zero=True)
+            xpad = cached_buffer(ws, "xpad", (c, n, h + 2 * pad, wd + 2 * pad), x.dtype, xp, zero=True)
             xpad[:, :, pad:pad + h, pad:pad + wd] = x   # the border stays zero from allocation
         else:
             xpad = x
@@ -125,10 +125,10 @@ class NumpyOps:
             col[k] = 1                                    # the bias row, written once per buffer
             ws["col"] = col
         self.im2col(xpad, kh, kw, stride, ho, wo, out=col[:k].reshape(c, kh, kw, n, ho, wo))
-        wb = _buffer(ws, "wb", (f, k + 1), w.dtype, xp)
+        wb = cached_buffer(ws, "wb", (f, k + 1), w.dtype, xp)
         wb[:, :k] = w.reshape(f, k)
         wb[:, k] = b
-        y = _buffer(ws, "y", (f, p), x.dtype, xp)
+        y = cached_buffer(ws, "y", (f, p), x.dtype, xp)
         xp.matmul(wb, col, out=y)
         cache = (x.shape, stride, pad, ho, wo, col, xpad.shape)
         return y.reshape(f, n, ho, wo), cache
@@ -169,23 +169,34 @@ class NumpyOps:
         xshape, stride, pad, ho, wo, col, pshape = cache
         c, n, h, wd = xshape
         f, _, kh, kw = w.shape
-        k = c * kh * kw
-        p = n * ho * wo
-        dy2 = dy.reshape(f, p)
-        dwb = _buffer(ws, "dwb", (f, k + 1), dy.dtype, xp)
-        xp.matmul(dy2, col.T, out=dwb)                      # [dw | db] in one GEMM thanks to the ones row
-        dw[...] = dwb[:, :k].reshape(dw.shape)
-        db[...] = dwb[:, k]
-        if not need_dx:
+        dcol = self.conv_backward_gemms(dy.reshape(f, n * ho * wo), col, w, dw, db, need_dx, ws)
+        if dcol is None:
             return None
-        dcol = _buffer(ws, "dcol", (k, p), dy.dtype, xp)
-        xp.matmul(w.reshape(f, k).T, dy2, out=dcol)
-        dxpad = _buffer(ws, "dxpad", pshape, dy.dtype, xp)
+        dxpad = cached_buffer(ws, "dxpad", pshape, dy.dtype, xp)
         dxpad.fill(0)
         self.col2im_add(dcol.reshape(c, kh, kw, n, ho, wo), stride, dxpad)
         if pad:
             return dxpad[:, :, pad:pad + h, pad:pad + wd]
         return dxpad
+
+    def conv_backward_gemms(self, dy2, col, w, dw, db, need_dx: bool, ws):
+        """The two GEMMs of a convolution's backward pass, shared by every backend.
+
+        dy2: (F, P) output gradient, P = N*Ho*Wo; col: (K + 1, P) the forward's im2col matrix with its ones row,
+        K = C*kh*kw.  Overwrites dw (F, C, kh, kw) and db (F,) from one GEMM ``dy2 @ col.T`` (the ones row yields db);
+        returns dcol = w^T dy2, (K, P), for col2im, or None when ``need_dx`` is False.
+        """
+        xp = self.xp
+        f, k, p = w.shape[0], col.shape[0] - 1, dy2.shape[1]
+        dwb = cached_buffer(ws, "dwb", (f, k + 1), dy2.dtype, xp)
+        xp.matmul(dy2, col.T, out=dwb)
+        dw[...] = dwb[:, :k].reshape(dw.shape)
+        db[...] = dwb[:, k]
+        if not need_dx:
+            return None
+        dcol = cached_buffer(ws, "dcol", (k, p), dy2.dtype, xp)
+        xp.matmul(w.reshape(f, k).T, dy2, out=dcol)
+        return dcol
 
     # ---- convolution fused with 2x2 max pooling --------------------------------------------------------------------
     @property
@@ -229,7 +240,7 @@ class NumpyOps:
         hq, wq = (h + 2 * pad + 1) // 2 + 1, (wd + 2 * pad + 1) // 2   # +1 row: slack for the last run's junk tail
         k, run = c * kh * kw, hh * wq
         m = n * run
-        planes = _buffer(ws, "planes", (2, 2, c, n, hq, wq), x.dtype, xp, zero=True)
+        planes = cached_buffer(ws, "planes", (2, 2, c, n, hq, wq), x.dtype, xp, zero=True)
         for r in (0, 1):
             for s in (0, 1):
                 src, dst = self._parity_slices(x.shape, pad, r, s)
@@ -248,10 +259,10 @@ class NumpyOps:
                         u, v = a + p, bb + q
                         off = (u // 2) * wq + v // 2
                         col8[:, p, q, a, bb] = flat[u % 2, v % 2, :, :, off:off + run]
-        wb = _buffer(ws, "wb", (f, k + 1), w.dtype, xp)
+        wb = cached_buffer(ws, "wb", (f, k + 1), w.dtype, xp)
         wb[:, :k] = w.reshape(f, k)
         wb[:, k] = b
-        y = _buffer(ws, "y", (f, 4, m), x.dtype, xp)
+        y = cached_buffer(ws, "y", (f, 4, m), x.dtype, xp)
         xp.matmul(wb, col, out=y.reshape(f, 4 * m))
         out, arg = self._max4(y, ws)
         cache = (x.shape, pad, hh, wh, wq, col, arg)
@@ -264,16 +275,16 @@ class NumpyOps:
         """
         xp = self.xp
         f, _, m = y.shape
-        out = _buffer(ws, "out", (f, m), y.dtype, xp)
-        m23 = _buffer(ws, "m23", (f, m), y.dtype, xp)
-        g1, g3, g23 = (_buffer(ws, key, (f, m), numpy.bool_, xp) for key in ("g1", "g3", "g23"))
+        out = cached_buffer(ws, "out", (f, m), y.dtype, xp)
+        m23 = cached_buffer(ws, "m23", (f, m), y.dtype, xp)
+        g1, g3, g23 = (cached_buffer(ws, key, (f, m), numpy.bool_, xp) for key in ("g1", "g3", "g23"))
         xp.greater(y[:, 1], y[:, 0], out=g1)
         xp.greater(y[:, 3], y[:, 2], out=g3)
         xp.maximum(y[:, 0], y[:, 1], out=out)
         xp.maximum(y[:, 2], y[:, 3], out=m23)
         xp.greater(m23, out, out=g23)
         xp.maximum(out, m23, out=out)
-        arg = _buffer(ws, "arg", (f, m), numpy.uint8, xp)
+        arg = cached_buffer(ws, "arg", (f, m), numpy.uint8, xp)
         u1, u3, u23 = g1.view(numpy.uint8), g3.view(numpy.uint8), g23.view(numpy.uint8)
         xp.bitwise_xor(u1, u3, out=arg)
         xp.bitwise_and(arg, u23, out=arg)
@@ -303,26 +314,26 @@ class NumpyOps:
         f, _, kh, kw = w.shape
         k, run = c * kh * kw, hh * wq
         m = n * run
-        dyq = _buffer(ws, "dyq", (f, n, hh, wq), dy.dtype, xp, zero=True)
+        dyq = cached_buffer(ws, "dyq", (f, n, hh, wq), dy.dtype, xp, zero=True)
         dyq[:, :, :, :wh] = dy                              # junk columns keep a zero gradient
         dy2 = dyq.reshape(f, m)
-        dconv = _buffer(ws, "dconv", (f, 4, m), dy.dtype, xp)
-        hit = _buffer(ws, "hit", (f, m), numpy.bool_, xp)
+        dconv = cached_buffer(ws, "dconv", (f, 4, m), dy.dtype, xp)
+        hit = cached_buffer(ws, "hit", (f, m), numpy.bool_, xp)
         for t in range(4):
             xp.equal(arg, t, out=hit)
             xp.multiply(dy2, hit, out=dconv[:, t])
         dconv2 = dconv.reshape(f, 4 * m)
-        dwb = _buffer(ws, "dwb", (f, k + 1), dy.dtype, xp)
+        dwb = cached_buffer(ws, "dwb", (f, k + 1), dy.dtype, xp)
         xp.matmul(dconv2, col.T, out=dwb)
         dw[...] = dwb[:, :k].reshape(dw.shape)
         db[...] = dwb[:, k]
         if not need_dx:
             return None
-        dcol = _buffer(ws, "dcol", (k, 4 * m), dy.dtype, xp)
+        dcol = cached_buffer(ws, "dcol", (k, 4 * m), dy.dtype, xp)
         xp.matmul(w.reshape(f, k).T, dconv2, out=dcol)
         dcol8 = dcol.reshape(c, kh, kw, 2, 2, n, run)
         hq = (h + 2 * pad + 1) // 2 + 1
-        dplanes = _buffer(ws, "dplanes", (2, 2, c, n, hq, wq), dy.dtype, xp)
+        dplanes = cached_buffer(ws, "dplanes", (2, 2, c, n, hq, wq), dy.dtype, xp)
         dplanes.fill(0)
         dflat = dplanes.reshape(2, 2, c, n, hq * wq)
         for p in range(kh):
@@ -332,7 +343,7 @@ class NumpyOps:
                         u, v = a + p, bb + q
                         off = (u // 2) * wq + v // 2
                         dflat[u % 2, v % 2, :, :, off:off + run] += dcol8[:, p, q, a, bb]
-        dx = _buffer(ws, "dx", xshape, dy.dtype, xp)
+        dx = cached_buffer(ws, "dx", xshape, dy.dtype, xp)
         for r in (0, 1):
             for s in (0, 1):
                 src, dst = self._parity_slices(xshape, pad, r, s)
@@ -356,9 +367,9 @@ class NumpyOps:
         ho, wo = conv_output_size(h, size, stride, 0), conv_output_size(wd, size, stride, 0)
         if ho < 1 or wo < 1:
             raise ValueError(f"maxpool: input {h}x{wd} is smaller than the {size}x{size} window")
-        y = _buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
-        arg = _buffer(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
-        gt = _buffer(ws, "gt", (c, n, ho, wo), numpy.bool_, xp)
+        y = cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
+        arg = cached_buffer(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
+        gt = cached_buffer(ws, "gt", (c, n, ho, wo), numpy.bool_, xp)
         last_h, last_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
         y[...] = x[:, :, 0:last_h:stride, 0:last_w:stride]
         arg.fill(0)
@@ -380,13 +391,13 @@ class NumpyOps:
         ws = {} if ws is None else ws
         xshape, size, stride, arg = cache
         _, _, ho, wo = dy.shape
-        dx = _buffer(ws, "dx", xshape, dy.dtype, xp)
+        dx = cached_buffer(ws, "dx", xshape, dy.dtype, xp)
         last_h, last_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
         overlap = stride < size
         covered = stride == size and xshape[2] == size * ho and xshape[3] == size * wo
         if overlap or not covered:
             dx.fill(0)
-        hit = _buffer(ws, "hit", dy.shape, numpy.bool_, xp)
+        hit = cached_buffer(ws, "hit", dy.shape, numpy.bool_, xp)
         t = 0
         for p in range(size):
             for q in range(size):
@@ -403,14 +414,14 @@ class NumpyOps:
     def relu_forward(self, x, ws=None):
         """Return max(x, 0) (same shape as x); the result is the cache ``relu_backward`` needs."""
         ws = {} if ws is None else ws
-        y = _buffer(ws, "y", x.shape, x.dtype, self.xp)
+        y = cached_buffer(ws, "y", x.shape, x.dtype, self.xp)
         self.xp.maximum(x, 0, out=y)
         return y
 
     def relu_backward(self, dy, y, ws=None):
         """Return dy * (y > 0) for y the output of ``relu_forward``."""
         ws = {} if ws is None else ws
-        dx = _buffer(ws, "dx", dy.shape, dy.dtype, self.xp)
+        dx = cached_buffer(ws, "dx", dy.shape, dy.dtype, self.xp)
         self.xp.multiply(dy, y > 0, out=dx)
         return dx
 
