@@ -1,20 +1,25 @@
 """GPU kernels against the libraries a user would otherwise call, and a GPU worker step against the CPU one.
 
-    python benchmarks/bench_gpu.py [--batch 32] [--n 10000000] [--fraction 0.01] [--repeats 20]
+    python benchmarks/bench_gpu.py [--batch 32] [--n 10000000] [--fraction 0.01] [--repeats 20] [--json FILE]
 
 Prints, each measured in this one run (median of --repeats after warm-up; GPUs are shared too):
 1. convolution forward + backward (dw, db, dx) of every conv layer of speech_cnn and mnist_cnn: asyncsgd's CupyOps
-   (im2col/col2im kernels + cuBLAS) against cuDNN, through cupyx.cudnn when CuPy has it, else PyTorch CUDA; TF32 off
-   on both sides (CuPy's default), so both compute in full float32;
+   (im2col/col2im kernels + cuBLAS) against cuDNN, through cupyx.cudnn when CuPy has it (CuPy < 14; v14 dropped
+   cuDNN), else PyTorch CUDA's cuDNN; TF32 off on both sides (CuPy's default), so both compute in full float32;
+   goal: asyncsgd at >= 0.8x cuDNN's speed;
 2. sparse selection of --fraction of --n float32 entries with error feedback: asyncsgd.gpu.sparse.select_topk
-   (exact k, and with tolerance 0.05) against cupy.argpartition and a full cupy.argsort;
+   (exact k, and with tolerance 0.05) against cupy.argpartition and a full cupy.argsort; goal: >= 3x faster than
+   the sort;
 3. one Downpour worker step (loss_and_grad of speech_cnn on a --batch mini-batch + top-k selection of the gradient +
-   copying the pairs to host memory for the push) on the GPU against the numpy CPU path.
-Needs a CUDA GPU and CuPy; exits with status 2 and a message otherwise.
+   copying the pairs to host memory for the push) on the GPU against the numpy CPU path (with as many BLAS threads
+   as the environment gives it: one per worker in benchmarks/device_check.py).
+--json FILE writes the same figures as JSON.  Needs a CUDA GPU and CuPy; exits with status 2 and a message
+otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -102,6 +107,7 @@ def bench_conv(cupy, args):
     print(f"1. convolution forward+backward, batch {args.batch}, float32 (ms; ratio = asyncsgd / cuDNN)")
     ops, sync = CupyOps(), cupy.cuda.get_current_stream().synchronize
     rng = numpy.random.default_rng(0)
+    rows = []
     for model, layer, c, h, w_, f, k, pad in CONV_LAYERS:
         n = args.batch
         x = cupy.asarray(rng.standard_normal((c, n, h, w_)), cupy.float32)
@@ -130,6 +136,9 @@ def bench_conv(cupy, args):
         ref_txt = f"{t_ref:8.3f}" if t_ref else "     n/a"
         print(f"  {model:10s} {layer}  ({c:2d},{h:2d},{w_:2d})->{f:2d} k{k}  asyncsgd {t_ours:8.3f}  "
               f"{ref_name} {ref_txt}  ratio {ratio}")
+        rows.append({"model": model, "layer": layer, "shape": [c, h, w_, f, k, pad], "batch": n, "ours_ms": t_ours,
+                     "reference": ref_name, "ref_ms": t_ref, "speed_vs_ref": t_ref / t_ours if t_ref else None})
+    return rows
 
 
 def bench_select(cupy, args):
@@ -177,6 +186,8 @@ def bench_select(cupy, args):
     print(f"  asyncsgd tolerance 5% {t_tol:8.3f}")
     print(f"  cupy.argpartition     {t_part:8.3f}   ratio asyncsgd/argpartition {t_exact / t_part:5.2f}")
     print(f"  cupy.argsort          {t_sort:8.3f}   ratio asyncsgd/argsort      {t_exact / t_sort:5.2f}")
+    return {"n": n, "fraction": frac, "k": k, "exact_ms": t_exact, "tolerance_ms": t_tol, "partition_ms": t_part,
+            "sort_ms": t_sort, "speedup_vs_sort": t_sort / t_exact, "speedup_vs_partition": t_part / t_exact}
 
 
 def bench_worker_step(cupy, args):
@@ -208,6 +219,8 @@ def bench_worker_step(cupy, args):
     t_gpu = median_ms(gpu_step, cupy.cuda.get_current_stream().synchronize, args.repeats)
     print(f"  numpy CPU {t_cpu:9.3f}   GPU {t_gpu:8.3f}   speed-up CPU/GPU {t_cpu / t_gpu:6.1f}x "
           f"({cpu.n_params:,} parameters)")
+    return {"batch": args.batch, "fraction": args.fraction, "n_params": int(cpu.n_params), "cpu_ms": t_cpu,
+            "gpu_ms": t_gpu, "speedup": t_cpu / t_gpu}
 
 
 def main(argv=None):
@@ -216,6 +229,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=10_000_000, help="vector length for the selection (default 10M)")
     parser.add_argument("--fraction", type=float, default=0.01, help="pushed fraction (default 0.01)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per case (default 20)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if backend.gpu_count() == 0:
         why = "CuPy is not installed" if not backend.cupy_importable() else "CuPy finds no usable CUDA device"
@@ -226,9 +240,14 @@ def main(argv=None):
     dev = cupy.cuda.Device()
     name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
     print(f"device {dev.id}: {name}; CuPy {cupy.__version__}")
-    bench_conv(cupy, args)
-    bench_select(cupy, args)
-    bench_worker_step(cupy, args)
+    record = {"device": name, "cupy": cupy.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    # Each part is written as soon as it is measured, so a run cut short keeps what it had.
+    for key, part in (("conv", bench_conv), ("select", bench_select), ("worker_step", bench_worker_step)):
+        record[key] = part(cupy, args)
+        if args.json:
+            with open(args.json + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(args.json + ".tmp", args.json)
     return 0
 
 
