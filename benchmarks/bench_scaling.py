@@ -34,8 +34,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTUP_S = 40        # allowance per job for MPI start-up, imports, data loading, CUDA contexts and the last eval
 
-_PROBE = "import os; print('AFFINITY', os.environ.get('PMI_RANK', os.environ.get('OMPI_COMM_WORLD_RANK', '?')), " \
-         "','.join(map(str, sorted(os.sched_getaffinity(0)))), flush=True)"
+# One write per line: with PYTHONUNBUFFERED, print() writes its pieces one by one and the ranks' pieces interleave.
+_PROBE = "import os, sys; rank = os.environ.get('PMI_RANK', os.environ.get('OMPI_COMM_WORLD_RANK', '?')); " \
+         "sys.stdout.write(f\"AFFINITY {rank} {','.join(map(str, sorted(os.sched_getaffinity(0))))}\\n\")"
 
 
 def find_mpiexec(given: str | None) -> str:

@@ -81,7 +81,8 @@ except Exception as e:
     info["gpu"] = f"none: {type(e).__name__}: {e}"[:300]
 print("PREFLIGHT " + json.dumps(info))
 """
-MPI_PROBE = "from mpi4py import MPI; print('MPI_SIZE', MPI.COMM_WORLD.Get_size(), flush=True)"
+# One write per line: with PYTHONUNBUFFERED, print() writes its pieces one by one and two ranks' pieces interleave.
+MPI_PROBE = "import sys; from mpi4py import MPI; sys.stdout.write(f'MPI_SIZE {MPI.COMM_WORLD.Get_size()}\\n')"
 
 
 class Check:
@@ -571,7 +572,7 @@ def _steps(text):
     names = [s for s in text.split(",") if s]
     unknown = [s for s in names if s not in STEPS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(unknown) or text!r}; "
+        raise argparse.ArgumentTypeError(f"unknown step(s) {', '.join(unknown) if unknown else repr(text)}; "
                                          f"choose from {', '.join(STEPS)}")
     return names
 
