@@ -16,7 +16,8 @@ core, with one BLAS thread per rank.  Figures are ratios measured in this one ru
 * train: one run with its test accuracy, epochs and samples/s (``--device gpu`` for GPU workers).
 
 Before the first job a probe started the same way prints each rank's CPU affinity, so the JSON shows whether the
-binding gave every rank a core of its own.  The JSON file is rewritten after every job, so a run cut short still
+binding gave every rank a core of its own; if mpiexec refuses the binding, the jobs run unbound (and the JSON says
+so) rather than not at all.  The JSON file is rewritten after every job, so a run cut short still
 leaves what it measured.  Exit status 0 when every job ran, 1 when one failed, 2 on bad arguments.
 """
 from __future__ import annotations
@@ -236,6 +237,7 @@ def cmd_train(run: Runner, args):
     if args.epochs:
         extra += ["--epochs", f"{args.epochs:g}"]
     w = args.workers[0]
+    run.probe_binding(w + 1)
     s = run.train(w, extra, args.limit, f"train-{args.device}")
     if s is None:
         return
