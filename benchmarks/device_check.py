@@ -198,12 +198,12 @@ class Check:
             f.write(f"wheels in {self.args.wheels}:\n" + "".join(f"  {os.path.basename(w)}\n" for w in wheels))
         if not wheels:
             return "skipped", f"no wheels in {self.args.wheels}: this Python's own packages are used", {}
-        problems = check_wheel_set(wheels)
         # The CPython version the binary wheels are for ("312"); another one than this Python's makes a rehearsal.
         tags = {m.group(1) for w in wheels for m in [re.search(r"-cp(\d+)-", os.path.basename(w))] if m}
         here = f"{sys.version_info.major}{sys.version_info.minor}"
         cross = bool(tags) and tags != {here}
         wanted = f"{sorted(tags)[0][0]}.{sorted(tags)[0][1:]}" if tags else platform.python_version()
+        problems = check_wheel_set(wheels, wanted)
         figures = {"wheels": [os.path.basename(w) for w in wheels], "python": wanted, "problems": problems}
         site = self.args.site + ("-cross" if cross else "")
         shutil.rmtree(site, ignore_errors=True)
@@ -227,7 +227,8 @@ class Check:
             return ("ok" if not problems else "failed"), \
                 f"installed for Python {wanted} into {site}; not used by this Python {platform.python_version()}" \
                 + (f"; {'; '.join(problems)}" if problems else ""), figures
-        self.site, self.mpiexec = site, mpiexec
+        self.site = site
+        self.mpiexec = mpiexec if os.access(mpiexec, os.X_OK) else None
         return ("ok" if not problems else "failed"), ("; ".join(problems) or None), figures
 
     def step_preflight(self, log, timeout):
@@ -364,8 +365,12 @@ def host_info() -> dict:
     return info
 
 
-def check_wheel_set(wheels) -> list[str]:
-    """Return what is wrong with a wheel set: two versions of one package, a dependency that none provides."""
+def check_wheel_set(wheels, python_version: str = "3.12") -> list[str]:
+    """Return what is wrong with a wheel set: two versions of one package, a dependency that none provides.
+
+    Dependencies are read from each wheel's METADATA and their markers evaluated for Linux x86_64 and
+    ``python_version``; they are checked only where ``packaging`` is importable (it is on the lent machine).
+    """
     problems, names = [], {}
     requires = []
     for w in wheels:
@@ -380,8 +385,8 @@ def check_wheel_set(wheels) -> list[str]:
     try:
         from packaging.requirements import Requirement
     except ImportError:
-        return problems + ["dependencies not checked (packaging is not importable here)"]
-    env = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+        return problems
+    env = {"python_version": python_version, "python_full_version": f"{python_version}.0", "sys_platform": "linux",
            "platform_system": "Linux", "os_name": "posix", "platform_machine": "x86_64",
            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
     for owner, text in requires:
