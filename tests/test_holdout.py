@@ -119,6 +119,18 @@ def test_workers_read_only_training_rows_disjoint_and_covering(fsdd, n_workers):
     assert np.bincount(yv).tolist() == [27] * 10
 
 
+def test_strided_partition_balances_classes_of_a_label_sorted_file():
+    y = np.repeat(np.arange(4), 30).astype(np.int64)          # sorted by label
+    train, val = split_holdout(y, 0.1, seed=0)
+    contiguous = [partition_rows(train, w, 3) for w in range(3)]
+    strided = [partition_rows(train, w, 3, strided=True) for w in range(3)]
+    assert np.array_equal(np.sort(np.concatenate(strided)), train)
+    assert max(p.size for p in strided) - min(p.size for p in strided) <= 1
+    assert all(len(set(y[p].tolist())) == 4 for p in strided)
+    assert any(len(set(y[p].tolist())) < 4 for p in contiguous), "contiguous runs of a sorted file are not balanced"
+    assert all(np.intersect1d(p, val).size == 0 for p in strided)
+
+
 def test_read_rows_of_generated_data():
     src = open_source("synthetic:100")
     x_all, y_all = src.train_range(0, 100)

@@ -91,10 +91,17 @@ def split_holdout(labels, fraction: float = DEFAULT_VALIDATION_FRACTION, seed: i
     return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
 
 
-def partition_rows(rows, part: int, n_parts: int) -> np.ndarray:
-    """Return worker ``part``'s share of ``rows`` (sorted indices): near-equal contiguous runs, disjoint, covering."""
+def partition_rows(rows, part: int, n_parts: int, *, strided: bool = False) -> np.ndarray:
+    """Return worker ``part``'s share of ``rows`` (sorted indices): disjoint, covering, sizes within one.
+
+    Contiguous runs by default (each worker reads one stretch of the file: right for the pre-shuffled files the
+    converters write); ``strided=True`` gives worker w rows[w::n_parts], class-balanced even when the file is
+    sorted by label, at the price of every worker reading blocks across the whole file.
+    """
     rows = np.asarray(rows, dtype=np.int64)
-    start, stop = slice_bounds(rows.size, part, n_parts)
+    start, stop = slice_bounds(rows.size, part, n_parts)   # validates part and n_parts
+    if strided:
+        return rows[part::n_parts]
     return rows[start:stop]
 
 
