@@ -119,6 +119,16 @@ def test_workers_read_only_training_rows_disjoint_and_covering(fsdd, n_workers):
     assert np.bincount(yv).tolist() == [27] * 10
 
 
+def test_without_validation_the_partition_is_todays_slices():
+    from asyncsgd.data.source import slice_bounds
+    train, val = split_holdout(_labels([34, 33, 33]), 0.0, seed=0)
+    assert val.size == 0
+    for part in range(3):
+        assert np.array_equal(partition_rows(train, part, 3), np.arange(*slice_bounds(100, part, 3)))
+    with pytest.raises(ValueError, match="part must be in"):
+        partition_rows(train, 3, 3)
+
+
 def test_strided_partition_balances_classes_of_a_label_sorted_file():
     y = np.repeat(np.arange(4), 30).astype(np.int64)          # sorted by label
     train, val = split_holdout(y, 0.1, seed=0)
