@@ -48,7 +48,7 @@ def _clip(progress: float) -> float:
 
 
 def _check_lr(lr) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     return float(lr)
 
@@ -62,7 +62,7 @@ def _count(name: str, value, minimum: int) -> int:
 
 def _check_fraction(name: str, value, *, low_open: bool = False, high_open: bool = False) -> float:
     """Return ``value`` as a float in [0, 1] (bounds excluded where asked), else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     v = float(value)
     if v < 0 or v > 1 or (low_open and v == 0) or (high_open and v == 1):
@@ -298,7 +298,7 @@ class RunBudget:
     def __post_init__(self):
         if self.total_samples is not None:
             object.__setattr__(self, "total_samples", _count("total_samples", self.total_samples, 1))
-        if self.time_limit is not None and not (isinstance(self.time_limit, (int, float))
+        if self.time_limit is not None and not (isinstance(self.time_limit, numbers.Real)
                                                 and math.isfinite(self.time_limit) and self.time_limit > 0):
             raise ValueError(f"time_limit must be a number of seconds > 0, got {self.time_limit!r}")
         if self.total_samples is None and self.time_limit is None:

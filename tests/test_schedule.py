@@ -79,6 +79,8 @@ def test_schedules_are_frozen_and_with_lr_changes_only_the_peak():
     assert t.lr == 0.004 and s.lr == 1.0
     assert t.rate(0.6) == pytest.approx(0.004 * 0.5)
     assert str(t) == str(s)
+    # numpy scalars (a rate or a fraction computed with numpy) are accepted
+    assert parse_schedule("cosine", lr=np.float32(0.004), warmup=np.float64(0.05)).rate(np.float32(1)) == 0
 
 
 # ------------------------------------------------------------------ grammar
