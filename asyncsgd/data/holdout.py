@@ -135,7 +135,7 @@ def read_rows(src, rows, *, block: int = _READ_BLOCK):
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def read_train_labels(src, *, block: int = 65536) -> np.ndarray:
+def read_train_labels(src, *, block: int = _READ_BLOCK) -> np.ndarray:
     """Return every training label of ``src`` (int64 [n_train]).
 
     Uses ``src.train_labels()`` when the source has it (an HDF5 source can read /train/y alone); otherwise reads
