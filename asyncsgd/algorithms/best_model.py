@@ -1,0 +1,118 @@
+"""The best model so far by validation accuracy, kept beside the last one, and early stopping (rank 0).
+
+A run with a validation split (``--validation F``) chooses its model without looking at the test set: after each
+evaluation rank 0 calls ``tracker.observe(params, validation_accuracy=..., test_accuracy=..., time=..., ...)``; the
+tracker copies the parameters when the validation accuracy beats every earlier one by more than ``min_delta`` (a tie
+keeps the earlier model: it was reached sooner, and copying costs a parameter vector's memory traffic), and counts
+evaluations since the last improvement for ``--patience``.  The test accuracy passed in is only stored, to be
+reported beside the choice.
+
+At the end ``tracker.summary()`` says which model was selected: ``"last"`` when the best evaluation was the final one
+(the same parameters), ``"best"`` otherwise, and gives both models' figures.  Without a validation split
+(``validation_accuracy=None``) nothing is copied and the last model is selected.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy
+
+__all__ = ["BestModelTracker"]
+
+
+def _accuracy(name: str, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= float(value) <= 1:
+        raise ValueError(f"{name} must be a fraction in [0, 1] or None, got {value!r}")
+    return float(value)
+
+
+class BestModelTracker:
+    """Keep a copy of the parameters with the best validation accuracy; decide early stopping.
+
+    ``patience``: stop after this many evaluations in a row without improvement (None: never); ``min_delta``: the
+    improvement that counts (default 0: any strict increase).  Parameters are host (numpy) vectors; the copy keeps
+    their dtype and goes into one buffer allocated at the first improvement.
+    """
+
+    def __init__(self, *, patience: int | None = None, min_delta: float = 0.0):
+        if patience is not None and (isinstance(patience, bool) or not isinstance(patience, numbers.Integral)
+                                     or patience < 1):
+            raise ValueError(f"patience must be a positive number of evaluations or None, got {patience!r}")
+        if isinstance(min_delta, bool) or not isinstance(min_delta, numbers.Real) or not 0 <= min_delta < 1:
+            raise ValueError(f"min_delta must be in [0, 1), got {min_delta!r}")
+        self.patience = None if patience is None else int(patience)
+        self.min_delta = float(min_delta)
+        self.best_params = None          # numpy copy of the best parameters (None until a validated evaluation)
+        self.best = None                 # the record of the best evaluation (dict), or None
+        self.last = None                 # the record of the latest evaluation
+        self.evaluations = 0
+        self.since_best = 0              # evaluations after the best one
+
+    def observe(self, params, *, validation_accuracy=None, test_accuracy=None, time: float | None = None,
+                **extra) -> bool:
+        """Record one evaluation of ``params``; copy them if they are the best so far; return whether they were.
+
+        ``extra`` (e.g. ``samples=``, ``steps=``, ``validation_loss=``) is stored with the evaluation's record.
+        """
+        val = _accuracy("validation_accuracy", validation_accuracy)
+        record = {"validation_accuracy": val, "test_accuracy": _accuracy("test_accuracy", test_accuracy),
+                  "time": None if time is None else float(time), "evaluation": self.evaluations, **extra}
+        self.evaluations += 1
+        self.last = record
+        if val is None:
+            return False
+        if self.best is None or val > self.best["validation_accuracy"] + self.min_delta:
+            src = numpy.asarray(params)
+            if self.best_params is None or self.best_params.shape != src.shape or self.best_params.dtype != src.dtype:
+                self.best_params = numpy.empty_like(src)
+            self.best_params[...] = src
+            self.best = record
+            self.since_best = 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """True once ``patience`` evaluations in a row brought no improvement (early stopping)."""
+        return self.patience is not None and self.best is not None and self.since_best >= self.patience
+
+    @property
+    def selected(self) -> str:
+        """'best' when the kept copy differs from the last evaluated parameters, else 'last'."""
+        if self.best is None or self.best is self.last:
+            return "last"
+        return "best"
+
+    def selected_params(self, last_params):
+        """Return the parameters of the selected model: the kept copy, or ``last_params`` when 'last' is selected."""
+        return self.best_params if self.selected == "best" else last_params
+
+    def summary(self) -> dict:
+        """Return the summary's model-choice fields (JSON-ready; None where not measured)."""
+        best, last = self.best or {}, self.last or {}
+        chosen = best if self.selected == "best" else last
+        return {
+            "selected_model": self.selected,
+            "selected_validation_accuracy": chosen.get("validation_accuracy"),
+            "selected_test_accuracy": chosen.get("test_accuracy"),
+            "best_validation_accuracy": best.get("validation_accuracy"),
+            "best_test_accuracy": best.get("test_accuracy"),
+            "best_time": best.get("time"),
+            "best_evaluation": best.get("evaluation"),
+            "last_validation_accuracy": last.get("validation_accuracy"),
+            "last_test_accuracy": last.get("test_accuracy"),
+            "evaluations": self.evaluations,
+            "evaluations_since_best": self.since_best if self.best is not None else None,
+            "early_stopped": self.should_stop,
+            # what the trainer passed with the best evaluation (samples, steps, ...), prefixed
+            **{f"best_{k}": v for k, v in best.items()
+               if k not in ("validation_accuracy", "test_accuracy", "time", "evaluation")},
+        }
+
+    def __repr__(self):
+        b = None if self.best is None else self.best["validation_accuracy"]
+        return (f"BestModelTracker(best_validation_accuracy={b}, evaluations={self.evaluations}, "
+                f"since_best={self.since_best}, patience={self.patience})")
