@@ -23,6 +23,8 @@ import time
 import numpy
 from mpi4py import MPI
 
+from .faults import fault_point
+
 __all__ = ["Watchdog"]
 
 _TAG = 7301
@@ -66,6 +68,7 @@ class Watchdog:
         status = MPI.Status()
         next_beat = 0.0
         while not self._halt.is_set():
+            fault_point("heartbeat")
             now = time.monotonic()
             if now >= next_beat:
                 self._sends = [r for r in self._sends if not r.Test()]

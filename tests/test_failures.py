@@ -1,0 +1,153 @@
+"""An exception on any rank, in any mode, at any point of a run ends the whole job promptly with its traceback.
+
+Each case launches a whole training job through the CLI (``python -m asyncsgd.train``, under mpiexec except in
+serial mode) with ``ASYNCSGD_FAULT=POINT@RANK[:N]`` (asyncsgd.faults), which raises an ``InjectedFault`` the N-th time
+rank RANK passes POINT.  Every case checks that the fault fired, that the job ended within 30 s of it with a non-zero
+exit status, and that the failing rank's traceback, tagged with its rank, was printed exactly once (and nobody
+else's).  A job that hangs is killed by its launcher's timeout and the case fails on the 30 s check.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, "-m", "asyncsgd.train"]
+TINY = ["--data", "synthetic:200", "--model", "logreg", "--progress", "none"]
+END_WITHIN_S = 30        # what the trainer promises after a fault
+JOB_TIMEOUT_S = 90       # a hang is killed by the launcher after this long (then the 30 s check fails)
+
+MODES = {
+    "serial": ["--mode", "serial", "--steps", "20", "--eval-every", "0.05"],
+    "sync": ["--mode", "sync", "--steps", "20"],
+    "downpour": ["--mode", "downpour", "--steps", "20", "--n-fetch", "2", "--n-push", "2"],
+    "sandblaster": ["--mode", "sandblaster", "--max-iter", "4"],
+}
+
+
+def _run_with_fault(tmp_path, ranks, mode, fault, extra=()):
+    """Run a tiny job with ``ASYNCSGD_FAULT=fault``; return (exit status, seconds from the fault to the end, output).
+
+    ``ranks`` None runs without mpiexec.  The seconds are None when the fault never fired.
+    """
+    argv = TRAIN + TINY + MODES[mode] + list(extra)
+    env = {**mpi_env(), "PYTHONPATH": REPO, "ASYNCSGD_FAULT": fault, "ASYNCSGD_HEARTBEAT_TIMEOUT": "60"}
+    if ranks is None:
+        cmd = argv
+    else:
+        cmd = mpiexec_command(ranks, argv, timeout=JOB_TIMEOUT_S)
+        if mpi_flavour() == "mpich":
+            env["MPIEXEC_TIMEOUT"] = str(JOB_TIMEOUT_S)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    lines, fired = [], None
+    try:
+        for line in proc.stdout:  # ends when the job's last process closes its output
+            lines.append(line)
+            if fired is None and "ASYNCSGD_FAULT fires" in line:
+                fired = time.monotonic()
+        proc.wait(timeout=JOB_TIMEOUT_S)
+        ended = time.monotonic()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, (None if fired is None else ended - fired), "".join(lines)
+
+
+def _check(tmp_path, ranks, mode, fault, extra=()):
+    rc, seconds, out = _run_with_fault(tmp_path, ranks, mode, fault, extra)
+    point, rank = re.match(r"(\w+)@(\d+)", fault).groups()
+    tail = out[-4000:]
+    assert seconds is not None, f"the fault {fault} never fired:\n{tail}"
+    assert seconds < END_WITHIN_S, f"the job took {seconds:.0f} s to end after the fault:\n{tail}"
+    assert rc != 0, tail
+    header = f"[asyncsgd rank {rank}] fatal error"
+    assert out.count(header) == 1, f"expected the rank {rank} traceback once:\n{tail}"
+    assert out.count("[asyncsgd rank ") == 1, f"a traceback from a rank that did not fail:\n{tail}"
+    message = f"InjectedFault: test fault injected at point '{point}' on rank {rank}"
+    assert out.count(message) == 1, tail
+    assert out.index(header) < out.index("Traceback (most recent call last)") < out.index(message), tail
+    if ranks is None:
+        assert rc == 1, tail
+    return out
+
+
+def _ids(cases):
+    """Test ids that ``-k`` accepts: mode-point-rankR."""
+    return [f"{c[0]}-" + re.sub(r"(\w+)@(\d+).*", r"\1-rank\2", c[1]) for c in cases]
+
+
+# (mode, fault, extra options): every point of every mode at 3 ranks; rank 0 wherever it has work of its own.
+CASES_3 = [
+    ("sync", "data@1", ()),
+    ("sync", "step@2:3", ()),
+    ("sync", "evaluate@0", ("--eval-every", "0.01")),
+    ("sync", "checkpoint@0", ("--checkpoint", "ck.h5")),
+    ("sync", "end@1", ()),
+    ("downpour", "data@2", ()),
+    ("downpour", "data@0", ()),
+    ("downpour", "step@2:3", ()),
+    ("downpour", "fetch@1:2", ()),
+    ("downpour", "push@2:2", ()),
+    ("downpour", "evaluate@0", ()),
+    ("downpour", "checkpoint@0", ("--checkpoint", "ck.h5")),
+    ("downpour", "end@1", ()),
+    ("downpour", "end@0", ()),
+    ("sandblaster", "data@1", ()),
+    ("sandblaster", "minishard@2:3", ()),
+    ("sandblaster", "minishard@0:2", ()),
+    ("sandblaster", "coordinator@0", ()),
+    ("sandblaster", "evaluate@2", ()),
+    ("sandblaster", "end@1", ()),
+    ("downpour", "heartbeat@2", ("--steps", "100000", "--time-limit", "20")),  # an exception in a thread
+]
+
+
+@pytest.mark.parametrize("mode, fault, extra", CASES_3, ids=_ids(CASES_3))
+def test_fault_ends_job_3_ranks(tmp_path, mode, fault, extra):
+    _check(tmp_path, 3, mode, fault, extra)
+
+
+CASES_6 = [
+    ("downpour", "push@5:2", ("--servers", "2")),
+    ("downpour", "end@1", ("--servers", "2")),  # a server that only hosts a shard
+    ("sync", "step@4:2", ()),
+    ("sandblaster", "minishard@5:2", ()),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, fault, extra", CASES_6, ids=_ids(CASES_6))
+def test_fault_ends_job_6_ranks(tmp_path, mode, fault, extra):
+    _check(tmp_path, 6, mode, fault, extra)
+
+
+CASES_SERIAL = [
+    ("serial", "data@0", ()),
+    ("serial", "step@0:3", ()),
+    ("serial", "evaluate@0:2", ()),
+    ("serial", "checkpoint@0", ("--checkpoint", "ck.h5")),
+    ("serial", "end@0", ()),
+]
+
+
+@pytest.mark.parametrize("mode, fault, extra", CASES_SERIAL, ids=_ids(CASES_SERIAL))
+def test_fault_ends_serial_run(tmp_path, mode, fault, extra):
+    """Without mpiexec: the tagged traceback once and exit status 1."""
+    _check(tmp_path, None, mode, fault, extra)
+
+
+def test_fault_spec_is_checked():
+    from asyncsgd.faults import parse_faults
+
+    assert parse_faults("push@2:3, end@0") == {("push", 2): 3, ("end", 0): 1}
+    for bad in ("push", "nowhere@1", "push@x", "push@1:0"):
+        with pytest.raises(ValueError, match="ASYNCSGD_FAULT"):
+            parse_faults(bad)
