@@ -169,10 +169,9 @@ def _draw_batch(rng, n_train: int, batch: int):
 def run(comm, cfg, src, backend, reporter):
     """Train ``cfg.model`` with Sandblaster L-BFGS over every rank of ``comm``; return the summary on rank 0."""
     comm = comm.Dup()
-    try:
-        return _run(comm, cfg, src, backend, reporter)
-    finally:
-        comm.Free()
+    result = _run(comm, cfg, src, backend, reporter)
+    comm.Free()  # not in a `finally`: after an exception on one rank no collective may run (docs/FAILURES.md)
+    return result
 
 
 def _run(comm, cfg, src, backend, reporter):
