@@ -151,3 +151,52 @@ def test_fault_spec_is_checked():
     for bad in ("push", "nowhere@1", "push@x", "push@1:0"):
         with pytest.raises(ValueError, match="ASYNCSGD_FAULT"):
             parse_faults(bad)
+
+
+def _owners(comm):
+    """(name, factory, is_freed) for every class that owns MPI windows or communicators."""
+    from mpi4py import MPI
+
+    from asyncsgd.algorithms.board import JobBoard
+    from asyncsgd.algorithms.minishards import MiniShardScheduler
+    from asyncsgd.store import ShardedParameters
+    from asyncsgd.store.counter import VersionCounter
+    from asyncsgd.watchdog import Watchdog
+
+    return [
+        ("ShardedParameters", lambda: ShardedParameters(comm, 10, n_servers=comm.size), lambda o: o._freed),
+        ("VersionCounter", lambda: VersionCounter(comm), lambda o: o._win == MPI.WIN_NULL),
+        ("JobBoard", lambda: JobBoard(comm, comm.size - 1), lambda o: o._freed),
+        ("MiniShardScheduler", lambda: MiniShardScheduler(comm, 4), lambda o: o._counter is None),
+        ("Watchdog", lambda: Watchdog(comm), lambda o: o.comm == MPI.COMM_NULL),
+    ]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_every_window_owner_has_the_same_exit_policy():
+    """Leaving a ``with`` block normally frees; leaving it by an exception frees nothing (a collective there would
+    hang when only this rank failed) and stops this rank's threads, for every owner alike."""
+    import threading
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD.Dup()
+    failures = []
+    for name, make, is_freed in _owners(comm):
+        with make() as owner:
+            pass
+        if not is_freed(owner):
+            failures.append(f"{name} not freed after a normal with block")
+        with pytest.raises(KeyError):
+            with make() as owner:
+                raise KeyError("boom")
+        if is_freed(owner):
+            failures.append(f"{name} freed (collectively) while an exception left its with block")
+        rma_threads = [t for t in threading.enumerate() if t.name == "asyncsgd-rma-progress"]
+        if rma_threads:
+            failures.append(f"{name} left a progress thread running after the exception")
+        owner.free()  # every rank raised here, so the collective free is safe: clean up
+    everyone = comm.allgather(failures)
+    comm.Free()
+    assert not any(everyone), everyone
