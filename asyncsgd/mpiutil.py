@@ -88,10 +88,9 @@ def local_rank(comm) -> int:
     """Return this rank's index among the ranks of its node (for binding GPUs)."""
     from mpi4py import MPI
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    try:
-        return node.rank
-    finally:
-        node.Free()
+    rank = node.rank
+    node.Free()  # not in a `finally`: no collective on an error path (docs/FAILURES.md)
+    return rank
 
 
 # One report per process: the first failure (main thread or any other) prints; later ones only end the process.
@@ -109,6 +108,11 @@ def report_fatal(rank: int, exc_type, exc, tb, *, where: str = "") -> bool:
         if _reported:
             return False
         _reported = True
+    if issubclass(exc_type, KeyboardInterrupt):
+        # Ctrl-C reaches every rank at once: one line each, not a traceback each
+        sys.stderr.write(f"[asyncsgd rank {rank}] interrupted, aborting the job\n")
+        sys.stderr.flush()
+        return True
     msg = "".join(traceback.format_exception(exc_type, exc, tb))
     sys.stderr.write(f"[asyncsgd rank {rank}] fatal error{where}, aborting the job:\n{msg}")
     sys.stderr.flush()
@@ -148,7 +152,9 @@ def abort_on_error(comm):
         yield
     except SystemExit as exc:
         if comm is not None and comm.size > 1 and exc.code not in (None, 0):
-            abort_job(comm, exc.code if isinstance(exc.code, int) else 1)  # one rank leaving alone hangs the rest
+            # one rank leaving alone would leave the rest waiting for it
+            report_fatal(comm.rank, type(exc), exc, None, where=f" (exit status {exc.code})")
+            abort_job(comm, exc.code if isinstance(exc.code, int) else 1)
         raise
     except BaseException as exc:
         report_fatal(_rank_of(comm), type(exc), exc, exc.__traceback__)

@@ -200,3 +200,53 @@ def test_every_window_owner_has_the_same_exit_policy():
     everyone = comm.allgather(failures)
     comm.Free()
     assert not any(everyone), everyone
+
+
+_LIBRARY = """
+import sys
+from asyncsgd.mpiutil import abort_on_error
+with abort_on_error(None):          # the CLI's block
+    with abort_on_error(None):      # a library call inside it
+        raise {exc}
+print("not reached")
+"""
+
+
+@pytest.mark.parametrize("exc, expect", [
+    ("ValueError('bad batch')", "ValueError: bad batch"),
+    ("KeyboardInterrupt()", "[asyncsgd rank 0] interrupted, aborting the job"),
+])
+def test_abort_on_error_reports_once_when_nested(exc, expect):
+    """The library helper without MPI: one tagged report (a traceback, or one line for Ctrl-C), exit status 1."""
+    proc = subprocess.run([sys.executable, "-c", _LIBRARY.format(exc=exc)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("[asyncsgd rank 0]") == 1 and expect in proc.stderr, proc.stderr
+    assert "not reached" not in proc.stdout
+    assert ("Traceback" in proc.stderr) == ("ValueError" in exc), proc.stderr
+
+
+_LOW_THREAD_LEVEL = """
+import warnings
+import mpi4py
+mpi4py.rc.thread_level = "serialized"
+from mpi4py import MPI
+from asyncsgd.watchdog import Watchdog
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with Watchdog(MPI.COMM_WORLD) as dog:
+        started = dog._thread is not None
+print(f"rank {MPI.COMM_WORLD.rank}: thread {started}, warned {any('MULTIPLE' in str(w.message) for w in caught)}")
+"""
+
+
+def test_watchdog_needs_thread_multiple():
+    """Below MPI_THREAD_MULTIPLE the heartbeat thread (which calls MPI beside the main thread) is not started, and
+    rank 0 says so; the job still runs and stops cleanly."""
+    from asyncsgd.launch import run_mpi
+
+    proc = run_mpi(2, [sys.executable, "-c", _LOW_THREAD_LEVEL], timeout=90, env={**os.environ, "PYTHONPATH": REPO},
+                   cwd=REPO)
+    assert proc.returncode == 0, proc.stdout
+    assert "rank 0: thread False, warned True" in proc.stdout, proc.stdout
+    assert "rank 1: thread False, warned False" in proc.stdout, proc.stdout
