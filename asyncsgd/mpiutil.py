@@ -2,17 +2,20 @@
 
 Facts that shaped this module (../DESIGN.md, measured on 2-core machines): a rank blocked in an MPICH call spins and
 slows a computing neighbour 3-4x when ranks outnumber cores, so long waits poll a non-blocking operation with a short
-sleep; and one rank failing before a collective hangs all others, so an uncaught exception aborts the whole job.
+sleep; and one rank failing before a collective hangs all others, so an exception on any rank aborts the whole job
+(``abort_on_error``, ``install_abort_hook``; the policy is in docs/FAILURES.md).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 import traceback
 
-__all__ = ["UsageError", "wait", "polled_barrier", "polled_bcast", "install_abort_hook", "check_on_root",
-           "local_rank", "EXIT_USAGE"]
+__all__ = ["UsageError", "wait", "polled_barrier", "polled_bcast", "install_abort_hook", "abort_on_error",
+           "abort_job", "report_fatal", "check_on_root", "local_rank", "EXIT_USAGE"]
 
 EXIT_USAGE = 2
 _POLL_SLEEP = 0.001
@@ -85,24 +88,103 @@ def local_rank(comm) -> int:
     """Return this rank's index among the ranks of its node (for binding GPUs)."""
     from mpi4py import MPI
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    rank = node.rank
+    node.Free()  # not in a `finally`: no collective on an error path (docs/FAILURES.md)
+    return rank
+
+
+# One report per process: the first failure (main thread or any other) prints; later ones only end the process.
+_report_lock = threading.Lock()
+_reported = False
+
+
+def report_fatal(rank: int, exc_type, exc, tb, *, where: str = "") -> bool:
+    """Print ``[asyncsgd rank R] fatal error...`` and the traceback to stderr, once per process.
+
+    Return True when this call printed (False: another failure of this process already did).
+    """
+    global _reported
+    with _report_lock:
+        if _reported:
+            return False
+        _reported = True
+    if issubclass(exc_type, KeyboardInterrupt):
+        # Ctrl-C reaches every rank at once: one line each, not a traceback each
+        sys.stderr.write(f"[asyncsgd rank {rank}] interrupted, aborting the job\n")
+        sys.stderr.flush()
+        return True
+    msg = "".join(traceback.format_exception(exc_type, exc, tb))
+    sys.stderr.write(f"[asyncsgd rank {rank}] fatal error{where}, aborting the job:\n{msg}")
+    sys.stderr.flush()
+    return True
+
+
+def abort_job(comm, code: int = 1):
+    """End every rank of ``comm``'s job now (``MPI_Abort``); in a one-rank or serial run end this process.
+
+    Never returns.  Called from any thread; nothing is freed, no collective runs.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if comm is not None and comm.size > 1:
+        comm.Abort(code)
+    os._exit(code)
+
+
+def _rank_of(comm) -> int:
+    return 0 if comm is None else comm.rank
+
+
+@contextlib.contextmanager
+def abort_on_error(comm):
+    """Run the block so that an exception escaping it on any rank ends the whole job, with its traceback.
+
+    The exit policy of the package (docs/FAILURES.md): the failing rank prints ``[asyncsgd rank R] ...traceback...``
+    once and calls ``comm.Abort(1)``; the other ranks may be anywhere (computing, in a collective, polling a
+    window), so nothing collective can run on the way out.  Window owners leave their ``with`` block without
+    freeing on an exception (``asyncsgd.store.owner.WindowOwner``) so the exception reaches this point at once.
+    With ``comm`` None or of one rank (serial runs) it prints the same and raises ``SystemExit(1)``.
+    Exceptions in other threads end the job too while the block runs (``threading.excepthook``).
+    """
+    previous = threading.excepthook
+    threading.excepthook = _thread_hook(comm)
     try:
-        return node.rank
+        yield
+    except SystemExit as exc:
+        if comm is not None and comm.size > 1 and exc.code not in (None, 0):
+            # one rank leaving alone would leave the rest waiting for it
+            report_fatal(comm.rank, type(exc), exc, None, where=f" (exit status {exc.code})")
+            abort_job(comm, exc.code if isinstance(exc.code, int) else 1)
+        raise
+    except BaseException as exc:
+        report_fatal(_rank_of(comm), type(exc), exc, exc.__traceback__)
+        if comm is not None and comm.size > 1:
+            abort_job(comm, 1)
+        raise SystemExit(1) from None
     finally:
-        node.Free()
+        threading.excepthook = previous
+
+
+def _thread_hook(comm):
+    def hook(args):
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        report_fatal(_rank_of(comm), args.exc_type, args.exc_value, args.exc_traceback, where=f" in thread {name}")
+        abort_job(comm, 1)  # a dead helper thread (progress, heartbeats) would otherwise leave the job hanging
+    return hook
 
 
 def install_abort_hook(comm):
-    """Make an uncaught exception on any rank print its traceback, rank-tagged, and abort the whole job.
+    """Make an uncaught exception on any rank, in any thread, print its traceback, rank-tagged, and abort the job.
 
     Without it one failing rank leaves the others blocked in their next collective or RMA epoch for ever.
+    ``abort_on_error`` does the same for a block; this hook covers what runs outside one.
     """
     def hook(exc_type, exc, tb):
-        msg = "".join(traceback.format_exception(exc_type, exc, tb))
-        sys.stderr.write(f"[asyncsgd rank {comm.rank}] fatal error, aborting the job:\n{msg}")
-        sys.stderr.flush()
-        if comm.size > 1:
-            comm.Abort(1)
-        os._exit(1)
+        report_fatal(_rank_of(comm), exc_type, exc, tb)
+        abort_job(comm, 1)
 
     sys.excepthook = hook
+    threading.excepthook = _thread_hook(comm)
     return hook

@@ -115,6 +115,7 @@ def _load_resume(cfg, n_params: int):
 def _run_serial(cfg) -> int:
     from .backend import BackendError, select_backend
     from .algorithms import get_mode
+    from .mpiutil import abort_on_error
     from .ops.metrics import Reporter
     try:
         _prepare_outputs(cfg)
@@ -124,11 +125,13 @@ def _run_serial(cfg) -> int:
     except (UsageError, ValueError, OSError, BackendError) as exc:
         return _fail(str(exc), 0)
     reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None)
-    try:
-        summary = get_mode("serial").run(None, cfg, src, backend, reporter, resume=resume)
-        _write_outputs(cfg, src, summary, reporter)
-    finally:
-        reporter.close()
+    # an exception prints "[asyncsgd rank 0] ..." and its traceback once, and exits with status 1
+    with abort_on_error(None):
+        try:
+            summary = get_mode("serial").run(None, cfg, src, backend, reporter, resume=resume)
+            _write_outputs(cfg, src, summary, reporter)
+        finally:
+            reporter.close()
     return 0
 
 
@@ -136,7 +139,7 @@ def _run_distributed(cfg) -> int:
     from mpi4py import MPI
     from .backend import BackendError, select_backend
     from .algorithms import get_mode
-    from .mpiutil import check_on_root, install_abort_hook, local_rank
+    from .mpiutil import abort_on_error, check_on_root, install_abort_hook, local_rank
     from .ops.metrics import Reporter
 
     world = MPI.COMM_WORLD
@@ -170,17 +173,19 @@ def _run_distributed(cfg) -> int:
         comm.Free()
         return code
     from .watchdog import Watchdog
-    watchdog = Watchdog(comm)
-    reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None) if rank == 0 else None
-    try:
-        extra = {"resume": resume} if resume is not None else {}
-        summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter, **extra)
-        if rank == 0:
-            _write_outputs(cfg, src, summary, reporter)
-    finally:
-        if reporter is not None:
-            reporter.close()
-    watchdog.stop()
+    # An exception on this rank, anywhere below, prints its rank-tagged traceback once and aborts every rank at
+    # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
+    # reporter's file is closed.
+    with abort_on_error(comm), Watchdog(comm):
+        reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None) if rank == 0 else None
+        try:
+            extra = {"resume": resume} if resume is not None else {}
+            summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter, **extra)
+            if rank == 0:
+                _write_outputs(cfg, src, summary, reporter)
+        finally:
+            if reporter is not None:
+                reporter.close()  # local: the log keeps every record written before a failure
     comm.Free()
     return 0
 

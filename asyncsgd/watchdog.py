@@ -19,20 +19,29 @@ import socket
 import sys
 import threading
 import time
+import warnings
 
 import numpy
 from mpi4py import MPI
+
+from .faults import fault_point
+from .store.owner import WindowOwner
 
 __all__ = ["Watchdog"]
 
 _TAG = 7301
 
 
-class Watchdog:
-    """Heartbeats between rank 0 and the other ranks of ``comm``; collective constructor, ``stop()`` collective."""
+class Watchdog(WindowOwner):
+    """Heartbeats between rank 0 and the other ranks of ``comm``; collective constructor, ``stop()`` collective.
+
+    A ``with`` block stops it on success; on an exception it keeps beating until the job is aborted
+    (``WindowOwner``: no collective on an error path).
+    """
 
     def __init__(self, comm, *, interval: float = 1.0, timeout: float | None = None, stream=None):
         self.comm = comm.Dup()
+        self._own(self.comm)
         self.interval = interval
         self.timeout = float(os.environ.get("ASYNCSGD_HEARTBEAT_TIMEOUT", "15")) if timeout is None else timeout
         self.stream = sys.stderr if stream is None else stream
@@ -43,12 +52,21 @@ class Watchdog:
         self._sends = []
         self._thread = None
         self._previous_handlers = {}
-        if size > 1:
+        # The heartbeat thread calls MPI while the main thread does too, which MPI allows only at
+        # MPI_THREAD_MULTIPLE (mpi4py's default; a user can lower it with mpi4py.rc.thread_level).  Below that,
+        # concurrent calls are undefined (crashes, corrupted queues), so the job runs without heartbeats: the
+        # launcher's signals still end it when a rank dies, and a warning says what is lost.
+        threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        if size > 1 and not threaded and rank == 0:
+            warnings.warn("MPI was initialised below MPI_THREAD_MULTIPLE, so the heartbeat watchdog is off: a hung "
+                          "rank will not be detected (leave mpi4py.rc.thread_level at 'multiple')", RuntimeWarning,
+                          stacklevel=2)
+        if size > 1 and threaded:
             self._thread = threading.Thread(target=self._loop, name="asyncsgd-watchdog", daemon=True)
             self._thread.start()
-            if rank == 0 and threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGUSR1):
-                    self._previous_handlers[sig] = signal.signal(sig, self._on_launcher_signal)
+        if size > 1 and rank == 0 and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous_handlers[sig] = signal.signal(sig, self._on_launcher_signal)
 
     def describe(self, rank: int) -> str:
         pid, host = self.peers_info[rank]
@@ -66,6 +84,7 @@ class Watchdog:
         status = MPI.Status()
         next_beat = 0.0
         while not self._halt.is_set():
+            fault_point("heartbeat")
             now = time.monotonic()
             if now >= next_beat:
                 self._sends = [r for r in self._sends if not r.Test()]
@@ -104,7 +123,10 @@ class Watchdog:
 
         if self.comm == MPI.COMM_NULL:
             return
-        if self._thread is None:  # a one-rank job has no peers to watch
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+        if self._thread is None:  # a one-rank job (no peers to watch), or heartbeats off (see __init__)
             self.comm.Free()
             self.comm = MPI.COMM_NULL
             return
@@ -112,9 +134,6 @@ class Watchdog:
         self._halt.set()
         self._thread.join()
         self._thread = None
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
         polled_barrier(self.comm)
         status = MPI.Status()
         inbox = numpy.zeros(1, dtype=numpy.int64)
@@ -126,3 +145,5 @@ class Watchdog:
             time.sleep(0.001)
         self.comm.Free()
         self.comm = MPI.COMM_NULL
+
+    free = stop  # the WindowOwner name: leaving a ``with`` block normally stops the watchdog

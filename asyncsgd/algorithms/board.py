@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy
 from mpi4py import MPI
 
+from ..store.owner import WindowOwner
+
 __all__ = ["JobBoard", "FLAG_STOP", "FLAG_WARM_DONE", "ROW_FIELDS", "HIST_BINS"]
 
 FLAG_STOP = 0
@@ -20,13 +22,17 @@ ROW_FIELDS = ("steps", "samples", "pushes", "push_bytes", "pushed_entries", "ski
               "staleness_sum", "done", "compute_s", "elapsed_s", "resumed_samples")
 
 
-class JobBoard:
-    """Flags and per-worker statistics of one job, hosted on ``root``.  Collective constructor over ``comm``."""
+class JobBoard(WindowOwner):
+    """Flags and per-worker statistics of one job, hosted on ``root``.  Collective constructor over ``comm``.
+
+    A ``with`` block frees it on success and leaves it alone on an exception (``WindowOwner``).
+    """
 
     row_size = len(ROW_FIELDS) + HIST_BINS
 
     def __init__(self, comm, n_workers: int, *, root: int = 0):
         self.comm = comm.Dup()
+        self._own(self.comm)
         self.root = root
         self.n_workers = n_workers
         self.size = _N_FLAGS + n_workers * self.row_size
@@ -83,9 +89,3 @@ class JobBoard:
         self.win.Unlock_all()
         self.win.Free()
         self.comm.Free()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()

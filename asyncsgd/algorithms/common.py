@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import time
 
+from ..faults import fault_point
+
 __all__ = ["sgd_defaults", "StopRule", "Evaluator", "staleness_weight"]
 
 # Defaults that train each model well with momentum 0.9 (the measured runs are in the README, "Benchmarks").
@@ -93,6 +95,7 @@ class Evaluator:
         self.backend = backend
 
     def __call__(self, params_host) -> tuple[float, float]:
+        fault_point("evaluate")
         self.net.params[...] = self.backend.to_device(params_host)
         loss, acc = self.net.evaluate(self.x, self.y)
         return float(loss), float(acc)

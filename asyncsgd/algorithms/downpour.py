@@ -26,6 +26,7 @@ from .. import sparse
 from ..config import parse_decay
 from ..data import BatchStream
 from ..data.augment import make_augmenter
+from ..faults import fault_point
 from ..model import build_model
 from ..mpiutil import polled_barrier
 from ..store import ShardedParameters
@@ -79,6 +80,7 @@ class DownpourWorker:
 
     def fetch(self):
         """Copy the store's parameters into the replica (DistBelief's 'fetch')."""
+        fault_point("fetch")
         if self.backend.is_gpu:
             self.base_version = self.store.fetch(self.host)
             self.net.params[...] = self.backend.to_device(self.host)
@@ -88,6 +90,7 @@ class DownpourWorker:
     def step(self, xb, yb) -> bool:
         """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
         cfg, xp = self.cfg, self.xp
+        fault_point("step")
         t0 = time.perf_counter()
         loss = self.net.loss_and_grad(self.backend.to_device(xb), self.backend.to_device(yb), rng=self.rng)
         grads = self.net.grads
@@ -112,6 +115,7 @@ class DownpourWorker:
 
     def push(self):
         """Send the accrued update to the store, scaled by the staleness weight; reset the accrual."""
+        fault_point("push")
         cfg = self.cfg
         if self.residual is not None:
             idx_dev, vals = self.select_topk(self.accrued, cfg.sparsity, self.residual)
@@ -315,6 +319,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
             }
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()
+        fault_point("end")
         # Servers other than rank 0 only host shards: they wait here, sleeping, with their progress thread running.
         polled_barrier(comm)
     return result

@@ -28,6 +28,7 @@ import numpy
 from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
+from ..store.owner import WindowOwner
 from ..store.progress import ProgressThread
 from .lbfgs import shard_bounds
 
@@ -64,12 +65,13 @@ class BatchStats:
     originals_lost: int = 0
 
 
-class MiniShardScheduler:
+class MiniShardScheduler(WindowOwner):
     """Run batches of mini-shards over every rank of ``comm`` (collective constructor, ``free`` and ``run_batch``).
 
     ``max_mini_shards`` sizes the flag window (the most mini-shards one batch may have).  ``schedule`` 'dynamic'
     (claims and backups over RMA) or 'static' (rank r computes the r-th contiguous block, no windows, no backups:
-    the baseline of the benchmark).
+    the baseline of the benchmark).  A ``with`` block frees it on success and leaves it alone on an exception
+    (``WindowOwner``).
     """
 
     def __init__(self, comm, max_mini_shards: int, *, schedule: str = "dynamic", slow_factor: float = 1.0,
@@ -83,6 +85,7 @@ class MiniShardScheduler:
         if max_backups < 0:
             raise ValueError(f"max_backups must be >= 0, got {max_backups}")
         self.comm = comm.Dup()
+        self._own(self.comm)
         self.schedule = schedule
         self.max_mini_shards = int(max_mini_shards)
         self.slow_factor = float(slow_factor)
@@ -240,8 +243,7 @@ class MiniShardScheduler:
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
+    def _abandon(self):
+        # leaving by an exception (WindowOwner): no collective free, only rank 0's progress thread stops
+        if self._progress is not None:
+            self._progress.stop()

@@ -32,6 +32,7 @@ import numpy
 from mpi4py import MPI
 
 from ..config import parse_slow_ranks
+from ..faults import fault_point
 from ..model import build_model
 from ..model.layers import Dropout
 from ..mpiutil import UsageError
@@ -110,6 +111,7 @@ class Replica:
         # Dropout masks fixed per (batch, mini-shard): every trial point of a line search, and every backup copy,
         # sees the same function, so the line search works on a deterministic objective.
         rng = self.net.ops.make_rng((self.seed * 1_000_003 + self.batch_no) * 100_003 + i)
+        fault_point("minishard")
         loss = self.net.loss_and_grad(xb, yb, rng=rng)
         return loss, b - a
 
@@ -167,10 +169,9 @@ def _draw_batch(rng, n_train: int, batch: int):
 def run(comm, cfg, src, backend, reporter):
     """Train ``cfg.model`` with Sandblaster L-BFGS over every rank of ``comm``; return the summary on rank 0."""
     comm = comm.Dup()
-    try:
-        return _run(comm, cfg, src, backend, reporter)
-    finally:
-        comm.Free()
+    result = _run(comm, cfg, src, backend, reporter)
+    comm.Free()  # not in a `finally`: after an exception on one rank no collective may run (docs/FAILURES.md)
+    return result
 
 
 def _run(comm, cfg, src, backend, reporter):
@@ -219,6 +220,7 @@ def _run(comm, cfg, src, backend, reporter):
             totals += it_counts
             elapsed = time.perf_counter() - start
             if reporter is not None and stepped:
+                fault_point("coordinator")  # rank 0 only: the coordinator's log
                 reporter.record({"time": elapsed, "iteration": opt.iterations, "loss": opt.f,
                                  "grad_norm": opt.gnorm, "test_loss": test_loss, "test_accuracy": accuracy,
                                  "step": ls.alpha, "function_evaluations": opt.function_evaluations,
@@ -241,6 +243,7 @@ def _run(comm, cfg, src, backend, reporter):
                 reason = "target_accuracy"
                 break
             new_batch = stochastic and (opt.iterations % per_batch == 0 or not stepped)
+        fault_point("end")
         wall = time.perf_counter() - start
         params = backend.to_host(net.params).copy() if rank == 0 else None
     if rank != 0:
@@ -265,6 +268,7 @@ def _bookkeeping(comm, net, x_test, y_test, counts: _Counts):
     size = comm.size
     loss_sum = correct = 0.0
     if len(y_test):
+        fault_point("evaluate")
         mean_loss, acc = net.evaluate(x_test, y_test)
         loss_sum, correct = mean_loss * len(y_test), acc * len(y_test)
     b = counts.batch

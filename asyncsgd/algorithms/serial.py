@@ -7,6 +7,7 @@ import numpy
 
 from ..data import BatchStream
 from ..data.augment import make_augmenter
+from ..faults import fault_point
 from ..model import build_model
 from .common import Evaluator, StopRule, sgd_defaults
 from .resume import Checkpointer
@@ -50,6 +51,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     compute_s = 0.0
     for xb, yb in stream:
         t0 = time.perf_counter()
+        fault_point("step")
         loss = net.loss_and_grad(backend.to_device(augment(xb)), backend.to_device(yb), rng=rng)
         if not numpy.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {steps}: lower --lr (now {cfg.lr})")
@@ -77,6 +79,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
                 break
     if checkpointer.path:
         save_checkpoint()  # the final one
+    fault_point("end")
     wall = stop.elapsed()
     return {
         "mode": "serial", "model": cfg.model, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,

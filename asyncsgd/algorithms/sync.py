@@ -12,6 +12,7 @@ from mpi4py import MPI
 
 from ..data import BatchStream
 from ..data.augment import make_augmenter
+from ..faults import fault_point
 from ..model import build_model
 from ..mpiutil import wait
 from .common import Evaluator, StopRule, sgd_defaults
@@ -55,6 +56,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     accuracy = test_loss = loss_ewma = None
     comm_s = 0.0
     for xb, yb in stream:
+        fault_point("step")
         loss = net.loss_and_grad(backend.to_device(augment(xb)), backend.to_device(yb), rng=rng)
         backend.to_host(net.grads, out=send[:n])
         send[n] = loss
@@ -90,6 +92,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
                               version=steps, data_position={"steps": steps})
         if stopping:
             break
+    fault_point("end")
     wall = stop.elapsed()
     result = None
     if rank == 0:

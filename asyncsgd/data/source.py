@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..faults import fault_point
 from .h5format import DataError, FileSummary, h5open, validate_file
 
 __all__ = ["DataSource", "H5Source", "BatchStream", "open_source", "resolve_path", "slice_bounds",
@@ -81,12 +82,14 @@ class DataSource:
 
     def train_range(self, start: int, stop: int):
         """Return (x float32, y int64) for training rows [start, stop) (Sandblaster mini-shards), reading only those."""
+        fault_point("data")
         if not 0 <= start < stop <= self.n_train:
             raise ValueError(f"training row range [{start}, {stop}) is empty or outside [0, {self.n_train})")
         return self._read_train(int(start), int(stop))
 
     def test_set(self):
         """Return the whole test split (x float32 [M, C, H, W], y int64 [M])."""
+        fault_point("data")
         return self._read_test()
 
     def describe(self) -> str:

@@ -21,6 +21,7 @@ import zlib
 
 import numpy as np
 
+from ..faults import fault_point
 from .atomic import atomic_path
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
@@ -68,6 +69,7 @@ def save_checkpoint(path, *, params, state: dict, version: int, config: dict, da
     """
     import h5py
 
+    fault_point("checkpoint")
     params = np.asarray(params)
     if params.ndim != 1 or params.size != n_params:
         raise ValueError(f"checkpoint params must be 1-D with n_params={n_params} entries, got shape {params.shape}")

@@ -11,11 +11,12 @@ import numpy
 from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
+from .owner import WindowOwner
 
 __all__ = ["VersionCounter"]
 
 
-class VersionCounter:
+class VersionCounter(WindowOwner):
     """One int64 hosted on ``root`` of ``comm``; any rank takes a ticket or reads it without the host's CPU.
 
     Collective over ``comm`` (construction and ``free()``); the caller owns ``comm`` and keeps it alive until
@@ -25,6 +26,7 @@ class VersionCounter:
     def __init__(self, comm, *, root: int = 0):
         if not 0 <= root < comm.size:
             raise ValueError(f"root={root} is not a rank of a communicator of size {comm.size}")
+        self._own(comm)
         self._root = root
         self._one = numpy.ones(1, dtype=numpy.int64)
         self._result = numpy.zeros(1, dtype=numpy.int64)

@@ -24,6 +24,7 @@ from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
 from .counter import VersionCounter
+from .owner import WindowOwner
 from .progress import ProgressThread
 
 __all__ = ["ShardedParameters", "shard_bounds"]
@@ -105,7 +106,7 @@ def _adagrad_step(grad, old_sums, squares, lr: float, eps: float, scale: float, 
     return out
 
 
-class ShardedParameters:
+class ShardedParameters(WindowOwner):
     """A float32 vector of ``n_params`` sharded over ranks ``0..n_servers-1`` of ``comm`` in RMA windows.
 
     Collective over ``comm`` (which it ``Dup``s): construction, ``free()`` and leaving the ``with`` block.  Every
@@ -114,7 +115,7 @@ class ShardedParameters:
     ``n_servers == comm.size`` is allowed (every rank hosts and may push); choosing roles is the trainer's job.
     With ``adagrad=True`` a second window per shard holds the per-parameter sums of squared gradients.
 
-    Leaving a ``with`` block by an exception on a multi-rank store does not free it (see ``__exit__``).
+    Leaving a ``with`` block by an exception on a multi-rank store does not free it (``WindowOwner``).
     One object serves one thread of its rank.
 
     Per-rank statistics of this rank's own calls: ``pushes``, ``push_bytes`` (payload moved by this rank's pushes:
@@ -144,6 +145,7 @@ class ShardedParameters:
         self.fetches = 0
 
         self._comm = comm.Dup()
+        self._own(self._comm)
         rank = self._comm.rank
         self._is_server = rank < n_servers
         start, stop = bounds[rank] if self._is_server else (0, 0)
@@ -375,15 +377,10 @@ class ShardedParameters:
         self._check_alive()
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self._comm.size > 1:
-            # An exception on one rank: a collective free() would wait for ranks that may never come and hide the
-            # error in a hang.  Let it propagate (the job's abort hook ends every rank); only stop the thread.
-            if self._progress is not None:
-                self._progress.stop()
-            return False
-        self.free()
-        return False
+    def _abandon(self):
+        # leaving by an exception (WindowOwner): no collective free, only this rank's thread stops
+        if self._progress is not None:
+            self._progress.stop()
 
     def __repr__(self):
         state = "freed" if self._freed else f"version={self._counter.read()}"
