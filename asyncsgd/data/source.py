@@ -1,4 +1,4 @@
-"""Data sources for training: open a spec, hand each worker its contiguous slice, stream shuffled mini-batches.
+"""Data sources for training: open a spec, hand each worker its strided share, stream shuffled mini-batches.
 
 ``open_source(spec)`` accepts
 
@@ -9,6 +9,15 @@
 
 Every source has the same interface (ARCHITECTURE.md, "Data"): features come back as float32 numpy arrays
 [N, C, H, W] whatever the storage dtype, labels as int64 [N].
+
+Worker ``w`` of ``W`` trains on rows ``w, w + W, w + 2W, ...`` (``asyncsgd.partition.strided_rows``), not on a
+contiguous slice: files are often written in class order, and a contiguous slice of such a file holds one or two
+classes, so every replica would learn a different two-class problem (measured on FSDD sorted by digit, 5 Downpour
+workers: 0.943 test accuracy against 0.980 on the same rows shuffled).  A stride meets every class in proportion
+whatever the order.  A worker reads its stride as contiguous blocks of rows and keeps every W-th row: on the
+gzip-chunked bundled file that took 0.36 s per worker at W = 5, against 0.57 s for h5py's strided hyperslab
+``ds[w::W]`` (which decompresses the same chunks in many small pieces) and 0.06 s for a contiguous fifth; each
+worker thus decompresses the whole training split once, at start-up, holding one block (2,048 rows) at a time.
 """
 from __future__ import annotations
 
@@ -16,13 +25,15 @@ import os
 
 import numpy as np
 
+from ..partition import strided_rows
 from .h5format import DataError, FileSummary, h5open, validate_file
 
-__all__ = ["DataSource", "H5Source", "BatchStream", "open_source", "resolve_path", "slice_bounds",
-           "BUNDLED_NAME"]
+__all__ = ["DataSource", "H5Source", "BatchStream", "open_source", "resolve_path", "BUNDLED_NAME"]
 
 BUNDLED_NAME = "fsdd"
 _BUNDLED_FILE = "fsdd.h5"
+# Rows read at a time when a source without strided reads assembles a worker's stride: bounds the memory.
+_STRIDE_BLOCK_ROWS = 2048
 
 
 def resolve_path(spec: str) -> str:
@@ -48,17 +59,6 @@ def resolve_path(spec: str) -> str:
                     f"{', '.join(candidates)}); reinstall asyncsgd or pass the path of an HDF5 data set")
 
 
-def slice_bounds(n: int, part: int, n_parts: int) -> tuple[int, int]:
-    """Return [start, stop) of part ``part`` of ``n_parts`` near-equal contiguous parts of n rows (sizes differ by 1)."""
-    if not (isinstance(n_parts, (int, np.integer)) and n_parts >= 1):
-        raise ValueError(f"n_parts must be a positive integer, got {n_parts!r}")
-    if not 0 <= part < n_parts:
-        raise ValueError(f"part must be in [0, {n_parts}), got {part}")
-    if n_parts > n:
-        raise ValueError(f"cannot split {n} training rows among {n_parts} workers: use fewer workers or more data")
-    return part * n // n_parts, (part + 1) * n // n_parts
-
-
 class DataSource:
     """Base of every source: metadata plus train_slice / train_range / test_set returning float32 numpy arrays.
 
@@ -73,11 +73,19 @@ class DataSource:
     attrs: dict
 
     def train_slice(self, part: int, n_parts: int):
-        """Return (x float32 [n, C, H, W], y int64 [n]): worker ``part``'s contiguous share of the training rows.
+        """Return (x float32 [n, C, H, W], y int64 [n]): worker ``part``'s share, rows ``part::n_parts``.
 
-        The n_parts slices are disjoint, cover every row, and differ in size by at most one.
+        The n_parts shares are disjoint, cover every row, and differ in size by at most one; each holds every class
+        in proportion whatever the file's row order.
         """
-        return self.train_range(*slice_bounds(self.n_train, part, n_parts))
+        if not (isinstance(n_parts, (int, np.integer)) and n_parts >= 1):
+            raise ValueError(f"n_parts must be a positive integer, got {n_parts!r}")
+        if n_parts > self.n_train:
+            raise ValueError(f"cannot split {self.n_train} training rows among {n_parts} workers: use fewer workers "
+                             f"or more data")
+        if not (isinstance(part, (int, np.integer)) and 0 <= part < n_parts):
+            raise ValueError(f"part must be in [0, {n_parts}), got {part!r}")
+        return self._read_train_rows(strided_rows(self.n_train, int(part), int(n_parts)))
 
     def train_range(self, start: int, stop: int):
         """Return (x float32, y int64) for training rows [start, stop) (Sandblaster mini-shards), reading only those."""
@@ -98,6 +106,22 @@ class DataSource:
     def _read_train(self, start, stop):
         raise NotImplementedError
 
+    def _read_train_rows(self, rows: slice):
+        """Return the training rows of ``rows`` (a slice with a step), reading contiguous blocks of them.
+
+        Blocks are a multiple of the step long, so every block starts on a row of the stride.
+        """
+        start, stop, step = rows.indices(self.n_train)
+        if step == 1:
+            return self._read_train(start, stop)
+        block = max(step, _STRIDE_BLOCK_ROWS - _STRIDE_BLOCK_ROWS % step)
+        xs, ys = [], []
+        for lo in range(start, stop, block):
+            x, y = self._read_train(lo, min(lo + block, stop))
+            xs.append(np.ascontiguousarray(x[::step]))  # a copy: the block itself is dropped
+            ys.append(np.ascontiguousarray(y[::step]))
+        return np.concatenate(xs), np.concatenate(ys)
+
     def _read_test(self):
         raise NotImplementedError
 
@@ -113,21 +137,22 @@ class H5Source(DataSource):
         self.n_train, self.n_test = summary.counts["train"], summary.counts["test"]
         self.attrs = dict(summary.attrs)
 
-    def _read(self, split, start, stop):
+    def _read(self, split, rows: slice):
         try:
             with h5open(self.path) as f:
-                # h5py reads just the chunks under [start, stop): a worker never loads other workers' rows.
-                x = f[f"{split}/x"][start:stop].astype(np.float32, copy=False)
-                y = f[f"{split}/y"][start:stop].astype(np.int64, copy=False)
+                # h5py reads just the chunks under the rows: a contiguous range never loads other rows.
+                x = f[f"{split}/x"][rows].astype(np.float32, copy=False)
+                y = f[f"{split}/y"][rows].astype(np.int64, copy=False)
         except (OSError, KeyError, RuntimeError) as exc:
-            raise DataError(f"{self.path}: cannot read /{split} rows [{start}, {stop}): {exc}") from None
+            raise DataError(f"{self.path}: cannot read /{split} rows [{rows.start}, {rows.stop}): {exc}") from None
         return x, y
 
     def _read_train(self, start, stop):
-        return self._read("train", start, stop)
+        return self._read("train", slice(start, stop))
+
 
     def _read_test(self):
-        return self._read("test", 0, self.n_test)
+        return self._read("test", slice(0, self.n_test))
 
 
 def open_source(spec, *, scan_values: bool = True) -> DataSource:
