@@ -4,15 +4,14 @@ Two layouts, both balanced (part sizes differ by at most one, the first ``n % pa
 
 - ``contiguous_bounds(n, parts)``: consecutive ``(start, stop)`` ranges.  Parameter shards use it (each server
   holds one contiguous piece of the flat vector, so a fetch or a push moves one buffer per shard), and so do the
-  L-BFGS vector shards.
-- ``strided_rows(n, part, parts)``: rows ``part, part + parts, part + 2*parts, ...``.  Training rows use it: a
-  file written in class order (all the 0s, then all the 1s, ...) would give each contiguous slice one or two
-  classes, and a worker that sees two classes trains a model that predicts two classes; every stride instead meets
-  every class in proportion whatever the file order.  h5py reads a stride as one hyperslab selection
-  (``ds[part::parts]``), so a worker still reads only its own rows.
-- ``strided_order(n, parts)``: the permutation that lays the strided parts end to end, so that contiguous bounds
-  of the permuted rows are strided parts of the original ones (Sandblaster mini-shards, which are handed out as
-  ``(start, stop)`` ranges of a batch's rows).
+  L-BFGS vector shards and the static mini-shard schedule.
+- ``class_strided_rows(labels, part, parts)``: rows sorted by class and dealt round-robin, so every part holds
+  every class in proportion (to within one row per class) whatever the order of the file.  Training rows use it:
+  a file written in class order (all the 0s, then all the 1s, ...) would give each contiguous slice one or two
+  classes, and every replica would learn a different few-class problem.  On a sorted file it is the plain stride
+  ``part::parts``; on a shuffled one it is exact where a plain stride is only balanced on average.
+- ``class_strided_order(labels, parts)``: the same parts laid end to end, so that ``contiguous_bounds`` of the
+  reordered rows are the parts (Sandblaster mini-shards, handed out as ``(start, stop)`` ranges of a batch).
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import numbers
 
 import numpy
 
-__all__ = ["contiguous_bounds", "part_size", "strided_rows", "strided_order"]
+__all__ = ["contiguous_bounds", "part_size", "class_strided_order", "class_strided_rows"]
 
 
 def _count(value, name: str, minimum: int) -> int:
@@ -37,6 +36,14 @@ def _check(n, parts, what: str, allow_empty: bool = False):
     if parts > n and not allow_empty:
         raise ValueError(f"cannot split {n} {what} into {parts} parts: use at most {n} parts or more {what}")
     return n, parts
+
+
+def _labels(labels) -> numpy.ndarray:
+    labels = numpy.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iub":
+        raise ValueError(f"labels must be a 1-D integer array (one class per row), got {labels.dtype} of shape "
+                         f"{labels.shape}")
+    return labels
 
 
 def part_size(n: int, part: int, parts: int) -> int:
@@ -60,19 +67,25 @@ def contiguous_bounds(n: int, parts: int, *, what: str = "items", allow_empty: b
     return tuple(bounds)
 
 
-def strided_rows(n: int, part: int, parts: int, *, what: str = "rows") -> slice:
-    """Return the slice ``part::parts`` of ``range(n)``: part ``part``'s share, every class of a sorted file.
+def class_strided_order(labels, parts: int, *, what: str = "rows") -> numpy.ndarray:
+    """Return int64 [n]: the rows of part 0, then of part 1, ..., each part's rows ascending.
 
-    A slice rather than an index array: numpy views it without a copy and h5py reads it as one hyperslab.
+    ``labels`` (int [n]) are the rows' classes (all equal: a plain stride ``part::parts``).  Rows are ordered by
+    class (stably) and dealt round-robin to the parts, so every part holds ``n_c / parts`` rows of class
+    c to within one, and part sizes are ``part_size(n, part, parts)``: ``contiguous_bounds(n, parts)`` cut the
+    result into the parts.
     """
-    n, parts = _check(n, parts, what)
+    labels = _labels(labels)
+    _, parts = _check(labels.size, parts, what)
+    by_class = numpy.argsort(labels, kind="stable")
+    return numpy.concatenate([numpy.sort(by_class[part::parts]) for part in range(parts)]).astype(numpy.int64)
+
+
+def class_strided_rows(labels, part: int, parts: int, *, what: str = "rows") -> numpy.ndarray:
+    """Return part ``part``'s rows of ``class_strided_order(labels, parts)`` (int64, ascending)."""
+    labels = _labels(labels)
+    _, parts = _check(labels.size, parts, what)
     part = _count(part, "part", 0)
     if part >= parts:
         raise ValueError(f"part must be in [0, {parts}), got {part}")
-    return slice(part, n, parts)
-
-
-def strided_order(n: int, parts: int, *, what: str = "rows") -> numpy.ndarray:
-    """Return int64 [n]: strided part 0, then part 1, ...; ``contiguous_bounds(n, parts)`` cut it into the parts."""
-    n, parts = _check(n, parts, what)
-    return numpy.concatenate([numpy.arange(part, n, parts, dtype=numpy.int64) for part in range(parts)])
+    return numpy.sort(numpy.argsort(labels, kind="stable")[part::parts]).astype(numpy.int64)

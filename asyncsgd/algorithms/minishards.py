@@ -7,15 +7,15 @@ first result to arrive counted ("backup tasks", as in MapReduce).  Here, over on
 - a *counter window* (one int64): a replica claims the next mini-shard with ``Fetch_and_op(+1)``;
 - a *flag window* (int64 per mini-shard, then a backup count per mini-shard): once every mini-shard is claimed,
   idle replicas read the flags and ask for a backup copy of an unfinished one with ``Fetch_and_op(+1)`` on its
-  backup count; only the askers that the increment returns a count below ``max_backups`` to launch one, so at most
-  ``max_backups`` copies start however many replicas race for the same mini-shard;
+  backup count; only an asker to whom the increment returns a count below ``max_backups`` launches the copy, so
+  at most ``max_backups`` copies start however many replicas race for the same mini-shard;
   finishing a copy is a ``Compare_and_swap(0 -> rank+1)`` on its flag: the first copy to finish wins and is summed,
   a loser discards its result.  So every mini-shard is summed exactly once, by exactly one replica.
 
-A batch ends when every flag is set.  Mini-shards are strided over the batch's rows (``mini_shard_rows``), so each
-holds every class of a file written in class order.  All windows live on rank 0 (the coordinator, itself a replica), which runs a
-progress thread while they exist: under MPICH a passive-target operation aimed at a busy rank otherwise waits until
-that rank next calls MPI (../DESIGN.md).
+A batch ends when every flag is set.  Mini-shards deal the batch's rows round-robin in class order
+(``mini_shard_rows``), so each holds every class even of a file written in class order.  All windows live on
+rank 0 (the coordinator, itself a replica), which runs a progress thread while they exist: under MPICH a
+passive-target operation aimed at a busy rank otherwise waits until that rank next calls MPI (store/progress.py).
 
 ``slow_factor`` > 1 makes this rank a simulated straggler (tests and benchmarks only): after each mini-shard it
 sleeps (factor - 1) x the measured compute time, in short slices, and abandons the copy as soon as another copy of
@@ -31,7 +31,7 @@ import numpy
 from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
-from ..partition import contiguous_bounds, strided_order
+from ..partition import class_strided_order, contiguous_bounds
 from ..store.progress import ProgressThread
 
 __all__ = ["MiniShardScheduler", "BatchStats", "SCHEDULES", "mini_shard_bounds", "mini_shard_rows"]
@@ -54,16 +54,18 @@ def mini_shard_bounds(batch_size: int, mini_shard_size: int) -> list[tuple[int, 
     return list(contiguous_bounds(batch_size, -(-batch_size // mini_shard_size), what="examples"))
 
 
-def mini_shard_rows(rows, mini_shard_size: int):
+def mini_shard_rows(rows, mini_shard_size: int, labels=None):
     """Return (rows reordered, bounds): mini-shard i is ``reordered[a:b]`` for ``(a, b) = bounds[i]``.
 
-    ``rows`` (int [batch]) are a batch's training rows.  Mini-shard i gets ``rows[i::n]`` (n mini-shards): a
-    stride through the batch, so each mini-shard meets every class in proportion even when the file (and so a
-    sorted batch) is in class order, where consecutive rows would give each mini-shard one class.
+    ``rows`` (int [batch]) are a batch's training rows and ``labels`` (int [batch], optional) their classes.  The
+    rows are dealt round-robin to the mini-shards in class order (``partition.class_strided_order``), so every
+    mini-shard holds every class in proportion even when the file (and so a sorted batch) is in class order, where
+    consecutive rows would give each mini-shard one class.  Without labels: mini-shard i gets ``rows[i::n]``.
     """
     rows = numpy.asarray(rows)
     bounds = mini_shard_bounds(len(rows), mini_shard_size)
-    return rows[strided_order(len(rows), len(bounds))], bounds
+    labels = numpy.zeros(len(rows), dtype=numpy.int64) if labels is None else labels
+    return rows[class_strided_order(labels, len(bounds), what="examples")], bounds
 
 
 @dataclass

@@ -197,7 +197,7 @@ def _run(comm, cfg, src, backend, reporter):
 
         def next_batch():
             rows = _draw_batch(batch_rng, src.n_train, batch)
-            replica.set_batch(replica.batch_no + 1, *mini_shard_rows(rows, ms_size))  # strided: class-balanced
+            replica.set_batch(replica.batch_no + 1, *mini_shard_rows(rows, ms_size, y_train[rows]))
             opt.refresh()
 
         start = time.perf_counter()
