@@ -312,3 +312,30 @@ def test_lone_downpour_worker_with_decay_keeps_its_updates_whole(comm):
     if worker is not None and (worker.hist[0] != worker.pushes or worker.staleness_sum != 0):
         failures.append(f"staleness histogram {worker.hist[:4]} over {worker.pushes} pushes")
     _agree(comm, failures)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_own_push_history_is_bounded_and_stays_exact(comm, monkeypatch):
+    """Only the last pushes are remembered: recent bases keep tau exact, a base older than them is refused."""
+    from asyncsgd.store import sharded
+    monkeypatch.setattr(sharded, "_OWN_HISTORY", 2)
+    n = 3
+    failures = []
+    with ShardedParameters(comm, n, n_servers=1) as store:
+        if comm.rank == comm.size - 1:
+            buf = np.empty(n, F32)
+            taus = []
+            for step in range(20):
+                if step % 3 == 0:
+                    base = store.fetch(buf)
+                taus.append(store.push(np.ones(n, F32), base_version=base))
+            if taus != [0] * 20:
+                failures.append(f"taus {taus}")
+            try:
+                store.push(np.ones(n, F32), base_version=0)
+                failures.append("a base older than the remembered pushes was accepted")
+            except ValueError as exc:
+                if "older than the last 2 pushes" not in str(exc):
+                    failures.append(f"message: {exc}")
+        polled_barrier(comm)
+    _agree(comm, failures)

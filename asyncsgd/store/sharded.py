@@ -43,6 +43,8 @@ _MPI_DTYPE = MPI.FLOAT
 _MAX_COUNT = 1 << 28
 _MAX_SHARD = (1 << 31) - 1  # elements: indexed datatypes take C int displacements
 _INDEX_BYTES = 4  # one displacement of an indexed datatype, as an MPI implementation ships it
+# This rank's pushes remembered for staleness (8 bytes each): a base_version older than the last ones is refused.
+_OWN_HISTORY = 1 << 16
 
 
 def shard_bounds(n_params: int, n_servers: int) -> tuple:
@@ -142,6 +144,7 @@ class ShardedParameters:
         self._freed = False
         self._work = []
         self._own_landed = array("q")  # where each of this rank's pushes fell in the landed count, increasing
+        self._own_floor = 0  # bases below this are older than the remembered pushes
         self._fetch_overlap = 0
         self.pushes = 0
         self.push_bytes = 0
@@ -227,9 +230,10 @@ class ShardedParameters:
 
     @property
     def fetch_overlap(self) -> int:
-        """Pushes that started, but had not landed, before this rank's last fetch began, counted when it ended.
+        """Pushes that had not landed when this rank's last fetch began but had started when its Gets ended.
 
-        tau of a push based on that fetch over-counts by at most this number (0: tau is exact).
+        The only pushes that can be partly inside the fetched parameters yet uncounted in its version: tau of a push
+        based on that fetch over-counts by at most this number (0: tau is exact).
         """
         return self._fetch_overlap
 
@@ -468,6 +472,9 @@ class ShardedParameters:
         if isinstance(base_version, bool) or not isinstance(base_version, numbers.Integral) or base_version < 0:
             raise ValueError(f"base_version must be the non-negative int that fetch() returned, got {base_version!r}")
         base = int(base_version)
+        if base < self._own_floor:
+            raise ValueError(f"base_version={base} is older than the last {_OWN_HISTORY} pushes this rank remembers: "
+                             f"fetch again and push with the version that fetch returns")
         ticket = self._counter.start()
         try:
             own_since = len(self._own_landed) - bisect_left(self._own_landed, base)
@@ -484,8 +491,12 @@ class ShardedParameters:
         return tau, scale
 
     def _land_push(self):
-        """Count this rank's push as landed (its data is flushed); remember where it fell."""
+        """Count this rank's push as landed (its data is flushed); remember where it fell (the last ones only)."""
         self._own_landed.append(self._counter.land())
+        if len(self._own_landed) > 2 * _OWN_HISTORY:
+            # Forget the oldest half: a base above every forgotten position still gets an exact own count.
+            self._own_floor = self._own_landed[_OWN_HISTORY - 1] + 1
+            del self._own_landed[:_OWN_HISTORY]
 
     @staticmethod
     def _rates(lr, eps):
