@@ -8,10 +8,11 @@ import h5py
 import numpy as np
 import pytest
 
-from asyncsgd.data import BatchStream, DataError, open_source, resolve_path, slice_bounds, write_dataset
+from asyncsgd.data import BatchStream, DataError, open_source, resolve_path, write_dataset
 from asyncsgd.data.__main__ import main as data_main
-from asyncsgd.data.h5format import balanced_order, round_mantissa
+from asyncsgd.data.h5format import balanced_order, label_order, round_mantissa
 from asyncsgd.data.synthetic import BLOCK, SyntheticSource
+from asyncsgd.partition import class_strided_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,17 +61,73 @@ def test_roundtrip_float16_returns_float32(good_file):
 
 
 @pytest.mark.parametrize("n_parts", [1, 2, 3, 6, 7])
-def test_train_slices_are_disjoint_and_cover(good_file, n_parts):
+def test_train_slices_are_class_strided_disjoint_and_cover(good_file, n_parts):
     path, (xtr, ytr), _ = good_file
     src = open_source(str(path))
-    bounds = [slice_bounds(src.n_train, p, n_parts) for p in range(n_parts)]
-    assert bounds[0][0] == 0 and bounds[-1][1] == 40
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
-    sizes = [b - a for a, b in bounds]
-    assert max(sizes) - min(sizes) <= 1
+    x_all, _ = src.train_range(0, 40)
     parts = [src.train_slice(p, n_parts) for p in range(n_parts)]
-    np.testing.assert_array_equal(np.concatenate([y for _, y in parts]), ytr)
-    np.testing.assert_array_equal(parts[-1][0], src.train_range(*bounds[-1])[0])
+    sizes = [len(y) for _, y in parts]
+    assert max(sizes) - min(sizes) <= 1
+    rows = [class_strided_rows(ytr, p, n_parts) for p in range(n_parts)]
+    assert sorted(np.concatenate(rows).tolist()) == list(range(40))   # disjoint, and every row once
+    for p, (x, y) in enumerate(parts):
+        np.testing.assert_array_equal(y, ytr[rows[p]])
+        np.testing.assert_array_equal(x, x_all[rows[p]])
+        counts = np.bincount(y, minlength=10)
+        assert counts.max() - counts.min() <= 1, counts
+
+
+@pytest.mark.parametrize("n_parts", [3, 5, 6])
+def test_label_sorted_file_gives_every_worker_every_class(tmp_path, n_parts):
+    """A file written in class order: every worker's share holds all 10 classes in near-equal proportion.
+
+    Contiguous slices (the landed code) gave each of 5 workers two classes of this file.
+    """
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(10), 300)                  # 3,000 rows: all the 0s, then all the 1s, ...
+    x = rng.normal(size=(3000, 1, 2, 2)).astype(np.float32)
+    path = tmp_path / "sorted.h5"
+    write_dataset(path, (x, y), (x[:10], y[:10]), {"n_classes": 10})
+    src = open_source(str(path))
+    for p in range(n_parts):
+        xs, ys = src.train_slice(p, n_parts)
+        counts = np.bincount(ys, minlength=10)
+        share = 3000 / n_parts / 10
+        assert np.abs(counts - share).max() <= 1, f"worker {p} of {n_parts}: class counts {counts.tolist()}"
+        np.testing.assert_array_equal(xs, x[p::n_parts])   # on a sorted file: the plain stride
+
+
+def test_synthetic_share_matches_its_rows():
+    src = SyntheticSource(2 * BLOCK + 37)
+    x_all, y_all = src.train_range(0, src.n_train)
+    for p in range(3):
+        x, y = src.train_slice(p, 3)
+        rows = class_strided_rows(y_all, p, 3)
+        np.testing.assert_array_equal(y, y_all[rows])
+        np.testing.assert_array_equal(x, x_all[rows])
+
+
+def test_label_order_names_sorted_grouped_and_mixed():
+    rng = np.random.default_rng(0)
+    assert label_order(np.repeat(np.arange(10), 50)).startswith("sorted by class")
+    assert label_order(np.repeat([3, 1, 2], 50)).startswith("grouped by class")
+    assert label_order(np.repeat(np.tile(np.arange(10), 3), 20)).startswith("partly grouped")
+    assert label_order(rng.integers(0, 10, 500)).startswith("mixed")
+    assert label_order(np.arange(500) % 10).startswith("mixed")
+
+
+def test_check_cli_reports_the_label_order(tmp_path, capsys):
+    y = np.repeat(np.arange(10), 20)
+    x = np.zeros((200, 1, 2, 2), np.float32)
+    for name, order in (("sorted", np.arange(200)), ("shuffled", np.random.default_rng(1).permutation(200))):
+        write_dataset(tmp_path / f"{name}.h5", (x, y[order]), (x[:10], y[:10]), {"n_classes": 10})
+    out = subprocess.run([sys.executable, "-m", "asyncsgd.data", "check", str(tmp_path / "sorted.h5")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr
+    assert "train label order: sorted by class (10 runs of equal labels" in out.stdout
+    capsys.readouterr()
+    assert data_main(["check", str(tmp_path / "shuffled.h5")]) == 0
+    assert "train label order: mixed" in capsys.readouterr().out
 
 
 def test_bad_slice_requests(good_file):

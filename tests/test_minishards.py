@@ -96,3 +96,44 @@ def test_bad_sizes_are_errors(comm):
     with MiniShardScheduler(comm, 4) as sched:
         with pytest.raises(ValueError, match="mini-shards"):
             sched.run_batch(5, lambda i: None, lambda i, r: None)
+
+
+class _RacingScheduler(MiniShardScheduler):
+    """Lingers after its first look at the flags, so every idle rank reads a backup count of 0 before any asks.
+
+    With the landed code (read the count, then increment it regardless) every such rank launched a backup.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lingered = False
+        self.in_backup = False
+
+    def _read_flags(self, n):
+        flags = super()._read_flags(n)
+        if not self.lingered:
+            self.lingered = True
+            time.sleep(0.3)
+        return flags
+
+    def _claim_backup(self, i):
+        self.in_backup = True
+        return super()._claim_backup(i)
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("max_backups", [1, 2])
+def test_idle_ranks_racing_for_one_mini_shard_launch_at_most_max_backups(comm, max_backups):
+    """One mini-shard, held by a slow original; every other rank races for its backups at the same moment."""
+    with _RacingScheduler(comm, 1, max_backups=max_backups) as sched:
+        def compute(i):
+            if not sched.in_backup:
+                time.sleep(1.5)  # the original copy: slow, so the idle ranks go for backups
+            return comm.rank
+
+        won = []
+        stats = sched.run_batch(1, compute, lambda i, r: won.append(r))
+    counts = _reduce_stats(comm, stats)
+    assert comm.allreduce(len(won)) == 1                  # summed exactly once
+    assert 1 <= counts["launched"] <= max_backups, counts
+    assert counts["launched"] == counts["backups_discarded"] + counts["originals_lost"]

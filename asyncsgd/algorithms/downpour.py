@@ -13,7 +13,11 @@ What a push carries:
   ``-lr * g / sqrt(sum g^2 + eps)`` one-sidedly (DistBelief's Adagrad at the parameter server).
 With ``--sparsity F < 1`` only the largest-magnitude fraction F of (accrued + residual) is pushed; the rest stays in
 the residual for later pushes (error feedback), and the velocity of the pushed coordinates is cleared (momentum
-factor masking, Lin et al. 2018, Deep Gradient Compression).
+factor masking, Lin et al. 2018, Deep Gradient Compression).  A worker's last push is dense and carries accrued +
+residual whole, so everything a worker accrued reaches the store.
+
+Staleness tau of a push: the other workers' pushes that started before it and had not landed when this worker's
+last fetch began (``ShardedParameters.push`` states the bound); a worker's own pushes never count.
 """
 from __future__ import annotations
 
@@ -113,11 +117,18 @@ class DownpourWorker:
         self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
         return True
 
-    def push(self):
-        """Send the accrued update to the store, scaled by the staleness weight; reset the accrual."""
+    def push(self, *, final: bool = False):
+        """Send the accrued update to the store, scaled by the staleness weight; reset the accrual.
+
+        ``final``: the worker's last push.  In sparse mode it folds the residual into the accrual and pushes the
+        sum densely, so nothing held back by error feedback is lost when the worker returns.
+        """
         fault_point("push")
         cfg = self.cfg
-        if self.residual is not None:
+        if final and self.residual is not None:
+            self.accrued += self.residual
+            self.residual[...] = 0
+        if self.residual is not None and not final:
             idx_dev, vals = self.select_topk(self.accrued, cfg.sparsity, self.residual)
             # momentum factor masking (Deep Gradient Compression): the velocity of coordinates just pushed is
             # cleared, so their delayed update is not pushed again through the momentum of later steps; without
@@ -144,6 +155,11 @@ class DownpourWorker:
         self.pushes += 1
         self.staleness_sum += tau
         self.hist[min(tau, HIST_BINS - 1)] += 1
+
+    def finish(self):
+        """Push what is left when the worker stops: the accrual since the last push and, sparse, the residual."""
+        if self.steps % self.cfg.n_push != 0 or self.residual is not None:
+            self.push(final=True)
 
     def stats(self, samples: int, elapsed: float, done: bool = False) -> dict:
         return {"steps": self.steps, "samples": samples, "pushes": self.pushes, "push_bytes": self.push_bytes,
@@ -186,8 +202,7 @@ def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start, samp
             last_publish = now
             if board.flag(FLAG_STOP):
                 break
-    if replica.steps % cfg.n_push != 0:
-        replica.push()  # nothing accrued is lost at the end
+    replica.finish()
     if warm and replica.steps < warm:
         board.set_flag(FLAG_WARM_DONE)  # ended before the warm start did: release the others
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)

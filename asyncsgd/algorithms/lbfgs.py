@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from ..mpiutil import wait
+from ..partition import contiguous_bounds
 
 __all__ = ["C1", "C2", "shard_bounds", "strong_wolfe", "LineSearchResult", "lbfgs_serial", "LBFGSResult",
            "ShardedEvaluator", "ShardedLBFGS", "relative_decrease"]
@@ -38,15 +39,7 @@ _CURVATURE_EPS = 1e-10  # pairs with s.y <= eps * |y|^2 would make the inverse H
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """Split ``range(n)`` into ``parts`` contiguous (start, stop) ranges whose sizes differ by at most one."""
-    if parts < 1:
-        raise ValueError(f"parts must be >= 1, got {parts}")
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for r in range(parts):
-        stop = start + base + (1 if r < extra else 0)
-        out.append((start, stop))
-        start = stop
-    return out
+    return list(contiguous_bounds(n, parts, allow_empty=True))
 
 
 def relative_decrease(f_old: float, f_new: float) -> float:

@@ -6,13 +6,16 @@ first result to arrive counted ("backup tasks", as in MapReduce).  Here, over on
 
 - a *counter window* (one int64): a replica claims the next mini-shard with ``Fetch_and_op(+1)``;
 - a *flag window* (int64 per mini-shard, then a backup count per mini-shard): once every mini-shard is claimed,
-  idle replicas read the flags and start a backup copy of an unfinished one (at most ``max_backups`` each);
+  idle replicas read the flags and ask for a backup copy of an unfinished one with ``Fetch_and_op(+1)`` on its
+  backup count; only an asker to whom the increment returns a count below ``max_backups`` launches the copy, so
+  at most ``max_backups`` copies start however many replicas race for the same mini-shard;
   finishing a copy is a ``Compare_and_swap(0 -> rank+1)`` on its flag: the first copy to finish wins and is summed,
   a loser discards its result.  So every mini-shard is summed exactly once, by exactly one replica.
 
-A batch ends when every flag is set.  All windows live on rank 0 (the coordinator, itself a replica), which runs a
-progress thread while they exist: under MPICH a passive-target operation aimed at a busy rank otherwise waits until
-that rank next calls MPI (../DESIGN.md).
+A batch ends when every flag is set.  Mini-shards deal the batch's rows round-robin in class order
+(``mini_shard_rows``), so each holds every class even of a file written in class order.  All windows live on
+rank 0 (the coordinator, itself a replica), which runs a progress thread while they exist: under MPICH a
+passive-target operation aimed at a busy rank otherwise waits until that rank next calls MPI (store/progress.py).
 
 ``slow_factor`` > 1 makes this rank a simulated straggler (tests and benchmarks only): after each mini-shard it
 sleeps (factor - 1) x the measured compute time, in short slices, and abandons the copy as soon as another copy of
@@ -28,11 +31,11 @@ import numpy
 from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
+from ..partition import class_strided_order, contiguous_bounds
 from ..store.owner import WindowOwner
 from ..store.progress import ProgressThread
-from .lbfgs import shard_bounds
 
-__all__ = ["MiniShardScheduler", "BatchStats", "SCHEDULES", "mini_shard_bounds"]
+__all__ = ["MiniShardScheduler", "BatchStats", "SCHEDULES", "mini_shard_bounds", "mini_shard_rows"]
 
 SCHEDULES = ("dynamic", "static")
 _POLL = 0.002        # seconds between looks at the flags while waiting for the last copies
@@ -40,13 +43,30 @@ _SLOW_SLICE = 0.002  # a straggler's sleep is cut into slices this long, checkin
 
 
 def mini_shard_bounds(batch_size: int, mini_shard_size: int) -> list[tuple[int, int]]:
-    """Cut ``range(batch_size)`` into consecutive (start, stop) mini-shards of ``mini_shard_size`` (last shorter)."""
+    """Cut ``range(batch_size)`` into ceil(batch / size) consecutive (start, stop) mini-shards of near-equal sizes.
+
+    Every mini-shard holds at most ``mini_shard_size`` examples, and sizes differ by at most one.
+    """
     if mini_shard_size < 1 or batch_size < 1:
         raise ValueError(f"batch ({batch_size}) and mini-shard ({mini_shard_size}) sizes must be >= 1")
     if mini_shard_size > batch_size:
         raise ValueError(f"mini-shard size {mini_shard_size} is larger than the batch ({batch_size} examples); "
                          f"use --mini-shard-size <= --batch-size")
-    return [(a, min(a + mini_shard_size, batch_size)) for a in range(0, batch_size, mini_shard_size)]
+    return list(contiguous_bounds(batch_size, -(-batch_size // mini_shard_size), what="examples"))
+
+
+def mini_shard_rows(rows, mini_shard_size: int, labels=None):
+    """Return (rows reordered, bounds): mini-shard i is ``reordered[a:b]`` for ``(a, b) = bounds[i]``.
+
+    ``rows`` (int [batch]) are a batch's training rows and ``labels`` (int [batch], optional) their classes.  The
+    rows are dealt round-robin to the mini-shards in class order (``partition.class_strided_order``), so every
+    mini-shard holds every class in proportion even when the file (and so a sorted batch) is in class order, where
+    consecutive rows would give each mini-shard one class.  Without labels: mini-shard i gets ``rows[i::n]``.
+    """
+    rows = numpy.asarray(rows)
+    bounds = mini_shard_bounds(len(rows), mini_shard_size)
+    labels = numpy.zeros(len(rows), dtype=numpy.int64) if labels is None else labels
+    return rows[class_strided_order(labels, len(bounds), what="examples")], bounds
 
 
 @dataclass
@@ -92,8 +112,15 @@ class MiniShardScheduler(WindowOwner):
         self.max_backups = int(max_backups)
         self._progress = None
         self._counter = self._flags = None
+        # RMA origin and result buffers live as attributes: MPI may read an origin buffer at any time until the
+        # Flush that completes the call (over a network transport, after the call has returned), so a temporary
+        # passed straight into Put or Compare_and_swap could be freed and reused before it is read.
         self._one = numpy.ones(1, dtype=numpy.int64)
         self._scratch = numpy.zeros(1, dtype=numpy.int64)
+        self._result = numpy.zeros(1, dtype=numpy.int64)
+        self._compare = numpy.zeros(1, dtype=numpy.int64)
+        self._mine = numpy.array([self.comm.rank + 1], dtype=numpy.int64)
+        self._zeros = numpy.zeros(max(1, int(max_mini_shards)), dtype=numpy.int64)
         if schedule == "dynamic":
             self._open_windows()
 
@@ -116,19 +143,18 @@ class MiniShardScheduler(WindowOwner):
 
     def _reset(self, n):
         """Zero the counter and the first n flags and backup counts (rank 0, through RMA inside its epoch)."""
-        self._counter.Put(numpy.zeros(1, dtype=numpy.int64), 0, target=(0, 1, MPI.INT64_T))
-        zeros = numpy.zeros(n, dtype=numpy.int64)
+        zeros = self._zeros[:n]  # a view of an attribute: alive until the Flushes below, and after
+        self._counter.Put(zeros[:1], 0, target=(0, 1, MPI.INT64_T))
         self._flags.Put(zeros, 0, target=(0, n, MPI.INT64_T))
         self._flags.Put(zeros, 0, target=(self.max_mini_shards, n, MPI.INT64_T))
         self._counter.Flush(0)
         self._flags.Flush(0)
 
     def _fetch_add(self, win, disp, value=1, op=MPI.SUM):
-        out = numpy.zeros(1, dtype=numpy.int64)
         self._scratch[0] = value
-        win.Fetch_and_op(self._scratch, out, 0, disp, op=op)
+        win.Fetch_and_op(self._scratch, self._result, 0, disp, op=op)
         win.Flush(0)
-        return int(out[0])
+        return int(self._result[0])
 
     def _read_flags(self, n):
         """Atomically read (done flags, backup counts) of the first n mini-shards."""
@@ -144,11 +170,18 @@ class MiniShardScheduler(WindowOwner):
 
     def _claim_finish(self, i):
         """Compare_and_swap flag i from 0 to rank+1; True when this copy is the first to finish."""
-        old = numpy.zeros(1, dtype=numpy.int64)
-        self._flags.Compare_and_swap(numpy.array([self.comm.rank + 1], dtype=numpy.int64),
-                                     numpy.zeros(1, dtype=numpy.int64), old, 0, i)
+        self._flags.Compare_and_swap(self._mine, self._compare, self._result, 0, i)
         self._flags.Flush(0)
-        return int(old[0]) == 0
+        return int(self._result[0]) == 0
+
+    def _claim_backup(self, i) -> bool:
+        """Ask for a backup copy of mini-shard i; True when this rank may launch it.
+
+        The atomic increment returns the count before it, so exactly the first ``max_backups`` askers get a number
+        below the limit, however many read the flags at the same moment (reading and then deciding would let every
+        reader of a stale count launch one).  The count keeps growing past the limit; it is only compared.
+        """
+        return self._fetch_add(self._flags, self.max_mini_shards + i) < self.max_backups
 
     # -- work ---------------------------------------------------------------------------------------------------
 
@@ -191,7 +224,7 @@ class MiniShardScheduler(WindowOwner):
                              f"got {n_mini_shards}")
         stats = BatchStats()
         if self.schedule == "static":
-            lo, hi = shard_bounds(n_mini_shards, self.comm.size)[self.comm.rank]
+            lo, hi = contiguous_bounds(n_mini_shards, self.comm.size, allow_empty=True)[self.comm.rank]
             for i in range(lo, hi):
                 self._copy(i, compute, accept, stats, backup=False, dynamic=False)
             return stats
@@ -219,7 +252,8 @@ class MiniShardScheduler(WindowOwner):
                 continue
             fewest = open_[backups[open_] == backups[open_].min()]
             i = int(fewest[self.comm.rank % fewest.size])
-            self._fetch_add(self._flags, self.max_mini_shards + i)
+            if not self._claim_backup(i):
+                continue  # others took the last backups of i: look again
             stats.launched += 1
             self._copy(i, compute, accept, stats, backup=True)
         return stats

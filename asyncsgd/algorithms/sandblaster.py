@@ -37,7 +37,7 @@ from ..model import build_model
 from ..model.layers import Dropout
 from ..mpiutil import UsageError
 from .lbfgs import ShardedEvaluator, ShardedLBFGS, relative_decrease, shard_bounds
-from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds
+from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds, mini_shard_rows
 
 __all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator"]
 
@@ -198,7 +198,7 @@ def _run(comm, cfg, src, backend, reporter):
 
         def next_batch():
             rows = _draw_batch(batch_rng, src.n_train, batch)
-            replica.set_batch(replica.batch_no + 1, rows, mini_shard_bounds(len(rows), ms_size))
+            replica.set_batch(replica.batch_no + 1, *mini_shard_rows(rows, ms_size, y_train[rows]))
             opt.refresh()
 
         start = time.perf_counter()

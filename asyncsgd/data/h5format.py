@@ -2,7 +2,7 @@
 
 Layout (documented for users in ``data/README.md``)::
 
-    /train/x   [N, C, H, W]  float32 or float16 features   (rows pre-shuffled: contiguous slices are class-balanced)
+    /train/x   [N, C, H, W]  float32 or float16 features   (rows in any order: each worker takes a strided share)
     /train/y   [N]           int64 labels in [0, n_classes)
     /test/x    [M, C, H, W]
     /test/y    [M]
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["DataError", "FileSummary", "FORMAT_VERSION", "SPLITS", "validate_file", "write_dataset",
-           "write_dataset_blocks", "balanced_order", "round_mantissa", "h5open"]
+           "write_dataset_blocks", "balanced_order", "label_order", "round_mantissa", "h5open"]
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -42,6 +42,7 @@ class FileSummary:
     counts: dict                     # split -> number of rows
     feature_dtype: str
     attrs: dict = field(default_factory=dict)
+    label_order: str | None = None   # the training labels' order (``label_order``), when the labels were scanned
 
     def describe(self) -> str:
         """Return a short human-readable summary (the ``check`` subcommand prints it)."""
@@ -49,6 +50,8 @@ class FileSummary:
         lines = [f"{self.path}: valid asyncsgd data set",
                  f"  train {self.counts['train']} rows, test {self.counts['test']} rows, input {c}x{h}x{w} "
                  f"{self.feature_dtype}, {self.n_classes} classes"]
+        if self.label_order is not None:
+            lines.append(f"  train label order: {self.label_order}")
         for key in sorted(self.attrs):
             if key != "n_classes":
                 lines.append(f"  {key}: {self.attrs[key]}")
@@ -129,12 +132,15 @@ def _validate_open(f, path, scan_values) -> FileSummary:
         shapes[split], counts[split], dtypes[split] = tuple(x.shape[1:]), x.shape[0], x.dtype
     if shapes["train"] != shapes["test"]:
         raise DataError(f"{path}: train features are {shapes['train']} but test features are {shapes['test']}")
+    order = None
     if scan_values:
         for split in SPLITS:
-            _scan_labels(f[f"{split}/y"], path, split, n_classes)
+            labels = _scan_labels(f[f"{split}/y"], path, split, n_classes)
+            if split == "train":
+                order = label_order(labels)
             _scan_features(f[f"{split}/x"], path, split)
     return FileSummary(path=path, input_shape=shapes["train"], n_classes=n_classes, counts=counts,
-                       feature_dtype=str(dtypes["train"]), attrs=attrs)
+                       feature_dtype=str(dtypes["train"]), attrs=attrs, label_order=order)
 
 
 def _scan_labels(y, path, split, n_classes):
@@ -144,6 +150,32 @@ def _scan_labels(y, path, split, n_classes):
         i = int(bad[0])
         raise DataError(f"{path}: /{split}/y[{i}] = {int(labels[i])} is out of range: labels must lie in "
                         f"[0, n_classes={n_classes}) ({bad.size} bad labels)")
+    return labels
+
+
+def label_order(y) -> str:
+    """Describe the order of labels ``y`` (int [N]): 'sorted by class', 'grouped by class', 'partly grouped', 'mixed'.
+
+    Counts the runs of equal consecutive labels: one run per class means the rows are grouped by class (sorted
+    when the runs come in label order); a shuffled file has about ``1 + (N-1)(1 - sum p_c^2)`` runs, and fewer than
+    half of those means long same-class stretches.  Training is class-balanced whatever the answer (each worker
+    takes a strided share); the line tells a user why a contiguous split of this file would not be.
+    """
+    y = np.asarray(y)
+    if y.size < 2:
+        return "mixed (fewer than 2 rows)"
+    runs = 1 + int(np.count_nonzero(y[1:] != y[:-1]))
+    counts = np.unique(y, return_counts=True)[1]
+    p = counts / y.size
+    shuffled = 1 + (y.size - 1) * (1 - float(np.sum(p * p)))
+    detail = f"{runs} runs of equal labels, about {shuffled:.0f} if shuffled"
+    if runs == counts.size and counts.size > 1:
+        diffs = np.diff(y)
+        kind = "sorted by class" if (diffs >= 0).all() or (diffs <= 0).all() else "grouped by class"
+        return f"{kind} ({detail}; every worker still gets every class: shares are strided)"
+    if runs < 0.5 * shuffled:
+        return f"partly grouped by class ({detail}; shares are strided, so every worker gets every class)"
+    return f"mixed ({detail})"
 
 
 def _scan_features(x, path, split):

@@ -1,4 +1,4 @@
-"""Data sources for training: open a spec, hand each worker its contiguous slice, stream shuffled mini-batches.
+"""Data sources for training: open a spec, hand each worker its strided share, stream shuffled mini-batches.
 
 ``open_source(spec)`` accepts
 
@@ -9,6 +9,16 @@
 
 Every source has the same interface (ARCHITECTURE.md, "Data"): features come back as float32 numpy arrays
 [N, C, H, W] whatever the storage dtype, labels as int64 [N].
+
+Worker ``w`` of ``W`` trains on its class-strided share (``asyncsgd.partition.class_strided_rows``): the rows,
+ordered by label, dealt round-robin to the workers, so each holds ``n_c / W`` rows of every class c to within one,
+whatever the file's order.  Not a contiguous slice: files are often written in class order, and a contiguous slice
+of such a file holds one or two classes, so every replica would learn a different two-class problem (the issue
+that led here measured 0.943 test accuracy against 0.980 for FSDD sorted by digit vs shuffled, 5 workers).
+A worker reads the labels (small), then the training split in contiguous blocks, keeping its rows: on the
+gzip-chunked bundled file that took 0.36 s per worker at W = 5 (0.06 s for a contiguous fifth; h5py's strided
+hyperslab ``ds[w::W]`` took 0.57 s, decompressing the same chunks in many small pieces).  Each worker thus
+decompresses the whole training split once, at start-up, holding one block (2,048 rows) at a time.
 """
 from __future__ import annotations
 
@@ -17,13 +27,15 @@ import os
 import numpy as np
 
 from ..faults import fault_point
+from ..partition import class_strided_rows
 from .h5format import DataError, FileSummary, h5open, validate_file
 
-__all__ = ["DataSource", "H5Source", "BatchStream", "open_source", "resolve_path", "slice_bounds",
-           "BUNDLED_NAME"]
+__all__ = ["DataSource", "H5Source", "BatchStream", "open_source", "resolve_path", "BUNDLED_NAME"]
 
 BUNDLED_NAME = "fsdd"
 _BUNDLED_FILE = "fsdd.h5"
+# Rows read at a time while a worker picks its rows out of the training split: bounds the memory.
+_STRIDE_BLOCK_ROWS = 2048
 
 
 def resolve_path(spec: str) -> str:
@@ -49,17 +61,6 @@ def resolve_path(spec: str) -> str:
                     f"{', '.join(candidates)}); reinstall asyncsgd or pass the path of an HDF5 data set")
 
 
-def slice_bounds(n: int, part: int, n_parts: int) -> tuple[int, int]:
-    """Return [start, stop) of part ``part`` of ``n_parts`` near-equal contiguous parts of n rows (sizes differ by 1)."""
-    if not (isinstance(n_parts, (int, np.integer)) and n_parts >= 1):
-        raise ValueError(f"n_parts must be a positive integer, got {n_parts!r}")
-    if not 0 <= part < n_parts:
-        raise ValueError(f"part must be in [0, {n_parts}), got {part}")
-    if n_parts > n:
-        raise ValueError(f"cannot split {n} training rows among {n_parts} workers: use fewer workers or more data")
-    return part * n // n_parts, (part + 1) * n // n_parts
-
-
 class DataSource:
     """Base of every source: metadata plus train_slice / train_range / test_set returning float32 numpy arrays.
 
@@ -74,11 +75,24 @@ class DataSource:
     attrs: dict
 
     def train_slice(self, part: int, n_parts: int):
-        """Return (x float32 [n, C, H, W], y int64 [n]): worker ``part``'s contiguous share of the training rows.
+        """Return (x float32 [n, C, H, W], y int64 [n]): worker ``part``'s class-strided share of the training rows.
 
-        The n_parts slices are disjoint, cover every row, and differ in size by at most one.
+        The n_parts shares are disjoint, cover every row, and differ in size by at most one; each holds every class
+        in proportion (to within one row per class) whatever the file's row order.  Rows keep the file's order.
         """
-        return self.train_range(*slice_bounds(self.n_train, part, n_parts))
+        if not (isinstance(n_parts, (int, np.integer)) and n_parts >= 1):
+            raise ValueError(f"n_parts must be a positive integer, got {n_parts!r}")
+        if n_parts > self.n_train:
+            raise ValueError(f"cannot split {self.n_train} training rows among {n_parts} workers: use fewer workers "
+                             f"or more data")
+        if not (isinstance(part, (int, np.integer)) and 0 <= part < n_parts):
+            raise ValueError(f"part must be in [0, {n_parts}), got {part!r}")
+        return self._read_train_rows(class_strided_rows(self.train_labels(), int(part), int(n_parts)))
+
+    def train_labels(self):
+        """Return every training label (int64 [n_train]), reading no features where the storage allows."""
+        return np.concatenate([self._read_train(lo, min(lo + _STRIDE_BLOCK_ROWS, self.n_train))[1]
+                               for lo in range(0, self.n_train, _STRIDE_BLOCK_ROWS)])
 
     def train_range(self, start: int, stop: int):
         """Return (x float32, y int64) for training rows [start, stop) (Sandblaster mini-shards), reading only those."""
@@ -101,6 +115,22 @@ class DataSource:
     def _read_train(self, start, stop):
         raise NotImplementedError
 
+    def _read_train_rows(self, rows):
+        """Return the training rows ``rows`` (int64, ascending), reading contiguous blocks and keeping those rows."""
+        xs, ys = [], []
+        for lo in range(0, self.n_train, _STRIDE_BLOCK_ROWS):
+            hi = min(lo + _STRIDE_BLOCK_ROWS, self.n_train)
+            a, b = np.searchsorted(rows, [lo, hi])
+            if b == a:
+                continue
+            x, y = self._read_train(lo, hi)
+            if b - a < hi - lo:
+                keep = rows[a:b] - lo
+                x, y = x[keep], y[keep]  # copies: the block itself is dropped
+            xs.append(x)
+            ys.append(y)
+        return np.concatenate(xs), np.concatenate(ys)
+
     def _read_test(self):
         raise NotImplementedError
 
@@ -116,21 +146,29 @@ class H5Source(DataSource):
         self.n_train, self.n_test = summary.counts["train"], summary.counts["test"]
         self.attrs = dict(summary.attrs)
 
-    def _read(self, split, start, stop):
+    def _read(self, split, rows: slice):
         try:
             with h5open(self.path) as f:
-                # h5py reads just the chunks under [start, stop): a worker never loads other workers' rows.
-                x = f[f"{split}/x"][start:stop].astype(np.float32, copy=False)
-                y = f[f"{split}/y"][start:stop].astype(np.int64, copy=False)
+                # h5py reads just the chunks under the rows: a contiguous range never loads other rows.
+                x = f[f"{split}/x"][rows].astype(np.float32, copy=False)
+                y = f[f"{split}/y"][rows].astype(np.int64, copy=False)
         except (OSError, KeyError, RuntimeError) as exc:
-            raise DataError(f"{self.path}: cannot read /{split} rows [{start}, {stop}): {exc}") from None
+            raise DataError(f"{self.path}: cannot read /{split} rows [{rows.start}, {rows.stop}): {exc}") from None
         return x, y
 
     def _read_train(self, start, stop):
-        return self._read("train", start, stop)
+        return self._read("train", slice(start, stop))
+
+    def train_labels(self):
+        try:
+            with h5open(self.path) as f:
+                return f["train/y"][...].astype(np.int64, copy=False)
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise DataError(f"{self.path}: cannot read /train/y: {exc}") from None
+
 
     def _read_test(self):
-        return self._read("test", 0, self.n_test)
+        return self._read("test", slice(0, self.n_test))
 
 
 def open_source(spec, *, scan_values: bool = True) -> DataSource:

@@ -1,9 +1,16 @@
-"""The store's global version counter: one int64 on one rank, bumped and read with atomic ``Fetch_and_op``.
+"""The store's push counters: two int64 on one rank, bumped and read with atomic ``Fetch_and_op``.
 
-Every push takes a ticket (``Fetch_and_op(+1, SUM)``) before it moves data, and every fetch reads the counter
-(``Fetch_and_op(NO_OP)``) before it reads data, so ``ticket - version_at_fetch`` counts exactly the pushes that
-started after the fetch began: the staleness tau of DistBelief / Chan & Lane (an over-count never an under-count
-when a push is still landing while a fetch reads).
+``started`` counts pushes that have taken a ticket (before their data moves); ``landed`` counts pushes whose data
+is complete at every target (bumped only after the push's ``Flush``).  The store measures staleness with them:
+
+- a fetch reads ``landed`` before its ``Get``s (every push counted there is wholly inside the fetched parameters) and
+  ``started`` after them (every push that can be even partly inside them is counted there);
+- a push takes its ticket from ``started`` before moving data, so its weight is known before the data moves.
+
+``tau = ticket - landed_at_fetch - (own pushes since the fetch)``: the other workers' pushes that started before this
+push and had not landed when the fetch began.  Never an under-count; an over-count only by pushes that landed
+while the fetch was reading (``started_after_fetch - landed_at_fetch``, zero when no push overlapped the fetch).
+See ``ShardedParameters.push`` for the full statement.
 """
 from __future__ import annotations
 
@@ -13,14 +20,17 @@ from mpi4py import MPI
 from ..mpiutil import polled_barrier
 from .owner import WindowOwner
 
-__all__ = ["VersionCounter"]
+__all__ = ["VersionCounter", "STARTED", "LANDED"]
+
+STARTED, LANDED = 0, 1  # displacements of the two counters in the window
 
 
 class VersionCounter(WindowOwner):
-    """One int64 hosted on ``root`` of ``comm``; any rank takes a ticket or reads it without the host's CPU.
+    """Two int64 (``started``, ``landed``) hosted on ``root`` of ``comm``; any rank bumps or reads them one-sidedly.
 
     Collective over ``comm`` (construction and ``free()``); the caller owns ``comm`` and keeps it alive until
     ``free()``.  Every rank holds a shared passive epoch (``Lock_all``) on the window for the counter's lifetime.
+    Origin buffers are attributes: an RMA origin buffer must stay alive until the ``Flush`` that completes the call.
     """
 
     def __init__(self, comm, *, root: int = 0):
@@ -31,27 +41,40 @@ class VersionCounter(WindowOwner):
         self._one = numpy.ones(1, dtype=numpy.int64)
         self._result = numpy.zeros(1, dtype=numpy.int64)
         itemsize = self._one.itemsize
-        self._win = MPI.Win.Allocate(itemsize if comm.rank == root else 0, itemsize, comm=comm)
+        self._win = MPI.Win.Allocate(2 * itemsize if comm.rank == root else 0, itemsize, comm=comm)
         if comm.rank == root:
             # Window memory starts undefined: zero it through RMA, then let nobody in before the barrier.
-            zero = numpy.zeros(1, dtype=numpy.int64)  # named: the origin buffer must live until Unlock
+            zero = numpy.zeros(2, dtype=numpy.int64)  # named: the origin buffer must live until Unlock
             self._win.Lock(root, MPI.LOCK_EXCLUSIVE)
-            self._win.Put([zero, MPI.INT64_T], root, (0, 1, MPI.INT64_T))
+            self._win.Put([zero, MPI.INT64_T], root, (0, 2, MPI.INT64_T))
             self._win.Unlock(root)
         polled_barrier(comm)
         self._win.Lock_all(MPI.MODE_NOCHECK)
 
-    def take(self) -> int:
-        """Add one atomically; return the value before the increment."""
-        self._win.Fetch_and_op([self._one, MPI.INT64_T], [self._result, MPI.INT64_T], self._root, 0, MPI.SUM)
+    def _op(self, slot: int, op) -> int:
+        self._win.Fetch_and_op([self._one, MPI.INT64_T], [self._result, MPI.INT64_T], self._root, slot, op)
         self._win.Flush(self._root)
         return int(self._result[0])
 
+    def start(self) -> int:
+        """Count a push as started; return how many had started before it (its ticket)."""
+        return self._op(STARTED, MPI.SUM)
+
+    def land(self) -> int:
+        """Count a push as landed (call after its data is flushed); return how many had landed before it."""
+        return self._op(LANDED, MPI.SUM)
+
+    def started(self) -> int:
+        """Return the number of pushes started so far (an atomic read)."""
+        return self._op(STARTED, MPI.NO_OP)
+
+    def landed(self) -> int:
+        """Return the number of pushes landed so far (an atomic read)."""
+        return self._op(LANDED, MPI.NO_OP)
+
     def read(self) -> int:
-        """Return the current value (an atomic read)."""
-        self._win.Fetch_and_op([self._one, MPI.INT64_T], [self._result, MPI.INT64_T], self._root, 0, MPI.NO_OP)
-        self._win.Flush(self._root)
-        return int(self._result[0])
+        """Return the number of pushes landed so far (the store's version)."""
+        return self.landed()
 
     def free(self):
         """Close the epoch and free the window (collective); calling it again does nothing."""

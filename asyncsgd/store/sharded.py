@@ -13,16 +13,24 @@ target operations only, so a server's CPU never takes part in a transfer:
 Every rank opens one shared passive epoch per window (``Lock_all``) at construction and closes it in ``free()``;
 each operation ends with ``Flush``, because within an epoch a ``Get`` issued after an ``Accumulate`` is unordered
 with it.  Hosting ranks run a ``ProgressThread`` (see progress.py for the measurements behind it).
+
+Staleness (``push`` states it exactly): tau counts the other workers' pushes that started before this push and had
+not landed when this worker's fetch began, measured with two counters on rank 0 (``VersionCounter``): ``started``
+(taken before a push's data moves, so the staleness weight is known before the data moves) and ``landed`` (bumped
+after the push's ``Flush``).  Origin buffers of every RMA call stay referenced until the ``Flush`` that completes it.
 """
 from __future__ import annotations
 
 import math
 import numbers
+from array import array
+from bisect import bisect_left
 
 import numpy
 from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
+from ..partition import contiguous_bounds
 from .counter import VersionCounter
 from .owner import WindowOwner
 from .progress import ProgressThread
@@ -36,25 +44,21 @@ _MPI_DTYPE = MPI.FLOAT
 _MAX_COUNT = 1 << 28
 _MAX_SHARD = (1 << 31) - 1  # elements: indexed datatypes take C int displacements
 _INDEX_BYTES = 4  # one displacement of an indexed datatype, as an MPI implementation ships it
+# This rank's pushes remembered for staleness (8 bytes each): a base_version older than the last ones is refused.
+_OWN_HISTORY = 1 << 16
 
 
 def shard_bounds(n_params: int, n_servers: int) -> tuple:
     """Split ``range(n_params)`` into ``n_servers`` contiguous ``(start, stop)`` shards whose sizes differ by <= 1.
 
-    The first ``n_params % n_servers`` shards hold one extra element.
+    The first ``n_params % n_servers`` shards hold one extra element (``asyncsgd.partition.contiguous_bounds``).
     """
     n_params = _as_count(n_params, "n_params", minimum=1)
     n_servers = _as_count(n_servers, "n_servers", minimum=1)
     if n_servers > n_params:
         raise ValueError(f"n_servers={n_servers} is more shards than parameters ({n_params}): use at most "
                          f"{n_params} servers")
-    base, extra = divmod(n_params, n_servers)
-    bounds, start = [], 0
-    for shard in range(n_servers):
-        stop = start + base + (1 if shard < extra else 0)
-        bounds.append((start, stop))
-        start = stop
-    return tuple(bounds)
+    return contiguous_bounds(n_params, n_servers)
 
 
 def _as_count(value, name: str, *, minimum: int) -> int:
@@ -140,6 +144,9 @@ class ShardedParameters(WindowOwner):
         self._adagrad = bool(adagrad)
         self._freed = False
         self._work = []
+        self._own_landed = array("q")  # where each of this rank's pushes fell in the landed count, increasing
+        self._own_floor = 0  # bases below this are older than the remembered pushes
+        self._fetch_overlap = 0
         self.pushes = 0
         self.push_bytes = 0
         self.fetches = 0
@@ -207,22 +214,35 @@ class ShardedParameters(WindowOwner):
     # ---------------------------------------------------------------- reads
 
     def fetch(self, out: numpy.ndarray) -> int:
-        """Copy every shard into ``out`` (float32 [n_params], C-contiguous); return the version it saw.
+        """Copy every shard into ``out`` (float32 [n_params], C-contiguous); return the version it started from.
 
-        The version is read before the data, so a push counted after it may already be visible in ``out``:
-        staleness is over-counted by at most the pushes in flight, never under-counted.
+        The version is the number of pushes landed before the first ``Get``: every one of them is wholly inside
+        ``out``.  Pass it to the pushes as ``base_version``.  ``fetch_overlap`` afterwards says how many pushes may
+        be partly inside ``out`` without being counted in the version (the bound on tau's over-count, see ``push``).
         """
         self._check_alive()
         out = self._buffer(out, "out", writeable=True)
-        version = self._counter.read()
+        version = self._counter.landed()
         self._get_all(self._params, out)
+        # Pushes that started before the Gets were over: the only ones whose data can be in ``out`` unless counted
+        # in ``version``.  This rank's own pushes have all landed (each push lands before it returns).
+        self._fetch_overlap = self._counter.started() - version
         self.fetches += 1
         return version
 
+    @property
+    def fetch_overlap(self) -> int:
+        """Pushes that had not landed when this rank's last fetch began but had started when its Gets ended.
+
+        The only pushes that can be partly inside the fetched parameters yet uncounted in its version: tau of a push
+        based on that fetch over-counts by at most this number (0: tau is exact).
+        """
+        return self._fetch_overlap
+
     def version(self) -> int:
-        """Return the number of pushes taken so far by all ranks."""
+        """Return the number of pushes landed so far by all ranks (a valid ``base_version``, like ``fetch``'s)."""
         self._check_alive()
-        return self._counter.read()
+        return self._counter.landed()
 
     def read_all(self) -> numpy.ndarray:
         """Return a copy of the whole parameter vector (float32 [n_params]); not counted as a fetch."""
@@ -240,18 +260,25 @@ class ShardedParameters(WindowOwner):
     def push(self, delta: numpy.ndarray, *, base_version: int, weight=None) -> int:
         """Add ``weight(tau) * delta`` (float32 [n_params]) to the store atomically; return the staleness tau.
 
-        ``base_version`` is what ``fetch`` returned; tau = pushes by anyone since then.  ``weight`` maps tau to a
-        factor (None: 1).
+        ``base_version`` is what ``fetch`` (or ``version``) returned.  tau is the number of OTHER ranks' pushes that
+        started before this one and had not landed when that fetch began: the updates this push's gradient did not
+        see.  It never under-counts (a push missing from the fetched parameters, wholly or partly, had not landed
+        when the fetch began, and is counted if it started before this push); it over-counts by at most the
+        pushes that landed while the fetch was reading (``fetch_overlap``; none when no push overlapped the fetch).
+        This rank's own pushes since the fetch are never counted: a lone worker always sees tau = 0.
+        ``weight`` maps tau to a factor (None: 1), computed before any data moves.  The same tau is returned by
+        ``push_sparse``, ``push_adagrad`` and ``push_adagrad_sparse``.
         """
         self._check_alive()
         delta = self._buffer(delta, "delta")
-        tau, scale = self._ticket(base_version, weight)
+        tau, scale = self._start_push(base_version, weight)
         update = delta if scale == 1.0 else numpy.multiply(delta, DTYPE.type(scale), out=self._scratch(1)[0])
         win = self._params
         for rank, (start, stop) in enumerate(self._bounds):
             for lo, hi in _chunks(start, stop):
                 win.Accumulate([update[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE), MPI.SUM)
-        self._flush(win)
+        self._flush(win)  # ``update`` (possibly scratch) is referenced until here
+        self._land_push()
         self.pushes += 1
         self.push_bytes += update.nbytes
         return tau
@@ -263,9 +290,9 @@ class ShardedParameters(WindowOwner):
         """
         self._check_alive()
         idx, vals = self._sparse(idx, vals)
-        tau, scale = self._ticket(base_version, weight)
+        tau, scale = self._start_push(base_version, weight)
         if scale != 1.0:
-            vals = vals * DTYPE.type(scale)
+            vals = vals * DTYPE.type(scale)  # ``vals`` stays referenced until the flushes below
         win = self._params
         issued = []  # (rank, datatype): every shard's transfer is issued before any is waited for
         for rank, disp, part in self._split(idx, vals):
@@ -277,6 +304,7 @@ class ShardedParameters(WindowOwner):
         for rank, dtype in issued:
             win.Flush(rank)  # complete before the datatype goes
             dtype.Free()
+        self._land_push()
         self.pushes += 1
         return tau
 
@@ -290,7 +318,7 @@ class ShardedParameters(WindowOwner):
         self._need_adagrad("push_adagrad")
         grad = self._buffer(grad, "grad")
         lr, eps = self._rates(lr, eps)
-        tau, scale = self._ticket(base_version, weight)
+        tau, scale = self._start_push(base_version, weight)
         squares, old, step = self._scratch(3)
         numpy.multiply(grad, grad, out=squares)
         for rank, (start, stop) in enumerate(self._bounds):
@@ -304,6 +332,7 @@ class ShardedParameters(WindowOwner):
                 self._params.Accumulate([step[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE),
                                         MPI.SUM)
         self._flush(self._params)
+        self._land_push()
         self.pushes += 1
         self.push_bytes += 3 * grad.nbytes  # squares out, old sums back, step out
         return tau
@@ -318,7 +347,7 @@ class ShardedParameters(WindowOwner):
         self._need_adagrad("push_adagrad_sparse")
         idx, vals = self._sparse(idx, vals)
         lr, eps = self._rates(lr, eps)
-        tau, scale = self._ticket(base_version, weight)
+        tau, scale = self._start_push(base_version, weight)
         for rank, disp, grad in self._split(idx, vals):
             for lo, hi in _chunks(0, disp.size):
                 g = grad[lo:hi]
@@ -329,9 +358,10 @@ class ShardedParameters(WindowOwner):
                 self._sums.Flush(rank)
                 step = _adagrad_step(g, old, squares, lr, eps, scale)
                 self._params.Accumulate([step, _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM)
-                self._params.Flush(rank)
+                self._params.Flush(rank)  # squares, old and step are referenced until here
                 dtype.Free()
                 self.push_bytes += 3 * g.nbytes + 2 * desc_bytes
+        self._land_push()
         self.pushes += 1
         return tau
 
@@ -383,7 +413,7 @@ class ShardedParameters(WindowOwner):
             self._progress.stop()
 
     def __repr__(self):
-        state = "freed" if self._freed else f"version={self._counter.read()}"
+        state = "freed" if self._freed else f"version={self._counter.landed()}"
         return (f"ShardedParameters(n_params={self._n_params}, n_servers={self.n_servers}, "
                 f"adagrad={self._adagrad}, {state})")
 
@@ -428,19 +458,42 @@ class ShardedParameters(WindowOwner):
         for rank in range(len(self._bounds)):
             win.Flush(rank)
 
-    def _ticket(self, base_version, weight):
-        """Take the counter; return (tau, weight(tau))."""
+    def _start_push(self, base_version, weight):
+        """Take a ticket from the started counter; return (tau, weight(tau)) before any data moves.
+
+        tau = pushes started before this one - pushes landed before the fetch of ``base_version`` - this rank's
+        own pushes landed since then (``_own_landed``: an own push is inside ``base_version`` iff it landed at a
+        position below it).  Once the ticket is taken the push must land, even when it is rejected here, or every
+        later tau of every rank would count it forever.
+        """
         if isinstance(base_version, bool) or not isinstance(base_version, numbers.Integral) or base_version < 0:
             raise ValueError(f"base_version must be the non-negative int that fetch() returned, got {base_version!r}")
-        before = self._counter.take()
-        tau = before - int(base_version)
-        if tau < 0:
-            raise ValueError(f"base_version={base_version} is newer than the store's version {before}: pass the "
-                             f"value fetch() returned")
-        scale = 1.0 if weight is None else float(weight(tau))
-        if not math.isfinite(scale):
-            raise ValueError(f"weight({tau}) returned {scale}; a staleness weight must be finite")
+        base = int(base_version)
+        if base < self._own_floor:
+            raise ValueError(f"base_version={base} is older than the last {_OWN_HISTORY} pushes this rank remembers: "
+                             f"fetch again and push with the version that fetch returns")
+        ticket = self._counter.start()
+        try:
+            own_since = len(self._own_landed) - bisect_left(self._own_landed, base)
+            tau = ticket - base - own_since
+            if base > ticket or tau < 0:
+                raise ValueError(f"base_version={base_version} is newer than the store's version: pass the value "
+                                 f"fetch() or version() returned")
+            scale = 1.0 if weight is None else float(weight(tau))
+            if not math.isfinite(scale):
+                raise ValueError(f"weight({tau}) returned {scale}; a staleness weight must be finite")
+        except BaseException:
+            self._land_push()  # an empty push: keeps started and landed in step
+            raise
         return tau, scale
+
+    def _land_push(self):
+        """Count this rank's push as landed (its data is flushed); remember where it fell (the last ones only)."""
+        self._own_landed.append(self._counter.land())
+        if len(self._own_landed) > 2 * _OWN_HISTORY:
+            # Forget the oldest half: a base above every forgotten position still gets an exact own count.
+            self._own_floor = self._own_landed[_OWN_HISTORY - 1] + 1
+            del self._own_landed[:_OWN_HISTORY]
 
     @staticmethod
     def _rates(lr, eps):
