@@ -80,6 +80,7 @@ class DataSource:
         The n_parts shares are disjoint, cover every row, and differ in size by at most one; each holds every class
         in proportion (to within one row per class) whatever the file's row order.  Rows keep the file's order.
         """
+        fault_point("data")
         if not (isinstance(n_parts, (int, np.integer)) and n_parts >= 1):
             raise ValueError(f"n_parts must be a positive integer, got {n_parts!r}")
         if n_parts > self.n_train:
@@ -165,7 +166,6 @@ class H5Source(DataSource):
                 return f["train/y"][...].astype(np.int64, copy=False)
         except (OSError, KeyError, RuntimeError) as exc:
             raise DataError(f"{self.path}: cannot read /train/y: {exc}") from None
-
 
     def _read_test(self):
         return self._read("test", slice(0, self.n_test))
