@@ -153,8 +153,8 @@ def test_sgd_learns_a_separable_problem():
 def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet")
-    with pytest.raises(ValueError, match="at least 16x16"):
-        build_model("speech_cnn", (1, 40, 8))
+    with pytest.raises(ValueError, match="at least 4x4"):
+        build_model("speech_cnn", (1, 40, 3))
     net = build_model("speech_cnn", (1, 40, 16))
     with pytest.raises(ValueError, match="expects input of shape"):
         net.forward(np.zeros((2, 1, 40, 17), np.float32))
@@ -164,9 +164,9 @@ def test_bad_inputs_raise_value_error():
         build_model("logreg", dtype=np.int32)
 
 
-def test_speech_cnn_accepts_any_frame_count():
-    for t in (16, 37, 64, 101):
-        net = build_model("speech_cnn", (1, 40, t))
+def test_speech_cnn_accepts_any_frame_and_band_count():
+    for bands, t in ((40, 16), (40, 37), (40, 64), (40, 101), (13, 50), (64, 4), (4, 9), (80, 32)):
+        net = build_model("speech_cnn", (1, bands, t))
         x, y = batch(net, 2)
         assert net.forward(x).shape == (2, 10)
         assert np.isfinite(net.loss_and_grad(x, y))
