@@ -8,8 +8,8 @@
 
 Train it with ``--model mymodule:small_cnn``; ``load_model(path)`` rebuilds a saved one without ``mymodule``.
 """
-from .builders import (DEFAULT_INPUT_SHAPES, MODEL_NAMES, MODELS, build_model, default_ops, logreg, mnist_cnn,
-                       register_model, resolve_model, speech_cnn)
+from .builders import (DEFAULT_INPUT_SHAPES, MODEL_NAMES, MODELS, build_model, check_model, default_ops, logreg,
+                       mnist_cnn, register_model, resolve_model, speech_cnn)
 from .layers import (LAYER_TYPES, AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh,
                      layer_from_spec, register_layer)
 from .network import Network
@@ -33,5 +33,5 @@ def save_model(path, net, meta=None):
 
 __all__ = ["Network", "NumpyOps", "Layer", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Tanh", "Sigmoid", "Flatten",
            "Dense", "Dropout", "LAYER_TYPES", "register_layer", "layer_from_spec",
-           "MODELS", "MODEL_NAMES", "DEFAULT_INPUT_SHAPES", "register_model", "resolve_model", "build_model",
+           "MODELS", "MODEL_NAMES", "DEFAULT_INPUT_SHAPES", "register_model", "resolve_model", "build_model", "check_model",
            "speech_cnn", "mnist_cnn", "logreg", "default_ops", "load_model", "save_model"]

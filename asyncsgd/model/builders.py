@@ -24,7 +24,7 @@ from .layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .network import Network
 from .ops import NumpyOps
 
-__all__ = ["MODELS", "MODEL_NAMES", "register_model", "resolve_model", "build_model", "speech_cnn", "mnist_cnn",
+__all__ = ["MODELS", "MODEL_NAMES", "register_model", "resolve_model", "build_model", "check_model", "speech_cnn", "mnist_cnn",
            "logreg", "default_ops", "DEFAULT_INPUT_SHAPES"]
 
 MODELS: dict = {}               # name -> factory, the registered networks
@@ -196,3 +196,11 @@ def build_model(name, input_shape=None, n_classes: int = 10, *, seed: int = 0, x
         net = net.astype(dtype)
     net.factory = resolved
     return net
+
+
+def check_model(model, input_shape, n_classes: int) -> int:
+    """Build ``model`` (anything ``resolve_model`` takes) once on the host for data of ``input_shape`` and
+    ``n_classes``; return its parameter count.  Raises ValueError saying why the model does not fit the data (an
+    unknown or unimportable model, poolings that do not fit the inputs, ...), before any training starts.
+    """
+    return build_model(model, tuple(input_shape), int(n_classes), ops=NumpyOps()).n_params
