@@ -414,7 +414,7 @@ class NumpyOps:
         xshape, pad, hh, wh, wq, col, arg = cache
         c, n, h, wd = xshape
         f, _, kh, kw = w.shape
-        k, run = c * kh * kw, hh * wq
+        run = hh * wq
         m = n * run
         dyq = cached_buffer(ws, "dyq", (f, n, hh, wq), dy.dtype, xp, zero=True)
         dyq[:, :, :, :wh] = dy                              # junk columns keep a zero gradient
