@@ -332,6 +332,27 @@ def test_network_gradient_on_gpu_matches_numpy(cp, name):
     _assert_close(dev.grads.get(), cpu.grads, 1e-10)
 
 
+def test_network_of_the_new_layers_on_gpu_matches_numpy(cp):
+    """Rectangular conv/pool, average pooling, tanh and sigmoid: the whole gradient through CupyOps equals numpy's."""
+    from asyncsgd.gpu.cupy_ops import CupyOps
+    from asyncsgd.model import (AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, Network, NumpyOps, ReLU, Sigmoid,
+                                Tanh)
+
+    def make(ops):
+        layers = [Conv2D(4, (5, 3), stride=(1, 2), pad=(2, 1)), MaxPool2D((2, 1)), Tanh(),
+                  Conv2D(6, 3, pad=1), AvgPool2D((2, 2), (2, 1)), Sigmoid(), Flatten(), Dense(8), ReLU(), Dense(5)]
+        return Network("rect", layers, (1, 16, 12), 5, ops=ops, dtype=numpy.float64, seed=2)
+
+    cpu, dev = make(NumpyOps()), make(CupyOps())
+    rng = numpy.random.default_rng(4)
+    x, y = rng.standard_normal((6, 1, 16, 12)), rng.integers(0, 5, 6)
+    loss_cpu = cpu.loss_and_grad(x, y)
+    dev.grads.fill(numpy.nan)
+    loss_gpu = dev.loss_and_grad(cp.asarray(x), cp.asarray(y))
+    assert abs(loss_gpu - loss_cpu) <= 1e-12 * abs(loss_cpu)
+    _assert_close(dev.grads.get(), cpu.grads, 1e-10)
+
+
 # ------------------------------------------------------------------ GPU: sparse selection, scatter, fused update
 
 SELECT_CASES = [(1, 0.5), (7, 0.3), (2047, 0.01), (2048, 0.01), (2049, 0.1), (40_961, 0.01), (100_003, 0.01),
