@@ -66,13 +66,15 @@ def _prepare_outputs(cfg):
 
 def _open_data(cfg):
     from .data import open_source
+    from .model import check_model
     src = open_source(cfg.data)
     if cfg.model == "mnist_cnn" and tuple(src.input_shape) != (1, 28, 28):
         raise UsageError(f"--model mnist_cnn needs 1x28x28 inputs but {cfg.data} holds "
                          f"{'x'.join(map(str, src.input_shape))}; use --model speech_cnn or logreg")
-    if cfg.model == "speech_cnn" and (src.input_shape[0] != 1 or src.input_shape[1] != 40):
-        raise UsageError(f"--model speech_cnn needs 1x40xT log-mel inputs but {cfg.data} holds "
-                         f"{'x'.join(map(str, src.input_shape))}; use --model mnist_cnn or logreg")
+    try:
+        check_model(cfg.model, src.input_shape, src.n_classes)   # the factory says when the data does not fit
+    except ValueError as exc:
+        raise UsageError(f"--model {cfg.model}: {exc}") from None
     return src
 
 

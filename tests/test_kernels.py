@@ -158,6 +158,9 @@ CONV_SHAPES = [
     (1, 3, 28, 28, 16, 5, 1, 2), (16, 3, 14, 14, 32, 5, 1, 2),
     (3, 5, 9, 7, 4, 3, 2, 1), (2, 1, 11, 13, 3, 4, 3, 0), (5, 2, 6, 5, 7, 1, 1, 0), (1, 1, 5, 5, 1, 5, 1, 2),
 ]
+# Rectangular kernels, strides and paddings: (C, N, H, W, F, (kh, kw), (sh, sw), (ph, pw)).
+RECT_CONV_SHAPES = [(1, 3, 13, 20, 4, (5, 3), (1, 2), (2, 1)), (2, 2, 9, 8, 3, (1, 4), (2, 1), (0, 2)),
+                    (3, 1, 12, 7, 2, (3, 1), (3, 1), (1, 0))]
 
 
 @pytest.mark.parametrize("shape", CONV_SHAPES)
@@ -212,6 +215,27 @@ def test_conv2d_forward_backward_match_numpy(cp, shape, dtype):
     _assert_close(dx_mixed.get(), dx_ref, _rtol(dtype))
 
 
+@pytest.mark.parametrize("shape", RECT_CONV_SHAPES)
+def test_rectangular_conv2d_matches_numpy(cp, shape):
+    from asyncsgd.gpu.cupy_ops import CupyOps
+    c, n, h, w, f, (kh, kw), stride, pad = shape
+    rng = numpy.random.default_rng(h * w)
+    x = rng.standard_normal((c, n, h, w))
+    wt = rng.standard_normal((f, c, kh, kw))
+    b = rng.standard_normal(f)
+    y_ref, cache_ref = NumpyOps().conv2d_forward(x, wt, b, stride, pad)
+    dy = rng.standard_normal(y_ref.shape)
+    dw_ref, db_ref = numpy.empty_like(wt), numpy.empty_like(b)
+    dx_ref = NumpyOps().conv2d_backward(dy, cache_ref, wt, dw_ref, db_ref)
+    ops = CupyOps()
+    y, cache = ops.conv2d_forward(cp.asarray(x), cp.asarray(wt), cp.asarray(b), stride, pad)
+    _assert_close(y.get(), y_ref, 1e-12)
+    dw, db = cp.full(wt.shape, numpy.nan), cp.full(b.shape, numpy.nan)
+    dx = ops.conv2d_backward(cp.asarray(dy), cache, cp.asarray(wt), dw, db)
+    for got, want in ((dw, dw_ref), (db, db_ref), (dx, dx_ref)):
+        _assert_close(got.get(), want, 1e-12)
+
+
 def test_conv2d_wrappers_reject_bad_input(cp):
     from asyncsgd.gpu.cupy_ops import CupyOps
     ops = CupyOps()
@@ -232,9 +256,11 @@ def test_conv2d_wrappers_reject_bad_input(cp):
 
 # ------------------------------------------------------------------ GPU: max pooling
 
-# (C, N, H, W, size, stride): the networks' 2x2 pools, overlapping windows, uncovered edges, a 1x1 window.
+# (C, N, H, W, size, stride): the networks' 2x2 pools, overlapping windows, uncovered edges, a 1x1 window, then
+# rectangular windows and strides (pooling over frequency only, overlapping in one axis, gaps in the other).
 POOL_SHAPES = [(16, 4, 40, 64, 2, 2), (32, 3, 14, 14, 2, 2), (3, 2, 9, 11, 3, 2), (2, 3, 7, 5, 2, 2),
-               (1, 1, 10, 10, 3, 1), (4, 2, 5, 6, 1, 1), (2, 2, 16, 16, 4, 3)]
+               (1, 1, 10, 10, 3, 1), (4, 2, 5, 6, 1, 1), (2, 2, 16, 16, 4, 3),
+               (3, 2, 40, 12, (2, 1), (2, 1)), (2, 2, 9, 13, (3, 2), (1, 3)), (2, 1, 8, 7, (1, 4), (2, 2))]
 
 
 @pytest.mark.parametrize("shape", POOL_SHAPES)
@@ -242,7 +268,7 @@ POOL_SHAPES = [(16, 4, 40, 64, 2, 2), (32, 3, 14, 14, 2, 2), (3, 2, 9, 11, 3, 2)
 def test_maxpool_matches_numpy_exactly_including_ties(cp, shape, dtype):
     from asyncsgd.gpu.cupy_ops import CupyOps
     c, n, h, w, size, stride = shape
-    rng = numpy.random.default_rng(sum(shape))
+    rng = numpy.random.default_rng(sum(shape[:4]))
     x = rng.integers(-3, 4, (c, n, h, w)).astype(dtype)      # few distinct values: many ties in every window
     y_ref, cache_ref = NumpyOps().maxpool_forward(x, size, stride)
     dy = rng.standard_normal(y_ref.shape).astype(dtype)
@@ -254,6 +280,25 @@ def test_maxpool_matches_numpy_exactly_including_ties(cp, shape, dtype):
     assert numpy.array_equal(y.get(), y_ref)
     assert numpy.array_equal(cache[3].get(), cache_ref[3]), "argmax window offsets differ"
     dx = ops.maxpool_backward(cp.asarray(dy), cache, ws=ws)
+    assert numpy.array_equal(dx.get(), dx_ref)
+
+
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avgpool_matches_numpy_exactly(cp, shape, dtype):
+    from asyncsgd.gpu.cupy_ops import CupyOps
+    c, n, h, w, size, stride = shape
+    rng = numpy.random.default_rng(sum(shape[:4]) + 7)
+    x = rng.standard_normal((c, n, h, w)).astype(dtype)
+    y_ref, cache_ref = NumpyOps().avgpool_forward(x, size, stride)
+    dy = rng.standard_normal(y_ref.shape).astype(dtype)
+    dx_ref = NumpyOps().avgpool_backward(dy, cache_ref)
+
+    ops = CupyOps()
+    ws = _poisoned_ws(cp, y=(y_ref.shape, dtype), dx=(x.shape, dtype))
+    y, cache = ops.avgpool_forward(cp.asarray(x), size, stride, ws=ws)
+    assert numpy.array_equal(y.get(), y_ref)
+    dx = ops.avgpool_backward(cp.asarray(dy), cache, ws=ws)
     assert numpy.array_equal(dx.get(), dx_ref)
 
 
@@ -284,6 +329,27 @@ def test_network_gradient_on_gpu_matches_numpy(cp, name):
     dev.grads.fill(numpy.nan)
     loss_gpu = dev.loss_and_grad(cp.asarray(x), cp.asarray(y), rng=numpy.random.default_rng(1))
     assert abs(loss_gpu - loss_cpu) <= 1e-10 * abs(loss_cpu)
+    _assert_close(dev.grads.get(), cpu.grads, 1e-10)
+
+
+def test_network_of_the_new_layers_on_gpu_matches_numpy(cp):
+    """Rectangular conv/pool, average pooling, tanh and sigmoid: the whole gradient through CupyOps equals numpy's."""
+    from asyncsgd.gpu.cupy_ops import CupyOps
+    from asyncsgd.model import (AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, Network, NumpyOps, ReLU, Sigmoid,
+                                Tanh)
+
+    def make(ops):
+        layers = [Conv2D(4, (5, 3), stride=(1, 2), pad=(2, 1)), MaxPool2D((2, 1)), Tanh(),
+                  Conv2D(6, 3, pad=1), AvgPool2D((2, 2), (2, 1)), Sigmoid(), Flatten(), Dense(8), ReLU(), Dense(5)]
+        return Network("rect", layers, (1, 16, 12), 5, ops=ops, dtype=numpy.float64, seed=2)
+
+    cpu, dev = make(NumpyOps()), make(CupyOps())
+    rng = numpy.random.default_rng(4)
+    x, y = rng.standard_normal((6, 1, 16, 12)), rng.integers(0, 5, 6)
+    loss_cpu = cpu.loss_and_grad(x, y)
+    dev.grads.fill(numpy.nan)
+    loss_gpu = dev.loss_and_grad(cp.asarray(x), cp.asarray(y))
+    assert abs(loss_gpu - loss_cpu) <= 1e-12 * abs(loss_cpu)
     _assert_close(dev.grads.get(), cpu.grads, 1e-10)
 
 

@@ -3,7 +3,8 @@ loops.  (benchmarks/bench_conv.py checks the whole speech_cnn against PyTorch be
 import numpy as np
 import pytest
 
-from asyncsgd.model import Conv2D, Dense, Dropout, Flatten, MaxPool2D, NumpyOps, ReLU
+from asyncsgd.model import (AvgPool2D, Conv2D, Dense, Dropout, Flatten, MaxPool2D, NumpyOps, ReLU, Sigmoid, Tanh,
+                            layer_from_spec)
 
 OPS = NumpyOps()
 EPS = 1e-6
@@ -68,16 +69,21 @@ def cnhw(rng, c, n, h, w):
     return rng.standard_normal((c, n, h, w))
 
 
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
 def direct_conv(x, w, b, stride, pad):
     """Reference convolution by loops over output positions: x (C, N, H, W), w (F, C, kh, kw) -> (F, N, Ho, Wo)."""
+    (sh, sw), (ph, pw) = _pair(stride), _pair(pad)
     c, n, h, wd = x.shape
     f, _, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    ho, wo = (h + 2 * pad - kh) // stride + 1, (wd + 2 * pad - kw) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
     y = np.zeros((f, n, ho, wo))
     for i in range(ho):
         for j in range(wo):
-            patch = xp[:, :, i * stride:i * stride + kh, j * stride:j * stride + kw]   # (C, N, kh, kw)
+            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]   # (C, N, kh, kw)
             y[:, :, i, j] = np.einsum("cnpq,fcpq->fn", patch, w) + b[:, None]
     return y
 
@@ -89,6 +95,8 @@ CONV_CASES = [  # (C, N, H, W, F, kernel, stride, pad)
     (2, 1, 9, 8, 3, (2, 3), 3, 1),
     (3, 2, 4, 4, 2, 1, 1, 0),
     (2, 2, 5, 5, 2, 4, 2, 2),
+    (1, 2, 13, 9, 3, (5, 3), (1, 2), (2, 1)),      # rectangular kernel, stride and padding
+    (2, 1, 8, 10, 2, (1, 4), (2, 1), (0, 2)),
 ]
 
 
@@ -217,6 +225,7 @@ FUSED_CASES = [  # (C, N, H, W, F, kernel, pad)
     (2, 2, 5, 6, 3, (2, 3), 1),
     (1, 2, 4, 4, 2, 1, 0),
     (2, 1, 9, 7, 2, 4, 2),
+    (2, 2, 9, 8, 3, (5, 3), (2, 1)),               # rectangular kernel and padding
 ]
 
 
@@ -275,3 +284,96 @@ def test_fusion_only_for_unmodified_ops():
     assert NumpyOps().fuses_conv_pool
     assert not KernelOps().fuses_conv_pool
     assert FusedKernelOps().fuses_conv_pool
+
+
+# ---- rectangular windows, average pooling, tanh and sigmoid --------------------------------------------------------
+
+def window_reference(x, size, stride, reduce):
+    """Pool (C, N, H, W) by loops over output positions with ``reduce`` over axes (2, 3)."""
+    (kh, kw), (sh, sw) = _pair(size), _pair(stride)
+    ho, wo = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    out = np.array([[reduce(x[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw], axis=(2, 3)) for j in range(wo)]
+                    for i in range(ho)])
+    return out.transpose(2, 3, 0, 1)
+
+
+POOL_CASES = [  # (H, W, size, stride): pooling over frequency only, overlapping in one axis, gaps in the other
+    (8, 5, (2, 1), None), (7, 9, (3, 2), (1, 3)), (6, 7, (1, 3), (2, 2)), (5, 7, 2, 2), (7, 7, 3, 2)]
+
+
+@pytest.mark.parametrize("h,w,size,stride", POOL_CASES)
+def test_rectangular_maxpool_forward_and_finite_differences(h, w, size, stride):
+    rng = np.random.default_rng(20)
+    x = cnhw(rng, 2, 3, h, w)
+    layer = MaxPool2D(size, stride)
+    layer.bind(OPS, {}, {})
+    np.testing.assert_array_equal(layer.forward(x, False, None),
+                                  window_reference(x, size, stride or size, np.max))
+    assert layer.output_shape((2, h, w))[1:] == window_reference(x, size, stride or size, np.max).shape[2:]
+    check_layer(MaxPool2D(size, stride), x, (2, h, w))
+
+
+@pytest.mark.parametrize("h,w,size,stride", POOL_CASES + [(6, 6, 2, 1), (9, 8, 4, 3)])
+def test_avgpool_forward_and_finite_differences(h, w, size, stride):
+    rng = np.random.default_rng(21)
+    x = cnhw(rng, 2, 3, h, w)
+    layer = AvgPool2D(size, stride)
+    layer.bind(OPS, {}, {})
+    np.testing.assert_allclose(layer.forward(x, False, None), window_reference(x, size, stride or size, np.mean),
+                               rtol=1e-12, atol=1e-12)
+    check_layer(AvgPool2D(size, stride), x, (2, h, w))
+
+
+@pytest.mark.parametrize("layer_cls", [Tanh, Sigmoid])
+def test_tanh_and_sigmoid_forward_and_finite_differences(layer_cls):
+    rng = np.random.default_rng(22)
+    x = cnhw(rng, 2, 3, 4, 5) * 3
+    x[0, 0, 0, :3] = [-40.0, 40.0, 0.0]            # saturated ends and the centre
+    layer = layer_cls()
+    layer.bind(OPS, {}, {})
+    want = np.tanh(x) if layer_cls is Tanh else 1.0 / (1.0 + np.exp(-x))
+    np.testing.assert_allclose(layer.forward(x, False, None), want, rtol=1e-12, atol=1e-15)
+    check_layer(layer_cls(), x, (2, 4, 5))
+    check_layer(layer_cls(), rng.standard_normal((4, 7)), (7,))
+
+
+def test_new_layers_in_float32_match_float64():
+    rng = np.random.default_rng(23)
+    x = cnhw(rng, 2, 3, 8, 6)
+    for make in (lambda: AvgPool2D((2, 3), (1, 2)), lambda: MaxPool2D((2, 1)), Tanh, Sigmoid):
+        a, b = make(), make()
+        a.bind(OPS, {}, {})
+        b.bind(OPS, {}, {})
+        y32 = a.forward(x.astype(np.float32), False, None)
+        assert y32.dtype == np.float32
+        np.testing.assert_allclose(y32, b.forward(x, False, None), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_arguments_are_checked():
+    with pytest.raises(ValueError, match="kernel >= 1"):
+        Conv2D(4, (3, 0))
+    with pytest.raises(ValueError, match="pad >= 0"):
+        Conv2D(4, 3, pad=(1, -1))
+    with pytest.raises(TypeError, match=r"\(h, w\) pair"):
+        MaxPool2D((2, 2, 2))
+    with pytest.raises(ValueError, match="at most 256"):
+        MaxPool2D((16, 17))
+    with pytest.raises(ValueError, match="smaller than the 3x2 window"):
+        AvgPool2D((3, 2)).output_shape((1, 2, 5))
+
+
+@pytest.mark.parametrize("layer", [Conv2D(4, (5, 3), stride=(1, 2), pad=(2, 0)), MaxPool2D((2, 1)),
+                                   AvgPool2D(3, (1, 2)), ReLU(), Tanh(), Sigmoid(), Flatten(), Dense(7),
+                                   Dropout(0.3)], ids=repr)
+def test_layer_spec_round_trips_through_json(layer):
+    import json
+    spec = json.loads(json.dumps(layer.spec()))
+    again = layer_from_spec(spec)
+    assert type(again) is type(layer) and again.spec() == layer.spec()
+
+
+def test_layer_from_spec_rejects_unknown_types():
+    with pytest.raises(ValueError, match="unknown layer type 'Mystery'.*register_layer"):
+        layer_from_spec({"type": "Mystery"})
+    with pytest.raises(ValueError, match="does not fit Dense"):
+        layer_from_spec({"type": "Dense", "width": 3})

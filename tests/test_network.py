@@ -153,8 +153,8 @@ def test_sgd_learns_a_separable_problem():
 def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="unknown model"):
         build_model("resnet")
-    with pytest.raises(ValueError, match="at least 16x16"):
-        build_model("speech_cnn", (1, 40, 8))
+    with pytest.raises(ValueError, match="at least 4x4"):
+        build_model("speech_cnn", (1, 40, 3))
     net = build_model("speech_cnn", (1, 40, 16))
     with pytest.raises(ValueError, match="expects input of shape"):
         net.forward(np.zeros((2, 1, 40, 17), np.float32))
@@ -164,10 +164,87 @@ def test_bad_inputs_raise_value_error():
         build_model("logreg", dtype=np.int32)
 
 
-def test_speech_cnn_accepts_any_frame_count():
-    for t in (16, 37, 64, 101):
-        net = build_model("speech_cnn", (1, 40, t))
+def test_speech_cnn_accepts_any_frame_and_band_count():
+    for bands, t in ((40, 16), (40, 37), (40, 64), (40, 101), (13, 50), (64, 4), (4, 9), (80, 32)):
+        net = build_model("speech_cnn", (1, bands, t))
         x, y = batch(net, 2)
         assert net.forward(x).shape == (2, 10)
         assert np.isfinite(net.loss_and_grad(x, y))
     assert isinstance(net, Network)
+
+
+# ---- factories, the registry, specs ----------------------------------------------------------------------------------
+
+USER_MODULE = '''
+from asyncsgd.model import AvgPool2D, Conv2D, Dense, Flatten, MaxPool2D, Network, Tanh
+
+def freq_cnn(input_shape, n_classes, *, ops, seed=0):
+    layers = [Conv2D(4, (5, 3), pad=(2, 1)), MaxPool2D((2, 1)), Tanh(), AvgPool2D((1, 2)), Flatten(),
+              Dense(n_classes)]
+    return Network("freq_cnn", layers, input_shape, n_classes, ops=ops, seed=seed)
+
+not_a_factory = 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A module of the user's own, importable from the working directory only."""
+    (tmp_path / "my_nets_for_test.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_nets_for_test"
+    import sys
+    sys.modules.pop("my_nets_for_test", None)
+
+
+def test_builtins_are_registered_factories():
+    from asyncsgd.model import MODELS, NumpyOps, resolve_model, speech_cnn
+    assert MODEL_NAMES == ("speech_cnn", "mnist_cnn", "logreg") and set(MODEL_NAMES) <= set(MODELS)
+    name, factory = resolve_model("speech_cnn")
+    assert (name, factory) == ("speech_cnn", speech_cnn)
+    net = factory((1, 40, 64), 10, ops=NumpyOps(), seed=0)
+    assert net.n_params == 661_834
+    np.testing.assert_array_equal(net.params, build_model("speech_cnn", seed=0).params)
+
+
+def test_resolve_model_imports_a_user_factory(user_module):
+    from asyncsgd.model import resolve_model
+    name, factory = resolve_model(f"{user_module}:freq_cnn")
+    assert name == f"{user_module}:freq_cnn" and factory.__name__ == "freq_cnn"
+    net = build_model(name, (1, 12, 8), 3, seed=4)
+    assert net.factory == name and net.output_shape == (3,)
+    x, y = batch(net, 2)
+    assert np.isfinite(net.loss_and_grad(x, y))
+    assert resolve_model(factory)[0] == f"{user_module}:freq_cnn"       # a callable is named by its import path
+    net64 = build_model(name, (1, 12, 8), 3, seed=4, dtype=np.float64)  # no dtype argument: built, then cast
+    assert net64.dtype == np.float64
+    np.testing.assert_array_equal(net64.params, net.params.astype(np.float64))
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("resnet", "unknown model 'resnet'.*PACKAGE.MODULE:FUNCTION"),
+    ("no_such_module_xyz:net", "cannot import 'no_such_module_xyz'"),
+    ("{mod}:missing", "has no attribute 'missing'"),
+    ("{mod}:not_a_factory", "is not callable"),
+    (":net", "PACKAGE.MODULE:FUNCTION"),
+])
+def test_resolve_model_errors_say_what_to_do(user_module, spec, message):
+    from asyncsgd.model import resolve_model
+    with pytest.raises(ValueError, match=message):
+        resolve_model(spec.format(mod=user_module))
+
+
+def test_factory_that_cannot_take_the_shape_raises_value_error(user_module):
+    with pytest.raises(ValueError, match="smaller than"):
+        build_model(f"{user_module}:freq_cnn", (1, 1, 8), 3)
+
+
+def test_spec_rebuilds_the_same_network():
+    from asyncsgd.model import NumpyOps
+    net = build_model("speech_cnn", (1, 24, 30), 5, seed=7)
+    again = Network.from_spec("copy", net.spec(), net.input_shape, net.n_classes, ops=NumpyOps(), seed=7)
+    assert again.param_layout() == net.param_layout()
+    np.testing.assert_array_equal(again.params, net.params)
+    x, _ = batch(net, 3)
+    np.testing.assert_array_equal(again.forward(x), net.forward(x))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from asyncsgd.ops import ProgressLine, Reporter, load_model, save_model, write_json_atomic
+from asyncsgd.ops import ProgressLine, Reporter, read_model, save_model, write_json_atomic
 from asyncsgd.ops.metrics import read_log
 from asyncsgd.ops.progress import format_duration, format_record
 
@@ -137,7 +137,7 @@ def test_model_round_trip(tmp_path):
                 test_accuracy=0.9633)
     path = tmp_path / "model.h5"
     save_model(path, params, LAYOUT, meta)
-    loaded, got = load_model(path)
+    loaded, got = read_model(path)
     assert loaded.dtype == np.float32 and np.array_equal(loaded, params)
     assert got["model"] == "speech_cnn" and got["input_shape"] == (1, 40, 32) and got["n_classes"] == 10
     assert got["config"] == meta["config"] and got["test_accuracy"] == 0.9633 and got["n_params"] == 90
@@ -155,14 +155,14 @@ def test_model_bad_inputs_and_files(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         save_model(tmp_path / "x.h5", params, LAYOUT, {"model": "m"})
     with pytest.raises(ValueError, match="does not exist"):
-        load_model(tmp_path / "nothing.h5")
+        read_model(tmp_path / "nothing.h5")
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not an hdf5 file at all" * 10)
     with pytest.raises(ValueError, match="unreadable or incomplete"):
-        load_model(junk)
+        read_model(junk)
     good = tmp_path / "good.h5"
     save_model(good, params, LAYOUT, meta)
     cut = tmp_path / "cut.h5"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(ValueError, match="cut.h5"):
-        load_model(cut)
+        read_model(cut)

@@ -72,8 +72,8 @@ def test_serial_summary_and_model_file(tmp_path):
     for key in ("mode", "model", "data", "test_accuracy", "final_loss", "samples_per_s", "wall_s", "epochs"):
         assert key in s, key
     assert s["mode"] == "serial" and s["steps"] == 30 and s["test_accuracy"] > 0.5
-    from asyncsgd.ops.modelio import load_model
-    params, meta = load_model(str(model))
+    from asyncsgd.ops.modelio import read_model
+    params, meta = read_model(str(model))
     assert params.size == s["n_params"] and meta["model"] == "speech_cnn"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records and records[-1]["samples"] == 30 * 32

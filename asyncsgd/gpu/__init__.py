@@ -2,8 +2,10 @@
 
 - ``asyncsgd.gpu.kernels``: finds the .cu sources (installed package or source checkout), compiles them with
   ``cupy.RawModule`` and picks kernels by dtype;
-- ``asyncsgd.gpu.cupy_ops.CupyOps``: the network's conv/pool primitives on the GPU (a ``NumpyOps`` subclass);
-- ``asyncsgd.gpu.sparse``: top-k selection with error feedback, scatter-add and the fused local update.
+- ``asyncsgd.gpu.cupy_ops.CupyOps``: the compute object of a GPU rank (a ``NumpyOps`` subclass): host/device moves,
+  pinned staging, top-k, the fused optimizer step, and the network's conv/pool kernels;
+- ``asyncsgd.gpu.sparse``: top-k selection with error feedback, scatter-add and the fused local update, which
+  ``CupyOps.select_topk``/``scatter_add``/``sgd_update`` serve.
 
 Every module here imports without CuPy; calling into the GPU without it raises RuntimeError.
 """

@@ -22,7 +22,7 @@ __all__ = ["KERNELS", "NVRTC_OPTIONS", "source_path", "read_source", "module", "
 # file defines exactly these entry points for both dtypes.
 KERNELS = {
     "conv": ("im2col", "col2im"),
-    "pool": ("maxpool_forward", "maxpool_backward"),
+    "pool": ("maxpool_forward", "maxpool_backward", "avgpool_forward", "avgpool_backward"),
     "sparse": ("count_at_least", "band_counts", "compact", "scatter_add"),
     "update": ("fused_update",),
 }

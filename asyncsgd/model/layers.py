@@ -1,21 +1,65 @@
-"""Network layers: Conv2D, MaxPool2D, ReLU, Flatten, Dense, Dropout.
+"""Network layers: Conv2D, MaxPool2D, AvgPool2D, ReLU, Tanh, Sigmoid, Flatten, Dense, Dropout.
 
 Every layer works on one mini-batch at a time and keeps what its backward pass needs from the last forward pass.
 Image activations are channel-major ``(C, N, H, W)`` (see ``ops``); flat ones are ``(N, D)``.  Shapes given to
-``output_shape`` are per sample, as the user sees them: ``(C, H, W)`` or ``(D,)``.
+``output_shape`` are per sample, as the user sees them: ``(C, H, W)`` or ``(D,)``.  Kernel, window, stride and
+padding sizes are an int (square) or an ``(h, w)`` pair, e.g. ``MaxPool2D((2, 1))`` pools over frequency only on
+(C, mel bands, frames) inputs.
 
 Parameters are not owned by the layers: ``Network`` hands each layer views into its flat parameter and gradient
 vectors (``bind``), so the weights a layer reads are always the network's current vector, and ``backward`` writes
 its gradients into the network's gradient vector.  Layers do array work only through ``self.ops`` and
 ``self.ops.xp``, so the GPU subclass of the ops runs them unchanged.
+
+A layer's ``spec()`` is a JSON-able dict ``{"type": class name, **constructor arguments}``; ``layer_from_spec``
+rebuilds it, which is how a saved model is rebuilt without the code that first built it.  A layer class of your
+own joins by subclassing ``Layer``, returning its constructor arguments from ``config()`` and calling
+``register_layer`` (a saved model using it then needs that registration to load).
 """
 from __future__ import annotations
 
 import math
 
-from .ops import conv_output_size
+from .ops import conv_output_size, pair
 
-__all__ = ["Layer", "Conv2D", "MaxPool2D", "ReLU", "Flatten", "Dense", "Dropout"]
+__all__ = ["Layer", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Tanh", "Sigmoid", "Flatten", "Dense", "Dropout",
+           "LAYER_TYPES", "register_layer", "layer_from_spec"]
+
+LAYER_TYPES: dict = {}
+
+
+def register_layer(cls):
+    """Make ``cls`` (a Layer subclass) rebuildable by ``layer_from_spec`` under its class name; returns ``cls``."""
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"register_layer takes a Layer subclass, got {cls!r}")
+    LAYER_TYPES[cls.__name__] = cls
+    return cls
+
+
+def layer_from_spec(spec: dict) -> "Layer":
+    """Return a new layer from ``spec`` (as ``Layer.spec()`` returns); ValueError for an unknown or bad spec."""
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ValueError(f"a layer spec is a dict with a 'type' key, got {spec!r}")
+    kind = spec["type"]
+    cls = LAYER_TYPES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown layer type {kind!r} in a model spec; known: {', '.join(sorted(LAYER_TYPES))} "
+                         f"(a layer class of your own must be registered with asyncsgd.model.register_layer)")
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k != "type"}
+    try:
+        return cls(**args)
+    except TypeError as exc:
+        raise ValueError(f"layer spec {spec!r} does not fit {kind}: {exc}") from None
+
+
+def _positive_pair(value, name, layer, minimum=1):
+    try:
+        h, w = pair(value, name)
+    except TypeError as exc:
+        raise TypeError(f"{layer}: {exc}") from None
+    if h < minimum or w < minimum:
+        raise ValueError(f"{layer} needs {name} >= {minimum}, got {value!r}")
+    return h, w
 
 
 class Layer:
@@ -29,6 +73,14 @@ class Layer:
         self.params = {}
         self.grads = {}
         self._ws = {}
+
+    def config(self) -> dict:
+        """Return the constructor arguments that rebuild this layer (JSON-able: ints, floats, lists)."""
+        return {}
+
+    def spec(self) -> dict:
+        """Return ``{"type": class name, **config()}``: what ``layer_from_spec`` rebuilds this layer from."""
+        return {"type": type(self).__name__, **self.config()}
 
     def param_specs(self, in_shape):
         """Return ``[(suffix, shape, fan_in), ...]``: the parameters this layer needs for per-sample ``in_shape``.
@@ -57,7 +109,7 @@ class Layer:
         return dy if need_dx else None
 
     def describe(self):
-        return ""
+        return ", ".join(f"{k}={v}" for k, v in self.config().items())
 
     def __repr__(self):
         return f"{type(self).__name__}({self.describe()})"
@@ -68,26 +120,40 @@ def _require_image(layer, in_shape):
         raise ValueError(f"{layer.kind} needs a (C, H, W) input, got shape {tuple(in_shape)}; put it before Flatten")
 
 
+def _hw(p):
+    return str(p[0]) if p[0] == p[1] else f"({p[0]}, {p[1]})"
+
+
+@register_layer
 class Conv2D(Layer):
-    """2-D convolution: (C, N, H, W) -> (F, N, Ho, Wo); weights ``w`` (F, C, kh, kw) and bias ``b`` (F,)."""
+    """2-D convolution: (C, N, H, W) -> (F, N, Ho, Wo); weights ``w`` (F, C, kh, kw) and bias ``b`` (F,).
+
+    ``kernel``, ``stride`` and ``pad`` (zero padding on both sides) are an int or an ``(h, w)`` pair.
+    """
 
     kind = "conv"
 
-    def __init__(self, filters: int, kernel: int | tuple, stride: int = 1, pad: int = 0):
+    def __init__(self, filters: int, kernel, stride=1, pad=0):
         super().__init__()
-        kh, kw = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
-        if filters < 1 or kh < 1 or kw < 1 or stride < 1 or pad < 0:
-            raise ValueError(f"Conv2D needs filters, kernel, stride >= 1 and pad >= 0, got "
-                             f"filters={filters}, kernel={kernel}, stride={stride}, pad={pad}")
-        self.filters, self.kh, self.kw, self.stride, self.pad = filters, kh, kw, stride, pad
+        if not isinstance(filters, int) or filters < 1:
+            raise ValueError(f"Conv2D needs filters >= 1, got {filters!r}")
+        self.filters = filters
+        self.kh, self.kw = _positive_pair(kernel, "kernel", "Conv2D")
+        self.stride = _positive_pair(stride, "stride", "Conv2D")
+        self.pad = _positive_pair(pad, "pad", "Conv2D", minimum=0)
         self.fused_pool = None
+
+    def config(self):
+        return {"filters": self.filters, "kernel": [self.kh, self.kw], "stride": list(self.stride),
+                "pad": list(self.pad)}
 
     def fuse_pool(self, pool):
         """Compute ``pool`` (a following 2x2/2 MaxPool2D) inside this layer with ``ops.conv2d_maxpool_*``.
 
         Returns True when fused; the pool layer then passes values and gradients through unchanged.
         """
-        if self.stride != 1 or pool.size != 2 or pool.stride != 2 or not self.ops.fuses_conv_pool:
+        if (self.stride != (1, 1) or not isinstance(pool, MaxPool2D) or pool.size != (2, 2)
+                or pool.stride != (2, 2) or not self.ops.fuses_conv_pool):
             return False
         self.fused_pool, pool.fused = pool, True
         return True
@@ -100,11 +166,11 @@ class Conv2D(Layer):
     def output_shape(self, in_shape):
         _require_image(self, in_shape)
         _, h, w = in_shape
-        ho = conv_output_size(h, self.kh, self.stride, self.pad)
-        wo = conv_output_size(w, self.kw, self.stride, self.pad)
+        ho = conv_output_size(h, self.kh, self.stride[0], self.pad[0])
+        wo = conv_output_size(w, self.kw, self.stride[1], self.pad[1])
         if ho < 1 or wo < 1:
             raise ValueError(f"{self.name}: a {h}x{w} input is smaller than its {self.kh}x{self.kw} kernel "
-                             f"(pad {self.pad}); use a larger input or fewer pooling layers")
+                             f"(pad {_hw(self.pad)}); use a larger input or fewer pooling layers")
         return (self.filters, ho, wo)
 
     def forward(self, x, train, rng):
@@ -121,29 +187,48 @@ class Conv2D(Layer):
                         ws=self._ws)
 
     def describe(self):
-        return f"{self.filters}, {self.kh}x{self.kw}, stride={self.stride}, pad={self.pad}"
+        return f"{self.filters}, {_hw((self.kh, self.kw))}, stride={_hw(self.stride)}, pad={_hw(self.pad)}"
 
 
-class MaxPool2D(Layer):
-    """Max pooling over ``size`` x ``size`` windows, ``stride`` (default ``size``): (C, N, H, W) -> (C, N, Ho, Wo)."""
+class _Pool2D(Layer):
+    """Pooling over ``size`` windows (int or (kh, kw)) moved by ``stride`` (default: ``size``), no padding."""
 
-    kind = "pool"
+    _max_offsets = None
 
-    def __init__(self, size: int = 2, stride: int | None = None):
+    def __init__(self, size=2, stride=None):
         super().__init__()
-        stride = size if stride is None else stride
-        if not 1 <= size <= 16 or stride < 1:
-            raise ValueError(f"MaxPool2D needs 1 <= size <= 16 and stride >= 1, got size={size}, stride={stride}")
-        self.size, self.stride = size, stride
-        self.fused = False          # set by Conv2D.fuse_pool: the conv before it already pooled
+        cls = type(self).__name__
+        self.size = _positive_pair(size, "size", cls)
+        self.stride = self.size if stride is None else _positive_pair(stride, "stride", cls)
+        if self._max_offsets is not None and self.size[0] * self.size[1] > self._max_offsets:
+            raise ValueError(f"{cls} windows hold at most {self._max_offsets} values, got {self.size}")
+
+    def config(self):
+        return {"size": list(self.size), "stride": list(self.stride)}
 
     def output_shape(self, in_shape):
         _require_image(self, in_shape)
         c, h, w = in_shape
-        if h < self.size or w < self.size:
-            raise ValueError(f"{self.name}: a {h}x{w} input is smaller than the {self.size}x{self.size} window; "
-                             f"use a larger input")
-        return (c, conv_output_size(h, self.size, self.stride, 0), conv_output_size(w, self.size, self.stride, 0))
+        (kh, kw), (sh, sw) = self.size, self.stride
+        if h < kh or w < kw:
+            raise ValueError(f"{self.name}: a {h}x{w} input is smaller than the {kh}x{kw} window; "
+                             f"use a larger input or a smaller window")
+        return (c, conv_output_size(h, kh, sh, 0), conv_output_size(w, kw, sw, 0))
+
+    def describe(self):
+        return f"{_hw(self.size)}, stride={_hw(self.stride)}"
+
+
+@register_layer
+class MaxPool2D(_Pool2D):
+    """Max pooling: (C, N, H, W) -> (C, N, Ho, Wo); the gradient goes to each window's first maximum."""
+
+    kind = "pool"
+    _max_offsets = 256          # the argmax is kept as one uint8 window offset
+
+    def __init__(self, size=2, stride=None):
+        super().__init__(size, stride)
+        self.fused = False          # set by Conv2D.fuse_pool: the conv before it already pooled
 
     def forward(self, x, train, rng):
         if self.fused:
@@ -156,23 +241,54 @@ class MaxPool2D(Layer):
             return None
         return dy if self.fused else self.ops.maxpool_backward(dy, self._cache, ws=self._ws)
 
-    def describe(self):
-        return f"{self.size}, stride={self.stride}"
+
+@register_layer
+class AvgPool2D(_Pool2D):
+    """Average pooling: (C, N, H, W) -> (C, N, Ho, Wo), each output the mean of its window."""
+
+    kind = "avgpool"
+
+    def forward(self, x, train, rng):
+        y, self._cache = self.ops.avgpool_forward(x, self.size, self.stride, ws=self._ws)
+        return y
+
+    def backward(self, dy, need_dx=True):
+        return self.ops.avgpool_backward(dy, self._cache, ws=self._ws) if need_dx else None
 
 
-class ReLU(Layer):
+class _Activation(Layer):
+    """An elementwise function whose backward needs only its output: ``ops.<kind>_forward/_backward``."""
+
+    def forward(self, x, train, rng):
+        self._y = getattr(self.ops, f"{self.kind}_forward")(x, ws=self._ws)
+        return self._y
+
+    def backward(self, dy, need_dx=True):
+        return getattr(self.ops, f"{self.kind}_backward")(dy, self._y, ws=self._ws) if need_dx else None
+
+
+@register_layer
+class ReLU(_Activation):
     """max(x, 0), any shape."""
 
     kind = "relu"
 
-    def forward(self, x, train, rng):
-        self._y = self.ops.relu_forward(x, ws=self._ws)
-        return self._y
 
-    def backward(self, dy, need_dx=True):
-        return self.ops.relu_backward(dy, self._y, ws=self._ws) if need_dx else None
+@register_layer
+class Tanh(_Activation):
+    """tanh(x), any shape."""
+
+    kind = "tanh"
 
 
+@register_layer
+class Sigmoid(_Activation):
+    """1 / (1 + exp(-x)), any shape."""
+
+    kind = "sigmoid"
+
+
+@register_layer
 class Flatten(Layer):
     """(C, N, H, W) -> (N, C*H*W), features in (c, h, w) order; a flat (N, D) input passes through."""
 
@@ -191,6 +307,7 @@ class Flatten(Layer):
         return self.ops.unflatten(dy, self._shape) if len(self._shape) == 4 else dy
 
 
+@register_layer
 class Dense(Layer):
     """Fully connected: (N, D) -> (N, K) = x @ w + b with ``w`` (D, K) and ``b`` (K,)."""
 
@@ -198,9 +315,12 @@ class Dense(Layer):
 
     def __init__(self, units: int):
         super().__init__()
-        if units < 1:
-            raise ValueError(f"Dense needs units >= 1, got {units}")
+        if not isinstance(units, int) or units < 1:
+            raise ValueError(f"Dense needs units >= 1, got {units!r}")
         self.units = units
+
+    def config(self):
+        return {"units": self.units}
 
     def param_specs(self, in_shape):
         if len(in_shape) != 1:
@@ -223,6 +343,7 @@ class Dense(Layer):
         return str(self.units)
 
 
+@register_layer
 class Dropout(Layer):
     """Inverted dropout: in training, zero each value with probability ``rate`` and scale the rest by 1/(1-rate)."""
 
@@ -232,7 +353,10 @@ class Dropout(Layer):
         super().__init__()
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"Dropout rate must be in [0, 1), got {rate}")
-        self.rate = rate
+        self.rate = float(rate)
+
+    def config(self):
+        return {"rate": self.rate}
 
     def forward(self, x, train, rng):
         if not train or self.rate == 0.0:

@@ -9,7 +9,7 @@ import math
 
 import numpy
 
-from .layers import Conv2D, Layer, MaxPool2D
+from .layers import Conv2D, Layer, MaxPool2D, layer_from_spec
 
 __all__ = ["Network"]
 
@@ -20,11 +20,15 @@ class Network:
     Inputs ``x`` are ``(N, C, H, W)`` (or ``(N, D)`` for a flat ``input_shape``) in the backend's memory, of the
     network's dtype (other float dtypes are converted); labels ``y`` are integer ``(N,)`` in ``[0, n_classes)``.
     ``fuse`` lets a stride-1 Conv2D compute the 2x2 MaxPool2D after it in one step (same values, less memory traffic).
+
+    ``spec()`` describes the architecture as JSON-able data and ``Network.from_spec`` rebuilds it, which is how a
+    saved model (``asyncsgd.model.save_model``/``load_model``) is rebuilt without the code that first built it.
     """
 
     def __init__(self, name: str, layers: list[Layer], input_shape, n_classes: int, *, ops, dtype=numpy.float32,
                  seed: int = 0, fuse: bool = True):
         self.name = name
+        self.factory = None         # what resolve_model named the factory, set by build_model; a saved model keeps it
         self.layers = list(layers)
         self.input_shape = tuple(int(d) for d in input_shape)
         self.n_classes = int(n_classes)
@@ -70,6 +74,29 @@ class Network:
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self._first_param_layer = with_params[0] if with_params else len(self.layers)
         self.initialize(self.seed)
+
+    # ---- architecture ---------------------------------------------------------------------------------------------
+    def spec(self) -> list:
+        """Return the layers as a JSON-able list of ``Layer.spec()`` dicts (with the input shape and class count,
+        what ``Network.from_spec`` needs)."""
+        return [layer.spec() for layer in self.layers]
+
+    @classmethod
+    def from_spec(cls, name: str, spec, input_shape, n_classes: int, *, ops, dtype=numpy.float32, seed: int = 0,
+                  fuse: bool = True) -> "Network":
+        """Return a new network of the layers ``spec`` (as ``spec()`` returned), initialised from ``seed``."""
+        if not isinstance(spec, (list, tuple)) or not spec:
+            raise ValueError(f"a network spec is a non-empty list of layer specs, got {spec!r}")
+        return cls(name, [layer_from_spec(s) for s in spec], input_shape, n_classes, ops=ops, dtype=dtype,
+                   seed=seed, fuse=fuse)
+
+    def astype(self, dtype, ops=None) -> "Network":
+        """Return a copy of this network (same layers, parameters cast to ``dtype``) on ``ops`` (default: its own)."""
+        ops = self.ops if ops is None else ops
+        copy = Network.from_spec(self.name, self.spec(), self.input_shape, self.n_classes, ops=ops, dtype=dtype,
+                                 seed=self.seed)
+        copy.params[...] = ops.to_device(self.ops.to_host(self.params).astype(copy.dtype))
+        return copy
 
     # ---- parameters -----------------------------------------------------------------------------------------------
     def param_layout(self):

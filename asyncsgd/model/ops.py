@@ -1,6 +1,12 @@
-"""Array primitives of the network layers on numpy; ``asyncsgd.gpu.cupy_ops.CupyOps`` overrides them with kernels.
+"""The compute object of a rank on numpy; ``asyncsgd.gpu.cupy_ops.CupyOps`` overrides what its kernels speed up.
 
-Layers call only ``ops.<method>`` and ``ops.xp.<function>``, so the same layer code runs on either backend.
+One ``ops`` object per rank owns everything that depends on where arrays live: the array module ``xp``, moves between
+host and device (``to_host``/``to_device``/``staging_buffer``/``synchronize``), top-k selection with a residual
+(``select_topk``), the optimizer step (``sgd_update``: momentum/Adagrad, one fused kernel on a GPU), and the network
+layers' primitives.  Layers call only ``ops.<method>`` and ``ops.xp.<function>``, so the same layer code runs on
+either backend.  ``asyncsgd.backend.select_ops(device)`` chooses the class for a rank.
+
+Sizes of windows, strides and paddings are an int (square) or an ``(h, w)`` pair; ``pair()`` normalises them.
 
 Layout.  Image activations inside the network are *channel-major*: ``(C, N, H, W)`` ("CNHW"), C-contiguous.  With
 this layout a convolution is one row-major GEMM ``W[F, C*kh*kw] @ col[C*kh*kw, N*Ho*Wo]`` whose result is already the
@@ -16,11 +22,12 @@ use them (forward of step t+1 starts after backward of step t).
 Weight gradients are written INTO the given ``dw``/``db`` arrays (views into the network's flat gradient vector),
 overwriting them.  Inputs may be non-contiguous views (a method copies what it needs); outputs may be too.
 
-For a subclass (the GPU ops).  The methods are: ``make_rng``, ``dropout_mask``, ``nchw_to_cnhw``, ``flatten``,
+For a subclass (the GPU ops).  The layer methods are: ``make_rng``, ``dropout_mask``, ``nchw_to_cnhw``, ``flatten``,
 ``unflatten``, ``conv2d_forward``/``conv2d_backward``, ``conv2d_maxpool_forward``/``conv2d_maxpool_backward`` (a
 stride-1 conv followed by a 2x2/2 max-pool, in one step), ``maxpool_forward``/``maxpool_backward``,
-``relu_forward``/``relu_backward``, ``dense_forward``/``dense_backward``, ``softmax_cross_entropy``,
-``sum_loss_and_correct``.  The base code is written against ``self.xp`` and also runs on CuPy arrays, so a subclass may
+``avgpool_forward``/``avgpool_backward``, ``relu_*``, ``tanh_*``, ``sigmoid_*``, ``dense_forward``/``dense_backward``,
+``softmax_cross_entropy``, ``sum_loss_and_correct``.  Every convolution goes through one GEMM helper,
+``conv_columns`` + ``conv_gemm_forward`` / ``conv_gemm_backward`` (the bias folded in as a row of ones).  The base code is written against ``self.xp`` and also runs on CuPy arrays, so a subclass may
 override any subset.  A network uses the fused conv+pool only while ``fuses_conv_pool`` is True: that is the case when
 the subclass overrides none of the four unfused conv/pool methods, or when it overrides ``conv2d_maxpool_forward``
 (and then also ``conv2d_maxpool_backward``, whose cache it defines).  Caches are opaque: only the matching backward
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import numpy
 
-__all__ = ["NumpyOps", "cached_buffer", "conv_output_size"]
+__all__ = ["NumpyOps", "cached_buffer", "conv_output_size", "pair"]
 
 
 def cached_buffer(ws, key, shape, dtype, xp, zero=False):
@@ -45,13 +52,27 @@ def cached_buffer(ws, key, shape, dtype, xp, zero=False):
     return buf
 
 
+def pair(value, name: str = "size") -> tuple[int, int]:
+    """Return ``value`` (an int or a 2-sequence of ints) as ``(h, w)``; TypeError/ValueError naming ``name``."""
+    if isinstance(value, (int, numpy.integer)) and not isinstance(value, bool):
+        return int(value), int(value)
+    try:
+        h, w = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}") from None
+    for v in (h, w):
+        if not isinstance(v, (int, numpy.integer)) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int or an (h, w) pair of ints, got {value!r}")
+    return int(h), int(w)
+
+
 def conv_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
     """Return the output length of a convolution or pooling window along one axis (floor division)."""
     return (size + 2 * pad - kernel) // stride + 1
 
 
 class NumpyOps:
-    """Convolution, pooling and elementwise primitives on numpy arrays (the reference implementation).
+    """The compute object of a CPU rank, and the reference implementation of every primitive.
 
     Subclasses set ``xp`` to their array module and override methods they speed up; every method's contract is
     stated in its docstring and holds for float32 and float64.
@@ -59,6 +80,64 @@ class NumpyOps:
 
     xp = numpy
     name = "numpy"
+    device = "cpu"          # "cpu" or "gpu": what --device asked for and got
+    device_id = None        # the CUDA device of a GPU rank
+    is_gpu = False
+
+    def __repr__(self):
+        dev = "" if self.device_id is None else f"device={self.device_id}"
+        return f"{type(self).__name__}({dev})"
+
+    # ---- memory: host/device moves and staging --------------------------------------------------------------------
+    def to_host(self, a, out=None):
+        """Return ``a`` as a numpy array, copied into ``out`` (a numpy array, pinned or not) when given.
+
+        On the CPU ``a`` itself is returned when ``out`` is None (no copy).
+        """
+        if out is not None:
+            numpy.copyto(out, a)
+            return out
+        return numpy.asarray(a)
+
+    def to_device(self, a, out=None):
+        """Return host array ``a`` in this backend's memory (copied into ``out`` when given; else no copy on CPU)."""
+        if out is not None:
+            numpy.copyto(out, a)
+            return out
+        return a
+
+    def staging_buffer(self, n: int, dtype=numpy.float32):
+        """Return an uninitialised host array (n,) for copies to and from the device (pinned on a GPU rank)."""
+        return numpy.empty(int(n), dtype)
+
+    def synchronize(self):
+        """Wait for queued device work (a no-op on CPU)."""
+
+    # ---- sparse pushes and the optimizer step ---------------------------------------------------------------------
+    def select_topk(self, accrued, fraction: float, residual):
+        """Choose the largest-magnitude ``fraction`` of ``accrued + residual``; keep the rest in ``residual``.
+
+        Returns ``(idx int64 ascending, values)`` in this backend's memory; the contract of
+        ``asyncsgd.sparse.select_topk``.
+        """
+        from asyncsgd import sparse
+        return sparse.select_topk(accrued, fraction, residual)
+
+    def scatter_add(self, dense, idx, values):
+        """``dense[idx] += values`` in place (repeated indices summed): ``asyncsgd.sparse.scatter_add``."""
+        from asyncsgd import sparse
+        sparse.scatter_add(dense, idx, values)
+        return dense
+
+    def sgd_update(self, params, grad, *, lr: float, momentum: float = 0.0, velocity=None, weight: float = 1.0,
+                   sum_sq=None, eps: float = 1e-8, accrued=None):
+        """One optimizer step in place: ``v = momentum*v + g; params -= (weight*lr) * v`` (with Adagrad scaling of g
+        when ``sum_sq`` is given, and ``accrued += v`` when given).  The contract of ``asyncsgd.sparse.fused_update``;
+        one fused kernel on a GPU.  All arrays (n,) of one float dtype, C-contiguous.
+        """
+        from asyncsgd import sparse
+        sparse.fused_update(params, grad, lr=lr, momentum=momentum, velocity=velocity, weight=weight,
+                            sum_sq=sum_sq, eps=eps, accrued=accrued)
 
     # ---- random numbers -------------------------------------------------------------------------------------------
     def make_rng(self, seed: int):
@@ -91,68 +170,69 @@ class NumpyOps:
         return self.xp.ascontiguousarray(d.reshape(n, c, h, w).transpose(1, 0, 2, 3))
 
     # ---- convolution ----------------------------------------------------------------------------------------------
-    def conv2d_forward(self, x, w, b, stride: int, pad: int, ws=None):
-        """Return ``(y, cache)`` of a 2-D cross-correlation (PyTorch's Conv2d), zero padding ``pad`` on every side.
+    def conv2d_forward(self, x, w, b, stride, pad, ws=None):
+        """Return ``(y, cache)`` of a 2-D cross-correlation (PyTorch's Conv2d) with zero padding.
 
-        x: (C, N, H, W); w: (F, C, kh, kw); b: (F,); y: (F, N, Ho, Wo) with
-        ``Ho = (H + 2*pad - kh)//stride + 1`` (likewise Wo) and
-        ``y[f, n, i, j] = b[f] + sum_{c,p,q} w[f, c, p, q] * xpad[c, n, i*stride + p, j*stride + q]``.
+        x: (C, N, H, W); w: (F, C, kh, kw); b: (F,); ``stride`` and ``pad`` an int or an (h, w) pair;
+        y: (F, N, Ho, Wo) with ``Ho = (H + 2*pad_h - kh)//stride_h + 1`` (likewise Wo) and
+        ``y[f, n, i, j] = b[f] + sum_{c,p,q} w[f, c, p, q] * xpad[c, n, i*stride_h + p, j*stride_w + q]``.
         ``cache`` is opaque; pass it unchanged to ``conv2d_backward``.
 
         Implementation: x is copied into a zero-bordered buffer, the kh*kw shifted windows are copied with one
-        strided copy into ``col`` (C*kh*kw + 1, N*Ho*Wo) whose last row is ones, and one GEMM with ``[w | b]`` gives y
-        (the ones row folds the bias into the GEMM, saving a pass over y).
+        strided copy into the columns of ``conv_columns``, and ``conv_gemm_forward`` gives y.
         """
         xp = self.xp
         ws = {} if ws is None else ws
+        (sh, sw), (ph, pw) = pair(stride, "stride"), pair(pad, "pad")
         c, n, h, wd = x.shape
-        f, c2, kh, kw = w.shape
-        if c2 != c:
-            raise ValueError(f"conv2d: input has {c} channels but the weights expect {c2}")
-        ho, wo = conv_output_size(h, kh, stride, pad), conv_output_size(wd, kw, stride, pad)
-        if ho < 1 or wo < 1:
-            raise ValueError(f"conv2d: input {h}x{wd} is smaller than the {kh}x{kw} kernel (pad {pad})")
-        k = c * kh * kw
-        p = n * ho * wo
-        if pad:
-            xpad = cached_buffer(ws, "xpad", (c, n, h + 2 * pad, wd + 2 * pad), x.dtype, xp, zero=True)
-            xpad[:, :, pad:pad + h, pad:pad + wd] = x   # the border stays zero from allocation
+        ho, wo = self._conv_shape(x.shape, w.shape, (sh, sw), (ph, pw))
+        f, _, kh, kw = w.shape
+        if ph or pw:
+            xpad = cached_buffer(ws, "xpad", (c, n, h + 2 * ph, wd + 2 * pw), x.dtype, xp, zero=True)
+            xpad[:, :, ph:ph + h, pw:pw + wd] = x   # the border stays zero from allocation
         else:
             xpad = x
-        col = ws.get("col")
-        if col is None or col.shape != (k + 1, p) or col.dtype != x.dtype:
-            col = xp.empty((k + 1, p), x.dtype)
-            col[k] = 1                                    # the bias row, written once per buffer
-            ws["col"] = col
-        self.im2col(xpad, kh, kw, stride, ho, wo, out=col[:k].reshape(c, kh, kw, n, ho, wo))
-        wb = cached_buffer(ws, "wb", (f, k + 1), w.dtype, xp)
-        wb[:, :k] = w.reshape(f, k)
-        wb[:, k] = b
-        y = cached_buffer(ws, "y", (f, p), x.dtype, xp)
-        xp.matmul(wb, col, out=y)
-        cache = (x.shape, stride, pad, ho, wo, col, xpad.shape)
+        k = c * kh * kw
+        col = self.conv_columns(ws, k, n * ho * wo, x.dtype)
+        self.im2col(xpad, kh, kw, (sh, sw), ho, wo, out=col[:k].reshape(c, kh, kw, n, ho, wo))
+        y = self.conv_gemm_forward(w, b, col, ws)
+        cache = (x.shape, (sh, sw), (ph, pw), ho, wo, col, xpad.shape)
         return y.reshape(f, n, ho, wo), cache
 
-    def im2col(self, xpad, kh: int, kw: int, stride: int, ho: int, wo: int, out):
+    @staticmethod
+    def _conv_shape(xshape, wshape, stride, pad):
+        """Return (Ho, Wo) of a convolution; ValueError when channels differ or the kernel does not fit."""
+        c, _, h, wd = xshape
+        _, c2, kh, kw = wshape
+        if c2 != c:
+            raise ValueError(f"conv2d: input has {c} channels but the weights expect {c2}")
+        ho, wo = conv_output_size(h, kh, stride[0], pad[0]), conv_output_size(wd, kw, stride[1], pad[1])
+        if ho < 1 or wo < 1:
+            raise ValueError(f"conv2d: input {h}x{wd} is smaller than the {kh}x{kw} kernel (pad {pad[0]}x{pad[1]})")
+        return ho, wo
+
+    def im2col(self, xpad, kh: int, kw: int, stride, ho: int, wo: int, out):
         """Copy windows of padded ``xpad`` (C, N, Hp, Wp) into ``out`` (C, kh, kw, N, Ho, Wo):
 
-        ``out[c, p, q, n, i, j] = xpad[c, n, i*stride + p, j*stride + q]``.
+        ``out[c, p, q, n, i, j] = xpad[c, n, i*stride_h + p, j*stride_w + q]``; ``stride`` an int or (h, w) pair.
         """
+        (sh, sw) = pair(stride, "stride")
         s_c, s_n, s_h, s_w = xpad.strides
         view = self.xp.lib.stride_tricks.as_strided(
-            xpad, shape=out.shape, strides=(s_c, s_h, s_w, s_n, s_h * stride, s_w * stride))
+            xpad, shape=out.shape, strides=(s_c, s_h, s_w, s_n, s_h * sh, s_w * sw))
         self.xp.copyto(out, view)
         return out
 
-    def col2im_add(self, dcol, stride: int, out):
+    def col2im_add(self, dcol, stride, out):
         """Add ``dcol`` (C, kh, kw, N, Ho, Wo) into ``out`` (C, N, Hp, Wp): the adjoint of ``im2col``.
 
-        ``out[c, n, i*stride + p, j*stride + q] += dcol[c, p, q, n, i, j]``; one strided add per kernel offset.
+        ``out[c, n, i*stride_h + p, j*stride_w + q] += dcol[c, p, q, n, i, j]``; one strided add per kernel offset.
         """
+        (sh, sw) = pair(stride, "stride")
         _, kh, kw, _, ho, wo = dcol.shape
         for p in range(kh):
             for q in range(kw):
-                dst = out[:, :, p:p + stride * (ho - 1) + 1:stride, q:q + stride * (wo - 1) + 1:stride]
+                dst = out[:, :, p:p + sh * (ho - 1) + 1:sh, q:q + sw * (wo - 1) + 1:sw]
                 dst += dcol[:, p, q]
         return out
 
@@ -166,24 +246,51 @@ class NumpyOps:
         """
         xp = self.xp
         ws = {} if ws is None else ws
-        xshape, stride, pad, ho, wo, col, pshape = cache
+        xshape, stride, (ph, pw), ho, wo, col, pshape = cache
         c, n, h, wd = xshape
         f, _, kh, kw = w.shape
-        dcol = self.conv_backward_gemms(dy.reshape(f, n * ho * wo), col, w, dw, db, need_dx, ws)
+        dcol = self.conv_gemm_backward(dy.reshape(f, n * ho * wo), col, w, dw, db, need_dx, ws)
         if dcol is None:
             return None
         dxpad = cached_buffer(ws, "dxpad", pshape, dy.dtype, xp)
         dxpad.fill(0)
         self.col2im_add(dcol.reshape(c, kh, kw, n, ho, wo), stride, dxpad)
-        if pad:
-            return dxpad[:, :, pad:pad + h, pad:pad + wd]
+        if ph or pw:
+            return dxpad[:, :, ph:ph + h, pw:pw + wd]
         return dxpad
 
-    def conv_backward_gemms(self, dy2, col, w, dw, db, need_dx: bool, ws):
-        """The two GEMMs of a convolution's backward pass, shared by every backend.
+    # ---- the convolution GEMM, shared by every convolution of every backend ---------------------------------------
+    def conv_columns(self, ws, k: int, p: int, dtype):
+        """Return the cached column matrix (K + 1, P) of a convolution whose last row is ones (the bias row).
 
-        dy2: (F, P) output gradient, P = N*Ho*Wo; col: (K + 1, P) the forward's im2col matrix with its ones row,
-        K = C*kh*kw.  Overwrites dw (F, C, kh, kw) and db (F,) from one GEMM ``dy2 @ col.T`` (the ones row yields db);
+        Rows 0..K-1 are the caller's to fill (im2col); the ones row is written once per buffer.
+        """
+        col = ws.get("col")
+        if col is None or col.shape != (k + 1, p) or col.dtype != dtype:
+            col = self.xp.empty((k + 1, p), dtype)
+            col[k] = 1
+            ws["col"] = col
+        return col
+
+    def conv_gemm_forward(self, w, b, col, ws):
+        """Return ``[w | b] @ col`` (F, P) for w (F, C, kh, kw), b (F,) and ``col`` from ``conv_columns``.
+
+        The ones row of ``col`` folds the bias into the GEMM, saving a pass over y; y lives in ``ws``.
+        """
+        xp = self.xp
+        f, k = w.shape[0], col.shape[0] - 1
+        wb = cached_buffer(ws, "wb", (f, k + 1), w.dtype, xp)
+        wb[:, :k] = w.reshape(f, k)
+        wb[:, k] = b
+        y = cached_buffer(ws, "y", (f, col.shape[1]), col.dtype, xp)
+        xp.matmul(wb, col, out=y)
+        return y
+
+    def conv_gemm_backward(self, dy2, col, w, dw, db, need_dx: bool, ws):
+        """The two GEMMs of a convolution's backward pass.
+
+        dy2: (F, P) output gradient; col: (K + 1, P) the forward's columns with their ones row, K = C*kh*kw.
+        Overwrites dw (F, C, kh, kw) and db (F,) from one GEMM ``dy2 @ col.T`` (the ones row yields db);
         returns dcol = w^T dy2, (K, P), for col2im, or None when ``need_dx`` is False.
         """
         xp = self.xp
@@ -213,11 +320,11 @@ class NumpyOps:
                  and cls.maxpool_backward is NumpyOps.maxpool_backward)
         return own or plain
 
-    def conv2d_maxpool_forward(self, x, w, b, pad: int, ws=None):
+    def conv2d_maxpool_forward(self, x, w, b, pad, ws=None):
         """Return ``(y, cache)`` of a stride-1 ``conv2d_forward`` followed by ``maxpool_forward`` with size 2, stride 2.
 
-        x: (C, N, H, W); w: (F, C, kh, kw); b: (F,); y: (F, N, Ho//2, Wo//2) with ``Ho = H + 2*pad - kh + 1``
-        (likewise Wo), possibly a non-contiguous view.  Values and the routing of gradients to each window's first
+        x: (C, N, H, W); w: (F, C, kh, kw); b: (F,); ``pad`` an int or (h, w) pair; y: (F, N, Ho//2, Wo//2) with
+        ``Ho = H + 2*pad_h - kh + 1`` (likewise Wo), possibly a non-contiguous view.  Values and the routing of gradients to each window's first
         maximum equal the unfused pair; conv outputs the pooling ignores (an odd last row or column) are not computed.
 
         Why it is faster (memory traffic, not FLOPs, bounds numpy here):
@@ -230,14 +337,15 @@ class NumpyOps:
         """
         xp = self.xp
         ws = {} if ws is None else ws
+        ph, pw = pad = pair(pad, "pad")
         c, n, h, wd = x.shape
         f, c2, kh, kw = w.shape
         if c2 != c:
             raise ValueError(f"conv2d: input has {c} channels but the weights expect {c2}")
-        hh, wh = (h + 2 * pad - kh + 1) // 2, (wd + 2 * pad - kw + 1) // 2
+        hh, wh = (h + 2 * ph - kh + 1) // 2, (wd + 2 * pw - kw + 1) // 2
         if hh < 1 or wh < 1:
             raise ValueError(f"conv2d+maxpool: input {h}x{wd} gives no 2x2 pooling window after the {kh}x{kw} conv")
-        hq, wq = (h + 2 * pad + 1) // 2 + 1, (wd + 2 * pad + 1) // 2   # +1 row: slack for the last run's junk tail
+        hq, wq = (h + 2 * ph + 1) // 2 + 1, (wd + 2 * pw + 1) // 2   # +1 row: slack for the last run's junk tail
         k, run = c * kh * kw, hh * wq
         m = n * run
         planes = cached_buffer(ws, "planes", (2, 2, c, n, hq, wq), x.dtype, xp, zero=True)
@@ -246,11 +354,7 @@ class NumpyOps:
                 src, dst = self._parity_slices(x.shape, pad, r, s)
                 planes[r, s][dst] = x[src]                  # borders stay zero from allocation
         flat = planes.reshape(2, 2, c, n, hq * wq)
-        col = ws.get("col")
-        if col is None or col.shape != (k + 1, 4 * m) or col.dtype != x.dtype:
-            col = xp.empty((k + 1, 4 * m), x.dtype)
-            col[k] = 1                                      # the bias row
-            ws["col"] = col
+        col = self.conv_columns(ws, k, 4 * m, x.dtype)
         col8 = col[:k].reshape(c, kh, kw, 2, 2, n, run)
         for p in range(kh):
             for q in range(kw):
@@ -259,11 +363,7 @@ class NumpyOps:
                         u, v = a + p, bb + q
                         off = (u // 2) * wq + v // 2
                         col8[:, p, q, a, bb] = flat[u % 2, v % 2, :, :, off:off + run]
-        wb = cached_buffer(ws, "wb", (f, k + 1), w.dtype, xp)
-        wb[:, :k] = w.reshape(f, k)
-        wb[:, k] = b
-        y = cached_buffer(ws, "y", (f, 4, m), x.dtype, xp)
-        xp.matmul(wb, col, out=y.reshape(f, 4 * m))
+        y = self.conv_gemm_forward(w, b, col, ws).reshape(f, 4, m)
         out, arg = self._max4(y, ws)
         cache = (x.shape, pad, hh, wh, wq, col, arg)
         return out.reshape(f, n, hh, wq)[:, :, :, :wh], cache
@@ -294,11 +394,13 @@ class NumpyOps:
 
     @staticmethod
     def _parity_slices(xshape, pad, r, s):
-        """Return (source slices of x, destination slices of a parity plane) for padded-row parity r, column s."""
+        """Return (source slices of x, destination slices of a parity plane) for padded-row parity r, column s;
+        ``pad`` is the (h, w) padding."""
         _, _, h, wd = xshape
-        h0, w0 = (r - pad) % 2, (s - pad) % 2
+        ph, pw = pad
+        h0, w0 = (r - ph) % 2, (s - pw) % 2
         nh, nw = len(range(h0, h, 2)), len(range(w0, wd, 2))
-        i0, j0 = (h0 + pad) // 2, (w0 + pad) // 2
+        i0, j0 = (h0 + ph) // 2, (w0 + pw) // 2
         return ((slice(None), slice(None), slice(h0, h, 2), slice(w0, wd, 2)),
                 (slice(None), slice(None), slice(i0, i0 + nh), slice(j0, j0 + nw)))
 
@@ -312,7 +414,7 @@ class NumpyOps:
         xshape, pad, hh, wh, wq, col, arg = cache
         c, n, h, wd = xshape
         f, _, kh, kw = w.shape
-        k, run = c * kh * kw, hh * wq
+        run = hh * wq
         m = n * run
         dyq = cached_buffer(ws, "dyq", (f, n, hh, wq), dy.dtype, xp, zero=True)
         dyq[:, :, :, :wh] = dy                              # junk columns keep a zero gradient
@@ -322,17 +424,11 @@ class NumpyOps:
         for t in range(4):
             xp.equal(arg, t, out=hit)
             xp.multiply(dy2, hit, out=dconv[:, t])
-        dconv2 = dconv.reshape(f, 4 * m)
-        dwb = cached_buffer(ws, "dwb", (f, k + 1), dy.dtype, xp)
-        xp.matmul(dconv2, col.T, out=dwb)
-        dw[...] = dwb[:, :k].reshape(dw.shape)
-        db[...] = dwb[:, k]
-        if not need_dx:
+        dcol = self.conv_gemm_backward(dconv.reshape(f, 4 * m), col, w, dw, db, need_dx, ws)
+        if dcol is None:
             return None
-        dcol = cached_buffer(ws, "dcol", (k, 4 * m), dy.dtype, xp)
-        xp.matmul(w.reshape(f, k).T, dconv2, out=dcol)
         dcol8 = dcol.reshape(c, kh, kw, 2, 2, n, run)
-        hq = (h + 2 * pad + 1) // 2 + 1
+        hq = (h + 2 * pad[0] + 1) // 2 + 1
         dplanes = cached_buffer(ws, "dplanes", (2, 2, c, n, hq, wq), dy.dtype, xp)
         dplanes.fill(0)
         dflat = dplanes.reshape(2, 2, c, n, hq * wq)
@@ -350,64 +446,121 @@ class NumpyOps:
                 dx[src] = dplanes[r, s][dst]
         return dx
 
-    # ---- max pooling ----------------------------------------------------------------------------------------------
-    def maxpool_forward(self, x, size: int, stride: int, ws=None):
-        """Return ``(y, cache)`` of max pooling over ``size`` x ``size`` windows, no padding.
+    # ---- pooling --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _pool_shape(xshape, size, stride, kind):
+        """Return ((kh, kw), (sh, sw), (Ho, Wo)) of a pooling without padding; ValueError when the window misfits."""
+        (kh, kw), (sh, sw) = pair(size, "size"), pair(stride, "stride")
+        _, _, h, wd = xshape
+        if kh < 1 or kw < 1 or sh < 1 or sw < 1:
+            raise ValueError(f"{kind}: window and stride must be >= 1, got {kh}x{kw} and {sh}x{sw}")
+        ho, wo = conv_output_size(h, kh, sh, 0), conv_output_size(wd, kw, sw, 0)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"{kind}: input {h}x{wd} is smaller than the {kh}x{kw} window")
+        return (kh, kw), (sh, sw), (ho, wo)
 
-        x: (C, N, H, W); y: (C, N, Ho, Wo) with ``Ho = (H - size)//stride + 1``; rows/columns past the last full window
-        are ignored.  The gradient goes to the first maximum of each window in row-major window order (PyTorch's
-        choice), recorded in ``cache`` as a uint8 window index per output.
+    def maxpool_forward(self, x, size, stride, ws=None):
+        """Return ``(y, cache)`` of max pooling over ``size`` windows (int or (kh, kw)), no padding.
+
+        x: (C, N, H, W); y: (C, N, Ho, Wo) with ``Ho = (H - kh)//stride_h + 1`` (likewise Wo); rows/columns past the
+        last full window are ignored.  The gradient goes to the first maximum of each window in row-major window
+        order (PyTorch's choice), recorded in ``cache`` as a uint8 window offset ``p*kw + q`` per output.
         """
         xp = self.xp
         ws = {} if ws is None else ws
-        if size * size > 256:
-            raise ValueError(f"maxpool: a {size}x{size} window has more offsets than the uint8 argmax can hold "
-                             f"(at most 16x16)")
-        c, n, h, wd = x.shape
-        ho, wo = conv_output_size(h, size, stride, 0), conv_output_size(wd, size, stride, 0)
-        if ho < 1 or wo < 1:
-            raise ValueError(f"maxpool: input {h}x{wd} is smaller than the {size}x{size} window")
+        (kh, kw), (sh, sw), (ho, wo) = self._pool_shape(x.shape, size, stride, "maxpool")
+        if kh * kw > 256:
+            raise ValueError(f"maxpool: a {kh}x{kw} window has more offsets than the uint8 argmax can hold "
+                             f"(at most 256)")
+        c, n, _, _ = x.shape
         y = cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
         arg = cached_buffer(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
         gt = cached_buffer(ws, "gt", (c, n, ho, wo), numpy.bool_, xp)
-        last_h, last_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-        y[...] = x[:, :, 0:last_h:stride, 0:last_w:stride]
+        last_h, last_w = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+        y[...] = x[:, :, 0:last_h:sh, 0:last_w:sw]
         arg.fill(0)
         t = 0
-        for p in range(size):
-            for q in range(size):
+        for p in range(kh):
+            for q in range(kw):
                 if t:
-                    cand = x[:, :, p:p + last_h:stride, q:q + last_w:stride]
+                    cand = x[:, :, p:p + last_h:sh, q:q + last_w:sw]
                     xp.greater(cand, y, out=gt)
                     xp.multiply(arg, ~gt, out=arg)         # masked assignment arg[gt] = t without copyto(where=),
                     arg += gt.view(numpy.uint8) * numpy.uint8(t)   # which is ~40x slower in numpy
                     xp.maximum(y, cand, out=y)
                 t += 1
-        return y, (x.shape, size, stride, arg)
+        return y, (x.shape, (kh, kw), (sh, sw), arg)
+
+    def _window_views(self, dx, dy_shape, size, stride):
+        """Yield, for every window offset (p, q) in row-major order, the view of ``dx`` that offset reads."""
+        (kh, kw), (sh, sw) = size, stride
+        _, _, ho, wo = dy_shape
+        last_h, last_w = sh * (ho - 1) + 1, sw * (wo - 1) + 1
+        for p in range(kh):
+            for q in range(kw):
+                yield dx[:, :, p:p + last_h:sh, q:q + last_w:sw]
+
+    @staticmethod
+    def _pool_dx_needs_zero(xshape, size, stride, pooled):
+        """Return (overlap, zero first): windows overlap, or some input element is in no window."""
+        (kh, kw), (sh, sw), (ho, wo) = size, stride, pooled
+        overlap = sh < kh or sw < kw
+        covered = sh == kh and sw == kw and xshape[2] == kh * ho and xshape[3] == kw * wo
+        return overlap, overlap or not covered
 
     def maxpool_backward(self, dy, cache, ws=None):
         """Return dx (C, N, H, W) of ``maxpool_forward`` for dy (C, N, Ho, Wo): dy routed to each window's argmax."""
         xp = self.xp
         ws = {} if ws is None else ws
         xshape, size, stride, arg = cache
-        _, _, ho, wo = dy.shape
         dx = cached_buffer(ws, "dx", xshape, dy.dtype, xp)
-        last_h, last_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-        overlap = stride < size
-        covered = stride == size and xshape[2] == size * ho and xshape[3] == size * wo
-        if overlap or not covered:
+        overlap, zero = self._pool_dx_needs_zero(xshape, size, stride, dy.shape[2:])
+        if zero:
             dx.fill(0)
         hit = cached_buffer(ws, "hit", dy.shape, numpy.bool_, xp)
-        t = 0
-        for p in range(size):
-            for q in range(size):
-                dst = dx[:, :, p:p + last_h:stride, q:q + last_w:stride]
-                xp.equal(arg, t, out=hit)
-                if overlap:
-                    dst += dy * hit
-                else:
-                    xp.multiply(dy, hit, out=dst)
-                t += 1
+        for t, dst in enumerate(self._window_views(dx, dy.shape, size, stride)):
+            xp.equal(arg, t, out=hit)
+            if overlap:
+                dst += dy * hit
+            else:
+                xp.multiply(dy, hit, out=dst)
+        return dx
+
+    def avgpool_forward(self, x, size, stride, ws=None):
+        """Return ``(y, cache)`` of average pooling over ``size`` windows (int or (kh, kw)), no padding.
+
+        x: (C, N, H, W); y: (C, N, Ho, Wo) as ``maxpool_forward``; ``y = (sum of the window in row-major order) *
+        scale`` with ``scale = 1/(kh*kw)`` rounded to x's dtype (the GPU kernel rounds the same way).
+        """
+        xp = self.xp
+        ws = {} if ws is None else ws
+        (kh, kw), (sh, sw), (ho, wo) = self._pool_shape(x.shape, size, stride, "avgpool")
+        c, n, _, _ = x.shape
+        y = cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
+        for t, src in enumerate(self._window_views(x, y.shape, (kh, kw), (sh, sw))):
+            if t:
+                y += src
+            else:
+                y[...] = src
+        y *= x.dtype.type(1.0 / (kh * kw))
+        return y, (x.shape, (kh, kw), (sh, sw))
+
+    def avgpool_backward(self, dy, cache, ws=None):
+        """Return dx (C, N, H, W) of ``avgpool_forward``: ``dy * scale`` added to every element of each window."""
+        xp = self.xp
+        ws = {} if ws is None else ws
+        xshape, size, stride = cache
+        dx = cached_buffer(ws, "dx", xshape, dy.dtype, xp)
+        overlap, zero = self._pool_dx_needs_zero(xshape, size, stride, dy.shape[2:])
+        if zero:
+            dx.fill(0)
+        g = cached_buffer(ws, "g", dy.shape, dy.dtype, xp)
+        xp.multiply(dy, dy.dtype.type(1.0 / (size[0] * size[1])), out=g)
+        for dst in self._window_views(dx, dy.shape, size, stride):
+            if overlap:
+                dst += g
+            else:
+                dst[...] = g
         return dx
 
     # ---- elementwise ----------------------------------------------------------------------------------------------
@@ -423,6 +576,41 @@ class NumpyOps:
         ws = {} if ws is None else ws
         dx = cached_buffer(ws, "dx", dy.shape, dy.dtype, self.xp)
         self.xp.multiply(dy, y > 0, out=dx)
+        return dx
+
+    def tanh_forward(self, x, ws=None):
+        """Return tanh(x); the result is the cache ``tanh_backward`` needs."""
+        ws = {} if ws is None else ws
+        y = cached_buffer(ws, "y", x.shape, x.dtype, self.xp)
+        self.xp.tanh(x, out=y)
+        return y
+
+    def tanh_backward(self, dy, y, ws=None):
+        """Return dy * (1 - y*y) for y the output of ``tanh_forward``."""
+        ws = {} if ws is None else ws
+        dx = cached_buffer(ws, "dx", dy.shape, dy.dtype, self.xp)
+        self.xp.multiply(y, y, out=dx)
+        self.xp.subtract(1, dx, out=dx)
+        dx *= dy
+        return dx
+
+    def sigmoid_forward(self, x, ws=None):
+        """Return 1/(1 + exp(-x)), computed as (1 + tanh(x/2))/2 (no overflow for large |x|); the backward's cache."""
+        ws = {} if ws is None else ws
+        y = cached_buffer(ws, "y", x.shape, x.dtype, self.xp)
+        self.xp.multiply(x, 0.5, out=y)
+        self.xp.tanh(y, out=y)
+        y += 1
+        y *= 0.5
+        return y
+
+    def sigmoid_backward(self, dy, y, ws=None):
+        """Return dy * y * (1 - y) for y the output of ``sigmoid_forward``."""
+        ws = {} if ws is None else ws
+        dx = cached_buffer(ws, "dx", dy.shape, dy.dtype, self.xp)
+        self.xp.subtract(1, y, out=dx)
+        dx *= y
+        dx *= dy
         return dx
 
     # ---- dense and loss -------------------------------------------------------------------------------------------
