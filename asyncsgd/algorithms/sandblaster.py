@@ -33,7 +33,8 @@ from mpi4py import MPI
 
 from ..model.layers import Dropout
 from ..options import OptionError
-from .lbfgs import ShardedEvaluator, ShardedLBFGS, relative_decrease, shard_bounds
+from .lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
+from .linesearch import relative_decrease
 from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds
 
 __all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator"]
@@ -172,7 +173,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     """Train ``net`` with Sandblaster L-BFGS (SandblasterOptions ``cfg``) over every rank of ``comm``; return the
     summary on rank 0.  ``net`` should have the dtype ``defaults(...)['dtype']`` (float64 for logreg).
     Checkpoints and resuming are not supported (``checkpointer`` and ``resume`` must be None)."""
-    if checkpointer is not None and checkpointer.path is not None or resume is not None:
+    if (checkpointer is not None and checkpointer.path is not None) or resume is not None:
         raise ValueError("sandblaster does not write or resume checkpoints; leave checkpoint options unset")
     comm = comm.Dup()
     try:
