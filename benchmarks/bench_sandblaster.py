@@ -24,7 +24,6 @@ import sys
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from asyncsgd import SandblasterOptions, Stop, prepare  # noqa: E402
