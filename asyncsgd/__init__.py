@@ -11,6 +11,12 @@ See the README, "Python API".
 """
 __version__ = "0.1.0"
 
+import sys as _sys
+
+if "numpy" not in _sys.modules:  # BLAS reads its thread count once, when numpy loads
+    from .launcher import limit_blas_threads as _limit_blas_threads
+    _limit_blas_threads()
+
 # public name -> the module that defines it
 _HOMES = {}
 # training (asyncsgd.api)

@@ -15,34 +15,8 @@ from .mpiutil import EXIT_USAGE, UsageError
 
 __all__ = ["main"]
 
-_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
-_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-
-
-def _launcher_value(names, default):
-    """Read this process's rank or size from the launcher's environment, before MPI is initialised."""
-    for name in names:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return default
-
-
-def _limit_blas_threads():
-    """Give each rank its share of the node's cores for BLAS, unless the user chose (before numpy loads).
-
-    Several ranks per node each starting a BLAS thread per core oversubscribe the node: 6 ranks on 2 cores ran
-    8.6x slower with OpenBLAS's default threads than with one each.
-    """
-    if any(v in os.environ for v in _BLAS_THREAD_VARIABLES):
-        return
-    local = _launcher_value(_LOCAL_SIZE_VARIABLES, None) or _launcher_value(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"), 1)
-    if local <= 1:
-        return
-    threads = str(max(1, (os.cpu_count() or 1) // local))
-    for name in _BLAS_THREAD_VARIABLES:
-        os.environ[name] = threads
+from .launcher import RANK_VARIABLES as _RANK_VARIABLES, SIZE_VARIABLES as _SIZE_VARIABLES
+from .launcher import launcher_value as _launcher_value, limit_blas_threads as _limit_blas_threads
 
 
 def _fail(message: str, rank: int) -> int:
