@@ -9,10 +9,10 @@ from asyncsgd.model import Conv2D, Dense, Dropout, Flatten, MaxPool2D, Network, 
 
 
 def small_cnn(input_shape, n_classes, *, ops, seed=0):
-    """conv 3x3 (12) -> pool 2 -> relu -> conv 3x3 (24) -> pool 2 -> relu -> dense 64 -> relu -> dropout 0.2 ->
-    dense n_classes.  For FSDD's (1, 40, 64) log-mel inputs: 249,210 parameters, most in the first dense layer
-    (24 x 10 x 16 activations -> 64)."""
-    layers = [Conv2D(12, 3, pad=1), MaxPool2D(2), ReLU(),
-              Conv2D(24, 3, pad=1), MaxPool2D(2), ReLU(),
-              Flatten(), Dense(64), ReLU(), Dropout(0.2), Dense(n_classes)]
+    """conv 3x3 (16) -> pool 2 -> relu -> conv 3x3 (32) -> pool 2 -> relu -> dense 96 -> relu -> dropout 0.25 ->
+    dense n_classes.  For FSDD's (1, 40, 64) log-mel inputs: 497,386 parameters, most in the first dense layer
+    (32 x 10 x 16 activations -> 96)."""
+    layers = [Conv2D(16, 3, pad=1), MaxPool2D(2), ReLU(),
+              Conv2D(32, 3, pad=1), MaxPool2D(2), ReLU(),
+              Flatten(), Dense(96), ReLU(), Dropout(0.25), Dense(n_classes)]
     return Network("small_cnn", layers, input_shape, n_classes, ops=ops, seed=seed)

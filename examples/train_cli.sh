@@ -8,4 +8,4 @@
 cd "$(dirname "$0")" || exit 1
 exec "${MPIEXEC:-mpirun}" -n "${NP:-6}" "${PYTHON:-python}" -m asyncsgd.train --mode downpour \
     --model my_cnn:small_cnn --lr 0.004 --n-push 2 --staleness-decay exp:0.9 --seed 1 \
-    --epochs 20 --target-accuracy 0.97 "$@"
+    --epochs 20 --target-accuracy 0.98 "$@"

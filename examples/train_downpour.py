@@ -30,7 +30,7 @@ def main():
     if args.steps is not None:
         stop = asyncsgd.Stop(steps=args.steps)
     else:
-        stop = asyncsgd.Stop(epochs=args.epochs, target_accuracy=0.97)
+        stop = asyncsgd.Stop(epochs=args.epochs, target_accuracy=0.98)
     result = asyncsgd.train_downpour(small_cnn, args.data, options, stop, progress="lines")
     if result is not None:  # rank 0
         result.save_model(args.out)

@@ -208,3 +208,35 @@ def test_model_spec_import_path(tmp_path, monkeypatch):
     assert net.n_params == 20 * 3 + 3
     with pytest.raises(ValueError, match="no callable"):
         resolve_model("my_nets:missing")
+
+
+def test_exception_on_one_rank_ends_the_job(tmp_path):
+    """An error while training (here: rank 2's data read in sync mode) prints that rank's traceback and ends every
+    rank.  (Downpour and Sandblaster need the window owners' exit policy too: their context managers free windows
+    collectively on the way out, issue 10 item 1.)"""
+    import subprocess
+    import sys
+
+    from asyncsgd.launch import run_mpi
+    script = tmp_path / "failing.py"
+    script.write_text(
+        "import asyncsgd\n"
+        "from mpi4py import MPI\n"
+        "from asyncsgd.data.synthetic import SyntheticSource\n"
+        "class Flaky(SyntheticSource):\n"
+        "    def train_slice(self, part, n_parts):\n"
+        "        if MPI.COMM_WORLD.rank == 2:\n"
+        "            raise OSError('disk on fire')\n"
+        "        return super().train_slice(part, n_parts)\n"
+        "asyncsgd.train_sync('logreg', Flaky(300), asyncsgd.SGDOptions(batch_size=16),\n"
+        "                        asyncsgd.Stop(time_limit=600), progress='none')\n"
+        "print('finished normally')\n")
+    repo = str(PACKAGE.parent)
+    try:
+        proc = run_mpi(3, [sys.executable, str(script)], timeout=90,
+                       env={**os.environ, "PYTHONPATH": repo}, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job hung after an exception on rank 2")
+    assert proc.returncode != 0
+    assert "[asyncsgd rank 2]" in proc.stdout and "OSError: disk on fire" in proc.stdout
+    assert "finished normally" not in proc.stdout

@@ -61,4 +61,4 @@ def test_command_line_example_trains_the_same_network(tmp_path):
     from asyncsgd.ops.modelio import load_model
     params, meta = load_model(str(run_dir / "model.h5"))
     assert meta["model"] == "my_cnn:small_cnn"
-    assert params.size == 249_210
+    assert params.size == 497_386
