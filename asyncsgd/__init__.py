@@ -20,7 +20,7 @@ if "numpy" not in _sys.modules:  # BLAS reads its thread count once, when numpy 
 # public name -> the module that defines it
 _HOMES = {}
 # training (asyncsgd.api)
-_HOMES.update(dict.fromkeys(("train", "train_serial", "train_sync", "train_downpour", "train_sandblaster",
+_HOMES.update(dict.fromkeys(("train_mode", "train_serial", "train_sync", "train_downpour", "train_sandblaster",
                              "prepare", "PreparedRun", "TrainResult", "build_network", "default_comm", "MODES"),
                             "api"))
 # options and policies (asyncsgd.options)

@@ -12,7 +12,8 @@ Two phases.  ``prepare`` checks everything (options against the data and the job
 device, the network, the checkpoint to resume) and raises the same ValueError on every rank before any rank starts
 work, so a bad option never leaves half a job running.  ``PreparedRun.execute`` then trains; an exception on any
 rank there prints that rank's traceback and aborts the whole job (``comm.Abort(1)``), because the other ranks would
-otherwise wait for it for ever.  ``asyncsgd.train`` (the command line) uses the same two phases.
+otherwise wait for it for ever.  ``python -m asyncsgd.train`` (the command line) uses the same two phases.
+(The generic function is ``train_mode``: ``asyncsgd.train`` is the command line's module.)
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import numpy
 from .options import (CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
                       options_to_dict)
 
-__all__ = ["train", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "prepare", "PreparedRun",
-           "TrainResult", "build_network", "resolve_model", "default_comm", "MODES"]
+__all__ = ["train_mode", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "prepare",
+           "PreparedRun", "TrainResult", "build_network", "resolve_model", "default_comm", "MODES"]
 
 MODES = ("serial", "sync", "downpour", "sandblaster")
 _OPTIONS = {"serial": SGDOptions, "sync": SGDOptions, "downpour": DownpourOptions, "sandblaster": SandblasterOptions}
@@ -271,8 +272,8 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     return run
 
 
-def train(mode, model, data, options=None, stop=None, *, comm=None, device="cpu", checkpoint=None, log=None,
-          progress="auto"):
+def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device="cpu", checkpoint=None, log=None,
+               progress="auto"):
     """Train ``model`` on ``data`` in ``mode``; return a TrainResult on rank 0 and None on the other ranks.
 
     Arguments as in ``prepare``; ``log`` a JSONL file of one record per evaluation (rank 0 writes it),
@@ -299,21 +300,21 @@ def train(mode, model, data, options=None, stop=None, *, comm=None, device="cpu"
 
 
 def train_serial(model, data, options: SGDOptions | None = None, stop: Stop | None = None, **kwargs):
-    """Mini-batch SGD with momentum in this one process (no MPI).  See ``train``."""
-    return train("serial", model, data, options, stop, **kwargs)
+    """Mini-batch SGD with momentum in this one process (no MPI).  See ``train_mode``."""
+    return train_mode("serial", model, data, options, stop, **kwargs)
 
 
 def train_sync(model, data, options: SGDOptions | None = None, stop: Stop | None = None, **kwargs):
-    """Synchronous data-parallel SGD: every rank a replica, one Allreduce per step.  See ``train``."""
-    return train("sync", model, data, options, stop, **kwargs)
+    """Synchronous data-parallel SGD: every rank a replica, one Allreduce per step.  See ``train_mode``."""
+    return train_mode("sync", model, data, options, stop, **kwargs)
 
 
 def train_downpour(model, data, options: DownpourOptions | None = None, stop: Stop | None = None, **kwargs):
     """Downpour SGD: ``options.servers`` ranks host the parameter shards, the others train asynchronously.
-    See ``train``."""
-    return train("downpour", model, data, options, stop, **kwargs)
+    See ``train_mode``."""
+    return train_mode("downpour", model, data, options, stop, **kwargs)
 
 
 def train_sandblaster(model, data, options: SandblasterOptions | None = None, stop: Stop | None = None, **kwargs):
-    """Sandblaster L-BFGS: sharded L-BFGS with dynamically scheduled mini-shards on every rank.  See ``train``."""
-    return train("sandblaster", model, data, options, stop, **kwargs)
+    """Sandblaster L-BFGS: sharded L-BFGS with dynamically scheduled mini-shards on every rank.  See ``train_mode``."""
+    return train_mode("sandblaster", model, data, options, stop, **kwargs)

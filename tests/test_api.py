@@ -55,7 +55,7 @@ def test_import_checker_sees_relative_imports(tmp_path):
 
 
 def test_public_names_are_exported():
-    for name in ("train", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "Stop",
+    for name in ("train_mode", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "Stop",
                  "SGDOptions", "DownpourOptions", "SandblasterOptions", "CheckpointOptions", "ExponentialDecay"):
         assert name in asyncsgd.__all__
         assert getattr(asyncsgd, name) is not None
