@@ -31,7 +31,8 @@ def _prepare_outputs(cfg):
 
     By default the outputs go to a new ``runs/YYYYmmdd-HHMMSS/`` (never an existing folder); ``--run-dir DIR``
     names it (it must not exist or be empty), ``--run-dir none`` writes only the files named explicitly.  Explicit
-    ``--log``, ``--summary-json`` and ``--model-out`` win over the folder's defaults.
+    ``--log``, ``--summary-json`` and ``--model-out`` win over the folder's defaults; with all three given and no
+    ``--run-dir``, no folder is made.
     """
     if cfg.run_dir not in (None, "none") and os.path.exists(cfg.run_dir) and (
             not os.path.isdir(cfg.run_dir) or os.listdir(cfg.run_dir)):
@@ -51,6 +52,8 @@ def _prepare_outputs(cfg):
 def _make_run_dir(cfg):
     """Rank 0, once every input is known good: create the run folder, point the unset outputs into it and write
     the resolved options there (as a file --config accepts; outputs left out, so a rerun gets a folder of its own)."""
+    if cfg.run_dir is None and all(getattr(cfg, opt) is not None for opt in ("log", "summary_json", "model_out")):
+        cfg.run_dir = "none"  # every output has a place already (job scripts): no folder of config.toml alone
     if cfg.run_dir == "none":
         return
     cfg.run_dir = _new_run_dir(cfg.run_dir)

@@ -156,6 +156,11 @@ def test_run_dir_is_never_overwritten_and_explicit_outputs_win(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
     none = _quick(tmp_path / "mine", "--run-dir", "none")  # writes nothing it was not asked for
     assert none.returncode == 0 and not (run_dir / "runs").exists()
+    named = tmp_path / "named"
+    named.mkdir()
+    every = _quick(named, "--log", "l.jsonl", "--summary-json", "s.json", "--model-out", "m.h5")
+    assert every.returncode == 0, every.stderr
+    assert sorted(p.name for p in named.iterdir()) == ["l.jsonl", "m.h5", "s.json"]  # no runs/ folder beside them
 
 
 def test_user_model_from_the_command_line_under_mpiexec(tmp_path):
