@@ -212,7 +212,7 @@ def _check_layout(mode, options, size):
 
 
 def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cpu", checkpoint=None,
-            root_check=None, local_rank_index=None):
+            root_check=None):
     """Check every input of a run on every rank and return a PreparedRun; raise the same ValueError on every rank
     (UsageError for what rank 0 alone checked) before any rank starts work.
 
@@ -228,7 +228,6 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     from .algorithms import sandblaster
 
     options, stop = _check_options_type(mode, options, stop, checkpoint)
-    model_name, _ = resolve_model(model)
     if mode == "serial":
         comm, size, rank = None, 1, 0
     else:
@@ -239,27 +238,29 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     def on_root(check):
         return check() if comm is None else check_on_root(comm, check, root=0)
 
-    def everywhere(what, make):
+    def everywhere(make):
         """Run ``make()`` on every rank; if it failed anywhere, raise the first failure on every rank."""
         try:
             value, error = make(), None
         except (BackendError, ValueError, TypeError, OSError, ImportError) as exc:
-            value, error = None, f"{what}: {exc}" if what else str(exc)
+            value, error = None, str(exc)
         errors = [error] if comm is None else comm.allgather(error)
         first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
         if first is not None:
             raise UsageError(first[1] if first[0] == 0 else f"rank {first[0]}: {first[1]}")
         return value
 
+    # an import path may resolve on one node and not on another (another working directory): agree first
+    model_name = everywhere(lambda: resolve_model(model)[0])
     src = on_root(lambda: (root_check() if root_check else None, _open(data))[1])
-    if rank != 0:
-        src = _open(data)  # cheap after rank 0 validated the file; every rank reads its own slice
-    lr = local_rank_index if local_rank_index is not None else (0 if comm is None else local_rank(comm))
-    backend = everywhere("", lambda: select_backend(device, lr) if comm is not None else select_backend(device))
+    # cheap after rank 0 validated the file; every rank reads its own slice (a node may still lack the file)
+    src = everywhere(lambda: src if rank == 0 else _open(data))
+    node_rank = 0 if comm is None else local_rank(comm)  # picks this rank's GPU among the node's
+    backend = everywhere(lambda: select_backend(device, node_rank))
     dtype = numpy.float32
     if mode == "sandblaster":
         dtype = sandblaster.check_options(options, src.n_train, size, model_name, stop)["dtype"]
-    net = everywhere("", lambda: build_network(model, src.input_shape, src.n_classes, backend, options.seed, dtype))
+    net = everywhere(lambda: build_network(model, src.input_shape, src.n_classes, backend, options.seed, dtype))
     if mode == "downpour" and options.servers > net.n_params:
         raise OptionError("servers", f"{options.servers} is more shards than the model's {net.n_params} parameters")
     resume = on_root(lambda: load_resume(checkpoint, mode, model_name, net.n_params))
