@@ -12,14 +12,16 @@ import os
 import sys
 
 from .mpiutil import UsageError
+from .options import (CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
+                      parse_staleness)
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["build_parser", "parse_config", "validate", "MODES", "MODELS", "DEFAULT_DATA", "parse_decay",
-           "parse_slow_ranks", "config_to_dict"]
+__all__ = ["build_parser", "parse_config", "validate", "to_options", "usage_error", "MODES", "MODELS",
+           "DEFAULT_DATA", "parse_slow_ranks", "config_to_dict", "to_toml", "OUTPUT_OPTIONS"]
 
 MODES = ("downpour", "sync", "sandblaster", "serial")
 MODELS = ("speech_cnn", "mnist_cnn", "logreg")
@@ -55,21 +57,6 @@ def _nonneg_float(s):
     return v
 
 
-def parse_decay(spec: str):
-    """Parse ``--staleness-decay``: 'none' -> ('none', None), 'inverse' -> ('inverse', None),
-    'exp:LAMBDA' with 0 < LAMBDA <= 1 -> ('exp', LAMBDA)."""
-    if spec in ("none", "inverse"):
-        return spec, None
-    if spec.startswith("exp:"):
-        try:
-            lam = float(spec[4:])
-        except ValueError:
-            lam = None
-        if lam is not None and 0 < lam <= 1:
-            return "exp", lam
-    raise UsageError(f"--staleness-decay must be none, inverse or exp:LAMBDA with 0 < LAMBDA <= 1, got {spec!r}")
-
-
 def parse_slow_ranks(spec: str, size: int | None = None):
     """Parse ``--slow-ranks RANK:FACTOR[,RANK:FACTOR]`` into {rank: factor}; factors must be >= 1."""
     out = {}
@@ -92,7 +79,9 @@ def parse_slow_ranks(spec: str, size: int | None = None):
 _OPTIONS = [
     (("--mode",), dict(choices=MODES, default="downpour",
                        help="downpour (asynchronous, default), sync (all-reduce), sandblaster (L-BFGS), serial")),
-    (("--model",), dict(choices=MODELS, default="speech_cnn", help="network to train")),
+    (("--model",), dict(default="speech_cnn",
+                        help="network to train: speech_cnn (default), mnist_cnn, logreg, or a factory of your own "
+                             "as PACKAGE.MODULE:FUNCTION (importable from the working directory)")),
     (("--data",), dict(default=DEFAULT_DATA,
                        help="HDF5 file, 'fsdd' (bundled speech features, default) or 'synthetic:N'")),
     (("--device",), dict(choices=("cpu", "gpu", "auto"), default="cpu",
@@ -136,6 +125,9 @@ _OPTIONS = [
                            help="sandblaster: dynamic mini-shards with backups, or a static even split (benchmark)")),
     (("--slow-ranks",), dict(default="", help="RANK:FACTOR[,..]: make ranks slower, for tests and benchmarks only")),
     # outputs and operations
+    (("--run-dir",), dict(default=None,
+                          help="folder for this run's outputs (model.h5, metrics.jsonl, summary.json, config.toml); "
+                               "default: a new runs/YYYYmmdd-HHMMSS/; 'none' writes only the files named below")),
     (("--log",), dict(default=None, help="JSONL metrics log (one record per evaluation)")),
     (("--summary-json",), dict(default=None, help="write the run's summary here")),
     (("--model-out",), dict(default=None, help="write the final model (HDF5) here")),
@@ -206,12 +198,51 @@ def parse_config(argv=None) -> argparse.Namespace:
     return cfg
 
 
+def usage_error(exc: OptionError) -> UsageError:
+    """The command line's wording of an option error: the field as its --flag."""
+    flag = {"staleness": "staleness-decay"}.get(exc.field, exc.field.replace("_", "-"))
+    return UsageError(f"--{flag} {exc.detail}")
+
+
+def to_options(cfg):
+    """Translate the parsed command line into ``(options, stop, checkpoint)`` for ``cfg.mode`` (asyncsgd.options).
+
+    Raises UsageError naming the --flag of a bad value.
+    """
+    try:
+        stop = Stop(epochs=cfg.epochs, steps=cfg.steps, time_limit=cfg.time_limit,
+                    target_accuracy=cfg.target_accuracy)
+        checkpoint = None
+        if cfg.checkpoint is not None or cfg.checkpoint_every is not None or cfg.resume is not None:
+            checkpoint = CheckpointOptions(path=cfg.checkpoint, every=cfg.checkpoint_every, resume=cfg.resume)
+        if cfg.mode == "sandblaster":
+            options = SandblasterOptions(
+                batch_size=cfg.batch_size, mini_shard_size=cfg.mini_shard_size, max_iter=cfg.max_iter,
+                history=cfg.history, grad_tol=cfg.grad_tol, loss_tol=cfg.loss_tol, l2=cfg.l2,
+                schedule=cfg.schedule, seed=cfg.seed, slow_ranks=parse_slow_ranks(cfg.slow_ranks))
+        else:
+            sgd = dict(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                       adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every)
+            if cfg.mode == "downpour":
+                options = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
+                                          staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,
+                                          warm_start_steps=cfg.warm_start_steps)
+            else:
+                options = SGDOptions(**sgd)
+    except OptionError as exc:
+        raise usage_error(exc) from None
+    return options, stop, checkpoint
+
+
 def validate(cfg, size: int | None = None):
     """Check values that argparse cannot, raising UsageError with what to do next.
 
     ``size`` is the number of MPI ranks when known; layouts are checked then.
     """
-    parse_decay(cfg.staleness_decay)
+    try:
+        parse_staleness(cfg.staleness_decay)
+    except OptionError as exc:
+        raise usage_error(exc) from None
     if not 0 < cfg.sparsity <= 1:
         raise UsageError(f"--sparsity must be in (0, 1] (fraction of entries pushed), got {cfg.sparsity}")
     if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
@@ -224,6 +255,11 @@ def validate(cfg, size: int | None = None):
     if cfg.cuda_aware_mpi:
         raise UsageError("--cuda-aware-mpi is not available yet: GPU ranks stage window traffic through pinned "
                          "host buffers; leave the option out")
+    if cfg.mode == "sandblaster" and cfg.servers != 1:
+        raise UsageError("--servers applies to --mode downpour only")
+    if cfg.mode == "sandblaster" and (cfg.epochs is not None or cfg.steps is not None):
+        raise UsageError("--epochs and --steps do not apply to --mode sandblaster, which stops on --max-iter, "
+                         "--grad-tol, --loss-tol, --time-limit or --target-accuracy; leave them out")
     if cfg.mode == "sandblaster" and (cfg.checkpoint_every is not None or cfg.resume is not None
                                       or cfg.checkpoint is not None):
         raise UsageError("--checkpoint, --checkpoint-every and --resume work with --mode downpour, sync and "
@@ -239,16 +275,19 @@ def validate(cfg, size: int | None = None):
                              f"use --servers <= {size - 1}")
 
 
+OUTPUT_OPTIONS = ("run_dir", "log", "summary_json", "model_out")
+
+
 def config_to_dict(cfg) -> dict:
     """Return the configuration as a plain, JSON/TOML-serialisable dict (for logs, checkpoints, --print-config)."""
     return {k: v for k, v in sorted(vars(cfg).items()) if k not in ("print_config", "config")}
 
 
-def to_toml(cfg) -> str:
-    """Render the configuration as TOML (unset options are left out, as TOML has no null)."""
+def to_toml(cfg, *, skip=()) -> str:
+    """Render the configuration as TOML (unset options, and those in ``skip``, are left out: TOML has no null)."""
     lines = []
     for k, v in config_to_dict(cfg).items():
-        if v is None:
+        if v is None or k in skip:
             continue
         lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
     return "\n".join(lines) + "\n"

@@ -8,40 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
-from .config import config_to_dict, parse_config, to_toml, validate
+from .config import OUTPUT_OPTIONS, config_to_dict, parse_config, to_options, to_toml, usage_error, validate
 from .mpiutil import EXIT_USAGE, UsageError
 
 __all__ = ["main"]
 
-_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
-_BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-
-
-def _launcher_value(names, default):
-    """Read this process's rank or size from the launcher's environment, before MPI is initialised."""
-    for name in names:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return default
-
-
-def _limit_blas_threads():
-    """Give each rank its share of the node's cores for BLAS, unless the user chose (before numpy loads).
-
-    Several ranks per node each starting a BLAS thread per core oversubscribe the node: 6 ranks on 2 cores ran
-    8.6x slower with OpenBLAS's default threads than with one each.
-    """
-    if any(v in os.environ for v in _BLAS_THREAD_VARIABLES):
-        return
-    local = _launcher_value(_LOCAL_SIZE_VARIABLES, None) or _launcher_value(("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"), 1)
-    if local <= 1:
-        return
-    threads = str(max(1, (os.cpu_count() or 1) // local))
-    for name in _BLAS_THREAD_VARIABLES:
-        os.environ[name] = threads
+from .launcher import RANK_VARIABLES as _RANK_VARIABLES, SIZE_VARIABLES as _SIZE_VARIABLES
+from .launcher import launcher_value as _launcher_value, limit_blas_threads as _limit_blas_threads
 
 
 def _fail(message: str, rank: int) -> int:
@@ -52,7 +27,17 @@ def _fail(message: str, rank: int) -> int:
 
 
 def _prepare_outputs(cfg):
-    """Check that every output path can be written before training starts (nothing is created yet)."""
+    """Rank 0: choose the run folder and check that every output path can be written, before training starts.
+
+    By default the outputs go to a new ``runs/YYYYmmdd-HHMMSS/`` (never an existing folder); ``--run-dir DIR``
+    names it (it must not exist or be empty), ``--run-dir none`` writes only the files named explicitly.  Explicit
+    ``--log``, ``--summary-json`` and ``--model-out`` win over the folder's defaults; with all three given and no
+    ``--run-dir``, no folder is made.
+    """
+    if cfg.run_dir not in (None, "none") and os.path.exists(cfg.run_dir) and (
+            not os.path.isdir(cfg.run_dir) or os.listdir(cfg.run_dir)):
+        raise UsageError(f"--run-dir: {cfg.run_dir} already exists and is not empty; choose a new folder "
+                         f"(runs are never overwritten)")
     for opt in ("log", "summary_json", "model_out", "checkpoint"):
         path = getattr(cfg, opt)
         if path is None:
@@ -64,34 +49,63 @@ def _prepare_outputs(cfg):
             raise UsageError(f"--{opt.replace('_', '-')}: folder {folder} is not writable")
 
 
-def _open_data(cfg):
-    from .data import open_source
-    from .model import check_model
-    src = open_source(cfg.data)
+def _make_run_dir(cfg):
+    """Rank 0, once every input is known good: create the run folder, point the unset outputs into it and write
+    the resolved options there (as a file --config accepts; outputs left out, so a rerun gets a folder of its own)."""
+    if cfg.run_dir is None and all(getattr(cfg, opt) is not None for opt in ("log", "summary_json", "model_out")):
+        cfg.run_dir = "none"  # every output has a place already (job scripts): no folder of config.toml alone
+    if cfg.run_dir == "none":
+        return
+    cfg.run_dir = _new_run_dir(cfg.run_dir)
+    for opt, name in (("log", "metrics.jsonl"), ("summary_json", "summary.json"), ("model_out", "model.h5")):
+        if getattr(cfg, opt) is None:
+            setattr(cfg, opt, os.path.join(cfg.run_dir, name))
+    with open(os.path.join(cfg.run_dir, "config.toml"), "w", encoding="utf-8") as f:
+        f.write(to_toml(cfg, skip=OUTPUT_OPTIONS))
+
+
+def _new_run_dir(requested):
+    """Create and return the run folder: ``requested``, or runs/<date-time> (with -2, -3... if taken)."""
+    if requested is not None:
+        if os.path.exists(requested) and (not os.path.isdir(requested) or os.listdir(requested)):
+            raise UsageError(f"--run-dir: {requested} already exists and is not empty; choose a new folder "
+                             f"(runs are never overwritten)")
+        try:
+            os.makedirs(requested, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--run-dir: cannot create {requested}: {exc.strerror}") from None
+        return requested
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        os.makedirs("runs", exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--run-dir: cannot create runs/ here ({exc.strerror}); give --run-dir DIR "
+                         f"or --run-dir none") from None
+    for n in range(1, 1000):
+        path = os.path.join("runs", stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            os.mkdir(path)  # atomic: two runs started in the same second get different folders
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError("--run-dir: runs/ holds 999 folders of this second; give --run-dir DIR")
+
+
+def _check_model_fits(cfg, src):
+    """The built-in CNNs' input contracts, in the command line's words (every rank, deterministic)."""
     if cfg.model == "mnist_cnn" and tuple(src.input_shape) != (1, 28, 28):
         raise UsageError(f"--model mnist_cnn needs 1x28x28 inputs but {cfg.data} holds "
                          f"{'x'.join(map(str, src.input_shape))}; use --model speech_cnn or logreg")
-    try:
-        check_model(cfg.model, src.input_shape, src.n_classes)   # the factory says when the data does not fit
-    except ValueError as exc:
-        raise UsageError(f"--model {cfg.model}: {exc}") from None
-    return src
 
 
-def _write_outputs(cfg, src, summary, reporter):
+def _write_outputs(cfg, result, reporter):
     """Rank 0: final model, summary JSON, and the final accuracy line that job scripts look for."""
     from .ops.metrics import write_json_atomic
-    from .ops.modelio import save_model
-    import numpy
 
-    params = summary.pop("params", None)
-    layout = summary.pop("layout", None)
-    summary.pop("adagrad_sums", None)
+    summary = result.summary
     summary["config"] = config_to_dict(cfg)
-    if cfg.model_out and params is not None:
-        save_model(cfg.model_out, numpy.asarray(params), layout,
-                   {"model": cfg.model, "input_shape": list(src.input_shape), "n_classes": int(src.n_classes),
-                    "config": summary["config"], "test_accuracy": summary.get("test_accuracy")})
+    if cfg.model_out and result.params is not None:
+        result.save_model(cfg.model_out, summary["config"])
     if cfg.summary_json:
         write_json_atomic(cfg.summary_json, summary)
     reporter.close()  # ends a live progress line; the result lines below print whatever --progress says
@@ -99,39 +113,44 @@ def _write_outputs(cfg, src, summary, reporter):
     print(f"final test accuracy: {acc:.4f}" if acc is not None else "final test accuracy: n/a")
     print(f"mode {summary['mode']}, {summary.get('workers', 1)} worker(s), "
           f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s", flush=True)
+    if cfg.run_dir != "none":
+        print(f"outputs in {cfg.run_dir}", flush=True)
 
 
-def _n_params(cfg, src) -> int:
-    """The number of parameters of the model this run builds."""
-    from .model import build_model
-    return build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed).n_params
-
-
-def _load_resume(cfg, n_params: int):
-    """Load the checkpoint --resume names (None when there is none), checked against this run's model."""
-    from .algorithms.resume import load_resume
-
-    return None if cfg.resume is None else load_resume(cfg, n_params)
+def _prepare(cfg, comm):
+    """Translate the options and check every input (all ranks); return the PreparedRun or raise UsageError."""
+    from .api import prepare
+    from .options import OptionError
+    options, stop, checkpoint = to_options(cfg)
+    try:
+        run = prepare(cfg.mode, cfg.model, cfg.data, options, stop, comm=comm, device=cfg.device,
+                      checkpoint=checkpoint, root_check=lambda: _prepare_outputs(cfg))
+    except OptionError as exc:
+        raise usage_error(exc) from None
+    except (ValueError, TypeError) as exc:  # raised alike on every rank: rank 0 prints it
+        raise UsageError(str(exc)) from None
+    _check_model_fits(cfg, run.src)
+    if comm is None:
+        _make_run_dir(cfg)
+    else:
+        from .mpiutil import check_on_root
+        check_on_root(comm, lambda: _make_run_dir(cfg), root=0)
+    return run
 
 
 def _run_serial(cfg) -> int:
-    from .backend import BackendError, select_backend
-    from .algorithms import get_mode
     from .mpiutil import abort_on_error
     from .ops.metrics import Reporter
     try:
-        _prepare_outputs(cfg)
-        src = _open_data(cfg)
-        backend = select_backend(cfg.device)
-        resume = _load_resume(cfg, _n_params(cfg, src)) if cfg.resume is not None else None
-    except (UsageError, ValueError, OSError, BackendError) as exc:
+        run = _prepare(cfg, None)
+    except UsageError as exc:
         return _fail(str(exc), 0)
-    reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None)
+    reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None)
     # an exception prints "[asyncsgd rank 0] ..." and its traceback once, and exits with status 1
     with abort_on_error(None):
         try:
-            summary = get_mode("serial").run(None, cfg, src, backend, reporter, resume=resume)
-            _write_outputs(cfg, src, summary, reporter)
+            result = run.execute(reporter)
+            _write_outputs(cfg, result, reporter)
         finally:
             reporter.close()
     return 0
@@ -139,9 +158,7 @@ def _run_serial(cfg) -> int:
 
 def _run_distributed(cfg) -> int:
     from mpi4py import MPI
-    from .backend import BackendError, select_backend
-    from .algorithms import get_mode
-    from .mpiutil import abort_on_error, check_on_root, install_abort_hook, local_rank
+    from .mpiutil import abort_on_error, install_abort_hook
     from .ops.metrics import Reporter
 
     world = MPI.COMM_WORLD
@@ -150,26 +167,7 @@ def _run_distributed(cfg) -> int:
     rank = comm.rank
     try:
         validate(cfg, comm.size)
-        if cfg.mode == "sandblaster" and cfg.servers != 1:
-            raise UsageError("--servers applies to --mode downpour only")
-        src = check_on_root(comm, lambda: (_prepare_outputs(cfg), _open_data(cfg))[1], root=0)
-        if rank != 0:
-            src = _open_data(cfg)  # cheap after rank 0 validated the file; every rank reads its own slice
-        try:
-            backend, error = select_backend(cfg.device, local_rank(comm)), None
-        except (BackendError, ValueError) as exc:
-            backend, error = None, str(exc)
-        errors = comm.allgather(error)
-        first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
-        if first is not None:
-            raise UsageError(first[1] if first[0] == 0 else f"rank {first[0]}: {first[1]}")
-        n_params = _n_params(cfg, src)
-        if cfg.mode == "downpour" and cfg.servers > n_params:
-            raise UsageError(f"--servers {cfg.servers} is more shards than the model's {n_params} parameters")
-        # rank 0 checks the checkpoint (a bad one is one error); the others read it only once it is known good
-        resume = check_on_root(comm, lambda: _load_resume(cfg, n_params), root=0)
-        if rank != 0:
-            resume = _load_resume(cfg, n_params)
+        run = _prepare(cfg, comm)
     except UsageError as exc:
         code = _fail(str(exc), rank)
         comm.Free()
@@ -179,12 +177,11 @@ def _run_distributed(cfg) -> int:
     # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
     # reporter's file is closed.
     with abort_on_error(comm), Watchdog(comm):
-        reporter = Reporter(cfg.log, progress=cfg.progress, append=resume is not None) if rank == 0 else None
+        reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None) if rank == 0 else None
         try:
-            extra = {"resume": resume} if resume is not None else {}
-            summary = get_mode(cfg.mode).run(comm, cfg, src, backend, reporter, **extra)
+            result = run.execute(reporter)
             if rank == 0:
-                _write_outputs(cfg, src, summary, reporter)
+                _write_outputs(cfg, result, reporter)
         finally:
             if reporter is not None:
                 reporter.close()  # local: the log keeps every record written before a failure

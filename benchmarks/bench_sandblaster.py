@@ -24,13 +24,10 @@ import sys
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import numpy  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from asyncsgd.algorithms import sandblaster
-from asyncsgd.backend import Backend
-from asyncsgd.config import parse_config
-from asyncsgd.data import open_source
+from asyncsgd import SandblasterOptions, Stop, prepare  # noqa: E402
+from asyncsgd.data import open_source  # noqa: E402
 
 
 def main(argv=None):
@@ -46,22 +43,20 @@ def main(argv=None):
     if comm.size < 2:
         sys.exit("run under mpiexec with at least 2 ranks, e.g. mpiexec -n 6 python benchmarks/bench_sandblaster.py")
     src = open_source(args.data)
-    slow = f"{comm.size - 1}:{args.factor}"
-    configs = {"a": ("dynamic", slow), "b": ("static", slow), "c": ("dynamic", "")}
-    common = ["--mode", "sandblaster", "--model", args.model, "--max-iter", str(args.iters),
-              "--grad-tol", "0", "--loss-tol", "0", "--progress", "none"]
-    if args.batch_size:
-        common += ["--batch-size", str(args.batch_size)]
+    slow = {comm.size - 1: args.factor}
+    configs = {"a": ("dynamic", slow), "b": ("static", slow), "c": ("dynamic", {})}
     per_eval = {k: [] for k in configs}
     info = {}
     for rep in range(args.repeats):
         for key, (schedule, slow_ranks) in configs.items():
-            cfg = parse_config(common + ["--schedule", schedule, "--slow-ranks", slow_ranks])
-            summary = sandblaster.run(comm, cfg, src, Backend("cpu", numpy), None)
+            opts = SandblasterOptions(max_iter=args.iters, grad_tol=0, loss_tol=0, batch_size=args.batch_size,
+                                      schedule=schedule, slow_ranks=slow_ranks)
+            result = prepare("sandblaster", args.model, src, opts, Stop(), comm=comm).execute()
             if comm.rank == 0:
+                summary = result.summary
                 per_eval[key].append(summary["wall_s"] / summary["function_evaluations"])
                 info[key] = summary
-                print(f"run {rep} ({key}) {schedule:7s} slow={slow_ranks or '-':6s} "
+                print(f"run {rep} ({key}) {schedule:7s} slow={','.join(f'{r}:{f:g}' for r, f in slow_ranks.items()) or '-':6s} "
                       f"{summary['iterations']} it, {summary['function_evaluations']} evals, "
                       f"{summary['wall_s']:.2f} s, backups {summary['backups_launched']} launched / "
                       f"{summary['backups_discarded']} discarded / {summary['stragglers_beaten']} beat the straggler",

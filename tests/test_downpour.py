@@ -60,18 +60,17 @@ def test_downpour_adagrad_warm_start_and_sync(tmp_path):
 @pytest.mark.ranks(2, 3)
 def test_nonfinite_gradient_is_never_pushed():
     """A replica that meets a NaN batch skips it, counts it, warns once, and the store stays unchanged."""
-    from argparse import Namespace
-
     from mpi4py import MPI
 
     from asyncsgd.algorithms.downpour import DownpourWorker
     from asyncsgd.backend import select_backend
     from asyncsgd.model import build_model
+    from asyncsgd.options import DownpourOptions
     from asyncsgd.store import ShardedParameters
 
     comm = MPI.COMM_WORLD.Dup()
     net = build_model("logreg", (1, 4, 4), 3, seed=0)
-    cfg = Namespace(staleness_decay="none", optimizer="sgd", sparsity=1.0, momentum=0.9, lr=0.1, adagrad_eps=1e-6)
+    cfg = DownpourOptions(optimizer="sgd", sparsity=1.0, momentum=0.9, lr=0.1, adagrad_eps=1e-6)
     with ShardedParameters(comm, net.n_params, n_servers=1, initial=net.params) as store:
         before = store.read_all()
         comm.Barrier()

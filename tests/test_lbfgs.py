@@ -3,8 +3,9 @@ import numpy
 import pytest
 from mpi4py import MPI
 
-from asyncsgd.algorithms.lbfgs import (C1, C2, ShardedEvaluator, ShardedLBFGS, lbfgs_serial, shard_bounds,
-                                       strong_wolfe)
+from asyncsgd.algorithms.lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
+from asyncsgd.algorithms.linesearch import C1, C2, strong_wolfe
+from lbfgs_reference import lbfgs_serial
 
 
 @pytest.fixture

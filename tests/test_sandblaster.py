@@ -8,14 +8,14 @@ import pytest
 from mpi4py import MPI
 
 from asyncsgd.algorithms import sandblaster
-from asyncsgd.algorithms.lbfgs import ShardedLBFGS, lbfgs_serial
+from asyncsgd.algorithms.lbfgs import ShardedLBFGS
+from lbfgs_reference import lbfgs_serial
 from asyncsgd.algorithms.minishards import MiniShardScheduler, mini_shard_bounds
 from asyncsgd.backend import Backend
-from asyncsgd.config import parse_config
 from asyncsgd.data import DataSource
 from asyncsgd.launch import run_mpi
 from asyncsgd.model import build_model
-from asyncsgd.mpiutil import UsageError
+from asyncsgd.options import OptionError, SandblasterOptions, Stop
 
 CPU = Backend("cpu", numpy)
 
@@ -121,18 +121,18 @@ class Records:
         return rec
 
 
-def _cfg(*extra):
-    return parse_config(["--mode", "sandblaster", "--model", "logreg", "--progress", "none", *extra])
+def _run(comm, src, reporter, **options):
+    net = build_model("logreg", src.input_shape, src.n_classes, dtype=numpy.float64)
+    return sandblaster.run(comm, net, src, SandblasterOptions(**options), Stop(), CPU, reporter, model_name="logreg")
 
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("schedule", ["dynamic", "static"])
 def test_run_trains_and_reports(comm, schedule):
     src = Blobs()
-    slow = f"{comm.size - 1}:3" if comm.size > 1 else ""
-    cfg = _cfg("--max-iter", "6", "--schedule", schedule, "--slow-ranks", slow, "--mini-shard-size", "20")
+    slow = {comm.size - 1: 3.0} if comm.size > 1 else {}
     reporter = Records() if comm.rank == 0 else None
-    summary = sandblaster.run(comm, cfg, src, CPU, reporter)
+    summary = _run(comm, src, reporter, max_iter=6, schedule=schedule, slow_ranks=slow, mini_shard_size=20)
     if comm.rank != 0:
         assert summary is None
         return
@@ -161,9 +161,8 @@ def test_run_trains_and_reports(comm, schedule):
 @pytest.mark.mpi(min_size=1)
 def test_run_with_redrawn_batches(comm):
     src = Blobs()
-    cfg = _cfg("--max-iter", "5", "--batch-size", "60", "--mini-shard-size", "7")
     reporter = Records() if comm.rank == 0 else None
-    summary = sandblaster.run(comm, cfg, src, CPU, reporter)
+    summary = _run(comm, src, reporter, max_iter=5, batch_size=60, mini_shard_size=7)
     if comm.rank == 0:
         assert summary["batch_size"] == 60 and summary["iterations"] == 5
         # a new batch every iteration: the gradient is re-evaluated there, then at least one line-search point
@@ -191,17 +190,27 @@ def test_dropout_masks_are_fixed_per_batch_and_mini_shard():
     assert not numpy.array_equal(grads[0][1], grads[2][1])
 
 
-@pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("args, match", [(("--mini-shard-size", "500", "--batch-size", "100"), "larger than the batch"),
-                                         (("--history", "0"), "history"),
-                                         (("--batch-size", "5000"), "exceeds")])
-def test_bad_options_are_usage_errors(comm, args, match):
-    # parse_config validates --history itself; run() must also refuse a cfg built otherwise.
-    cfg = _cfg()
-    for flag, value in zip(args[::2], args[1::2]):
-        setattr(cfg, flag[2:].replace("-", "_"), int(value))
-    with pytest.raises(UsageError, match=match):
-        sandblaster.run(comm, cfg, Blobs(), CPU, None)
+@pytest.mark.parametrize("options, field, match", [
+    (dict(mini_shard_size=500, batch_size=100), "mini_shard_size", "larger than the batch"),
+    (dict(batch_size=5000), "batch_size", "exceeds"),
+    (dict(slow_ranks={7: 2.0}), "slow_ranks", "rank 7")])
+def test_options_checked_against_data_and_job(options, field, match):
+    """check_options (called by asyncsgd.api.prepare before any work) names the field of a bad value."""
+    with pytest.raises(OptionError, match=match) as err:
+        sandblaster.check_options(SandblasterOptions(**options), 240, 3, "logreg")
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("options, match", [(dict(history=0), "history"), (dict(schedule="fast"), "schedule"),
+                                            (dict(grad_tol=-1.0), "grad_tol"), (dict(max_iter=0), "max_iter")])
+def test_options_checked_when_made(options, match):
+    with pytest.raises(OptionError, match=match):
+        SandblasterOptions(**options)
+
+
+def test_epochs_do_not_apply_to_sandblaster():
+    with pytest.raises(OptionError, match="does not apply to sandblaster"):
+        sandblaster.check_options(SandblasterOptions(), 240, 3, "logreg", Stop(epochs=2))
 
 
 def test_train_entry_point_runs_sandblaster(tmp_path):

@@ -87,5 +87,94 @@ def test_serial_summary_and_model_file(tmp_path):
 ])
 def test_bad_layouts_fail_from_rank0(n, args, needle):
     proc = run_mpi(n, TRAIN + args, timeout=90, env=_env(), cwd=REPO)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stdout[-3000:]
     _one_error(proc.stdout, needle)
+    assert "Traceback" not in proc.stdout
+
+
+# Options of every distributed mode that only the data or the job size can refute: each must end the job with one
+# error line from rank 0 and exit status 2 before any rank starts work (no traceback, no MPI_Abort).
+@pytest.mark.parametrize("args, needle", [
+    (["--mode", "sandblaster", "--mini-shard-size", "100000", "--batch-size", "10"], "--mini-shard-size 100000"),
+    (["--mode", "sandblaster", "--batch-size", "100000"], "--batch-size 100000 exceeds"),
+    (["--mode", "sandblaster", "--history", "0"], "--history must be >= 1"),
+    (["--mode", "sandblaster", "--epochs", "2"], "do not apply to --mode sandblaster"),
+    (["--mode", "sandblaster", "--servers", "2"], "--servers applies to --mode downpour only"),
+    (["--mode", "sandblaster", "--slow-ranks", "5:2"], "--slow-ranks"),
+    (["--mode", "downpour", "--momentum", "1.5"], "--momentum must be a number in [0, 1)"),
+    (["--mode", "downpour", "--staleness-decay", "exp:2"], "--staleness-decay must be none, inverse or exp"),
+    (["--mode", "downpour", "--servers", "5"], "--servers 5 leaves no worker"),
+    (["--mode", "downpour", "--model", "resnet"], "unknown model 'resnet'"),
+    (["--mode", "downpour", "--model", "no_such_module_xyz:net"], "cannot import no_such_module_xyz"),
+    (["--mode", "sync", "--model", "mnist_cnn"], "mnist_cnn needs 1x28x28"),
+    (["--mode", "sync", "--augment", "shift:x"], "--augment"),
+    (["--mode", "sync", "--target-accuracy", "2"], "--target-accuracy"),
+    (["--mode", "sync", "--resume", "/nonexistent/ck.h5"], "does not exist"),
+])
+def test_every_mode_validates_before_work(args, needle, tmp_path):
+    proc = run_mpi(3, TRAIN + args + ["--run-dir", str(tmp_path / "run")], timeout=90, env=_env(), cwd=REPO)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    _one_error(proc.stdout, needle)
+    assert "Traceback" not in proc.stdout and "MPI_Abort" not in proc.stdout
+    assert not (tmp_path / "run").exists()  # nothing is written before the inputs are known good
+
+
+def _quick(cwd, *extra):
+    return subprocess.run(TRAIN + ["--mode", "serial", "--model", "logreg", "--data", "synthetic:300", "--steps",
+                                   "5", "--progress", "none", *extra],
+                          capture_output=True, text=True, timeout=120, env=_env(), cwd=cwd)
+
+
+def test_default_run_keeps_its_outputs_in_a_fresh_folder(tmp_path):
+    first, second = _quick(tmp_path), _quick(tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2  # the second run never reuses the first one's folder, even within the same second
+    for folder, proc in zip(folders, (first, second)):
+        assert {p.name for p in folder.iterdir()} == {"model.h5", "metrics.jsonl", "summary.json", "config.toml"}
+        assert proc.stdout.strip().endswith(f"outputs in {os.path.join('runs', folder.name)}")
+    summary = json.loads((folders[0] / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["model"] == "logreg"
+    assert (folders[0] / "metrics.jsonl").read_text().strip()
+    # the resolved configuration is a valid --config file that reproduces the options (outputs left out)
+    again = subprocess.run(TRAIN + ["--config", str(folders[0] / "config.toml"), "--print-config"],
+                           capture_output=True, text=True, timeout=60, env=_env(), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert 'model = "logreg"' in again.stdout and "steps = 5" in again.stdout and "run_dir" not in again.stdout
+
+
+def test_run_dir_is_never_overwritten_and_explicit_outputs_win(tmp_path):
+    run_dir, summary = tmp_path / "mine", tmp_path / "elsewhere.json"
+    proc = _quick(tmp_path, "--run-dir", str(run_dir), "--summary-json", str(summary))
+    assert proc.returncode == 0, proc.stderr
+    assert summary.exists() and not (run_dir / "summary.json").exists()
+    assert (run_dir / "model.h5").exists() and (run_dir / "metrics.jsonl").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    again = _quick(tmp_path, "--run-dir", str(run_dir))
+    assert again.returncode == 2
+    _one_error(again.stderr, "already exists")
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    none = _quick(tmp_path / "mine", "--run-dir", "none")  # writes nothing it was not asked for
+    assert none.returncode == 0 and not (run_dir / "runs").exists()
+    named = tmp_path / "named"
+    named.mkdir()
+    every = _quick(named, "--log", "l.jsonl", "--summary-json", "s.json", "--model-out", "m.h5")
+    assert every.returncode == 0, every.stderr
+    assert sorted(p.name for p in named.iterdir()) == ["l.jsonl", "m.h5", "s.json"]  # no runs/ folder beside them
+
+
+def test_user_model_from_the_command_line_under_mpiexec(tmp_path):
+    """--model PACKAGE.MODULE:FUNCTION imports a factory from the working directory on every rank."""
+    (tmp_path / "my_nets.py").write_text(
+        "from asyncsgd.model import Dense, Flatten, Network, ReLU\n"
+        "def mlp(input_shape, n_classes, *, ops, seed=0):\n"
+        "    layers = [Flatten(), Dense(32), ReLU(), Dense(n_classes)]\n"
+        "    return Network('mlp', layers, input_shape, n_classes, ops=ops, seed=seed)\n")
+    proc = run_mpi(3, TRAIN + ["--model", "my_nets:mlp", "--data", "synthetic:300", "--steps", "10",
+                               "--progress", "none", "--run-dir", "out"], timeout=120, env=_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    from asyncsgd.ops.modelio import load_model
+    params, meta = load_model(str(tmp_path / "out" / "model.h5"))
+    assert meta["model"] == "my_nets:mlp"
+    assert params.size == 40 * 64 * 32 + 32 + 32 * 10 + 10  # synthetic:N holds (1, 40, 64) inputs, 10 classes
+    assert "final test accuracy:" in proc.stdout

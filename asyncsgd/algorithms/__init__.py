@@ -1,4 +1,4 @@
-"""Training algorithms: one module per mode, each exposing ``run(comm, cfg, src, backend, reporter)``.
+"""Training algorithms: one module per mode, each exposing ``run(comm, net, src, opts, stop, backend, reporter, ...)``.
 
 ``serial`` (one process), ``downpour`` (asynchronous SGD against the RMA parameter store), ``sync`` (all-reduce
 data parallelism, for comparison) and ``sandblaster`` (sharded L-BFGS with dynamic mini-shards).

@@ -26,16 +26,13 @@ import warnings
 
 import numpy
 
-from .. import sparse
-from ..config import parse_decay
 from ..data import BatchStream
 from ..data.augment import make_augmenter
 from ..faults import fault_point
-from ..model import build_model
 from ..mpiutil import polled_barrier
 from ..store import ShardedParameters
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
-from .common import Evaluator, StopRule, sgd_defaults, staleness_weight
+from .common import Evaluator, StopRule, sgd_defaults
 from .resume import Checkpointer
 
 __all__ = ["run", "DownpourWorker"]
@@ -52,22 +49,16 @@ class DownpourWorker:
         self.store = store
         self.backend = backend
         self.xp = backend.xp
-        kind, lam = parse_decay(cfg.staleness_decay)
-        self.weight = staleness_weight(kind, lam)
+        self.weight = cfg.staleness  # a callable tau -> factor (asyncsgd.options)
         self.adagrad = cfg.optimizer == "adagrad"
         self.velocity = self.xp.zeros_like(net.params)
         self.accrued = self.xp.zeros_like(net.params)
         # the residual lives where the accrual does: a GPU rank selects on the GPU and copies only the pairs
         self.residual = self.xp.zeros_like(net.params) if cfg.sparsity < 1 else None
-        self.select_topk = sparse.select_topk
-        if backend.is_gpu:
-            from ..gpu import sparse as gpu_sparse
-            self.select_topk = gpu_sparse.select_topk
-        # staging buffer between the replica and the windows; pinned on a GPU rank so copies run at full speed
-        self.host = numpy.empty(net.n_params, dtype=numpy.float32)
-        if backend.is_gpu:
-            import cupyx
-            self.host = cupyx.empty_pinned(net.n_params, dtype=numpy.float32)
+        # staging buffer between the replica and the windows (pinned on a GPU rank so copies run at full speed);
+        # a replica whose parameters live in host memory fetches straight into them instead
+        self.host = backend.staging_buffer(net.n_params, numpy.float32)
+        self.params_on_host = isinstance(net.params, numpy.ndarray)
         self.rng = numpy.random.default_rng(seed)
         self.base_version = 0
         self.steps = 0
@@ -85,11 +76,11 @@ class DownpourWorker:
     def fetch(self):
         """Copy the store's parameters into the replica (DistBelief's 'fetch')."""
         fault_point("fetch")
-        if self.backend.is_gpu:
+        if self.params_on_host:
+            self.base_version = self.store.fetch(self.net.params)
+        else:
             self.base_version = self.store.fetch(self.host)
             self.net.params[...] = self.backend.to_device(self.host)
-        else:
-            self.base_version = self.store.fetch(self.net.params)
 
     def step(self, xb, yb) -> bool:
         """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
@@ -106,13 +97,11 @@ class DownpourWorker:
                 self._warned = True
             self.compute_s += time.perf_counter() - t0
             return False
-        self.velocity *= cfg.momentum
-        self.velocity += grads
-        if self.adagrad:
-            self.accrued += self.velocity
-        else:
+        # v = momentum*v + g; params -= lr*v (one fused kernel on a GPU rank); Adagrad pushes the accrued v
+        self.backend.sgd_update(self.net.params, grads, lr=cfg.lr, momentum=cfg.momentum, velocity=self.velocity,
+                                accrued=self.accrued if self.adagrad else None)
+        if not self.adagrad:
             self.accrued -= cfg.lr * self.velocity
-        self.net.params -= cfg.lr * self.velocity
         self.compute_s += time.perf_counter() - t0
         self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
         return True
@@ -129,7 +118,7 @@ class DownpourWorker:
             self.accrued += self.residual
             self.residual[...] = 0
         if self.residual is not None and not final:
-            idx_dev, vals = self.select_topk(self.accrued, cfg.sparsity, self.residual)
+            idx_dev, vals = self.backend.select_topk(self.accrued, cfg.sparsity, self.residual)
             # momentum factor masking (Deep Gradient Compression): the velocity of coordinates just pushed is
             # cleared, so their delayed update is not pushed again through the momentum of later steps; without
             # it, sparse pushes with momentum 0.9 diverged in about one run in four on synthetic data
@@ -169,14 +158,13 @@ class DownpourWorker:
                 "elapsed_s": elapsed, "resumed_samples": self.resumed_samples}
 
 
-def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start, samples_done=0):
-    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
+def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_workers, start, samples_done=0):
     x, y = src.train_slice(worker, n_workers)
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
     stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done)
     replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done)
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
-    stop = StopRule(cfg, samples_per_epoch=len(y), start=start)
+    stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
     last_publish = 0.0
     warm = cfg.warm_start_steps if worker == 0 else 0
@@ -208,12 +196,11 @@ def _worker_loop(cfg, src, backend, store, board, worker, n_workers, start, samp
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
 
 
-def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start, checkpointer):
+def _monitor_loop(cfg, stop_opts, eval_net, src, backend, store, board, n_workers, reporter, start, checkpointer):
     """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record."""
-    eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp)
     x_test, y_test = src.test_set()
     evaluate = Evaluator(eval_net, x_test, y_test, backend)
-    stop = StopRule(cfg, samples_per_epoch=src.n_train, start=start)
+    stop = StopRule(stop_opts, samples_per_epoch=src.n_train, start=start)
     last_eval = time.monotonic()
     last_samples, last_time = 0, 0.0
     record = {}
@@ -230,7 +217,7 @@ def _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start, c
                                                     min((s["steps"] for s in stats), default=0))
             if reporter is not None:
                 reporter.record(record)
-            if cfg.target_accuracy is not None and acc >= cfg.target_accuracy and time_to_target is None:
+            if stop.target is not None and acc >= stop.target and time_to_target is None:
                 time_to_target = record["time"]
                 board.set_flag(FLAG_STOP)
             if all_done:
@@ -277,23 +264,26 @@ def _percentile_from_hist(hist, q):
     return int(numpy.searchsorted(cum, q * cum[-1]))
 
 
-def run(comm, cfg, src, backend, reporter, resume=None):
-    """Run Downpour on every rank of ``comm``; return the summary dict on rank 0 (None elsewhere).
+def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
+    """Run Downpour (DownpourOptions ``cfg``) on every rank of ``comm`` until ``stop``; return the summary dict on
+    rank 0 (None elsewhere).
 
-    ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
+    ``net`` is this rank's network, built from the same seed on every rank: a worker's replica, rank 0's evaluator,
+    and on every server the source of the initial parameters.  ``resume`` is a loaded checkpoint to continue from
+    (every rank gets it), or None.
     """
     n_servers = cfg.servers
     n_workers = comm.size - n_servers
-    sgd_defaults(cfg, async_replicas=n_workers)
+    cfg, stop_opts = sgd_defaults(cfg, stop, model_name, async_replicas=n_workers)
     rank = comm.rank
-    init = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=numpy)
-    initial = init.params if resume is None else resume.params
+    init = net
+    initial = (backend.to_host(net.params) if rank < n_servers else None) if resume is None else resume.params
     done = [0] * n_workers
     if resume is not None:
         saved = resume.data_position.get("worker_samples", [])
         # the same workers continue where they were; another worker count shares the samples done evenly
         done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
-    checkpointer = Checkpointer(cfg, init.n_params, {"seed": cfg.seed})
+    checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": cfg.seed})
     with ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
                            adagrad=cfg.optimizer == "adagrad") as store, \
             JobBoard(comm, n_workers) as board:
@@ -303,10 +293,10 @@ def run(comm, cfg, src, backend, reporter, resume=None):
         start = time.monotonic()
         result = None
         if rank >= n_servers:
-            _worker_loop(cfg, src, backend, store, board, rank - n_servers, n_workers, start,
+            _worker_loop(cfg, stop_opts, net, src, backend, store, board, rank - n_servers, n_workers, start,
                          samples_done=int(done[rank - n_servers]))
         elif rank == 0:
-            record, stats, hist = _monitor_loop(cfg, src, backend, store, board, n_workers, reporter, start,
+            record, stats, hist = _monitor_loop(cfg, stop_opts, net, src, backend, store, board, n_workers, reporter, start,
                                                 checkpointer)
             if checkpointer.path:
                 _checkpoint(cfg, store, checkpointer, stats)  # the final one
@@ -314,7 +304,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
             params = store.read_all()
             total_hist = hist.sum(axis=0)
             result = {
-                "mode": "downpour", "model": cfg.model, "data": src.name, "workers": n_workers,
+                "mode": "downpour", "model": model_name, "data": src.name, "workers": n_workers,
                 "servers": n_servers, "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
                 "final_loss": record["loss"], "samples": record["samples"],
                 "samples_per_s": (record["samples"] - sum(done)) / wall, "wall_s": wall,

@@ -1,4 +1,4 @@
-"""L-BFGS with its vectors sharded over ranks, a strong-Wolfe line search, and a single-process reference.
+"""L-BFGS with its vectors sharded over ranks (Sandblaster's optimizer).
 
 Sandblaster's optimizer (Dean et al. 2012): every rank owns one contiguous shard of the parameter vector, of the
 gradient, of the search direction and of the L-BFGS history (``history`` pairs s, y).  No rank ever holds a whole
@@ -15,231 +15,26 @@ history vector; the coordinator logic only needs scalars:
 Every rank runs the same scalar recursion on the same reduced scalars (MPI sums are bitwise identical on all ranks
 for a commutative op), so branches of the line search agree everywhere without a broadcast.
 
-The line search (Nocedal & Wright 2006, Algorithms 3.5 and 3.6, cubic interpolation in zoom) is shared with
-``lbfgs_serial``, the textbook two-loop L-BFGS on one process that the tests compare the sharded optimizer with.
+The line search lives in ``linesearch.py``; the tests compare this optimizer with a textbook single-process
+L-BFGS (``tests/lbfgs_reference.py``) that uses the same line search.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import numpy
 
 from ..mpiutil import wait
 from ..partition import contiguous_bounds
+from .linesearch import (C1, C2, CURVATURE_EPS, LineSearchResult, initial_step, relative_decrease,
+                         strong_wolfe)
 
-__all__ = ["C1", "C2", "shard_bounds", "strong_wolfe", "LineSearchResult", "lbfgs_serial", "LBFGSResult",
-           "ShardedEvaluator", "ShardedLBFGS", "relative_decrease"]
-
-C1 = 1e-4  # sufficient decrease (Armijo)
-C2 = 0.9   # curvature; 0.9 is the usual choice for quasi-Newton methods
-MAX_LINE_SEARCH_EVALS = 20
-_CURVATURE_EPS = 1e-10  # pairs with s.y <= eps * |y|^2 would make the inverse Hessian estimate indefinite
+__all__ = ["shard_bounds", "ShardedEvaluator", "ShardedLBFGS"]
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
     """Split ``range(n)`` into ``parts`` contiguous (start, stop) ranges whose sizes differ by at most one."""
     return list(contiguous_bounds(n, parts, allow_empty=True))
-
-
-def relative_decrease(f_old: float, f_new: float) -> float:
-    """Return (f_old - f_new) / max(|f_old|, |f_new|, 1), the loss-tolerance test of scipy's L-BFGS-B."""
-    return (f_old - f_new) / max(abs(f_old), abs(f_new), 1.0)
-
-
-def initial_step(iteration_has_history: bool, grad_norm: float) -> float:
-    """First trial step: 1 once a Hessian scaling exists, else 1/|g| (a unit-length steepest-descent step)."""
-    if iteration_has_history or grad_norm == 0:
-        return 1.0
-    return min(1.0, 1.0 / grad_norm)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Line search
-
-
-@dataclass
-class LineSearchResult:
-    """Outcome of one line search: step ``alpha`` with phi(alpha) = ``f`` and phi'(alpha) = ``dphi``.
-
-    ``wolfe`` says whether both strong Wolfe conditions hold; when False, ``alpha`` > 0 still gives sufficient
-    decrease if any trial point did, else ``alpha`` is 0 (no acceptable step).  ``evals`` counts calls of phi.
-    """
-    alpha: float
-    f: float
-    dphi: float
-    evals: int
-    wolfe: bool
-
-
-def _cubic_min(a, fa, ga, b, fb, gb):
-    """Minimiser of the cubic through (a, fa, ga) and (b, fb, gb) (Nocedal & Wright eq. 3.59), or None."""
-    if a == b or not all(map(math.isfinite, (fa, ga, fb, gb))):
-        return None
-    d1 = ga + gb - 3.0 * (fa - fb) / (a - b)
-    disc = d1 * d1 - ga * gb
-    if disc < 0:
-        return None
-    d2 = math.copysign(math.sqrt(disc), b - a)
-    den = gb - ga + 2.0 * d2
-    if den == 0:
-        return None
-    return b - (b - a) * (gb + d2 - d1) / den
-
-
-def strong_wolfe(phi, f0: float, dphi0: float, alpha0: float = 1.0, *, c1: float = C1, c2: float = C2,
-                 max_evals: int = MAX_LINE_SEARCH_EVALS) -> LineSearchResult:
-    """Find a step satisfying the strong Wolfe conditions along a descent direction.
-
-    ``phi(alpha) -> (f, dphi)`` evaluates the objective and its directional derivative at x + alpha d.
-    ``f0``, ``dphi0`` are their values at alpha = 0 (dphi0 < 0).  Bracketing doubles the step; zoom interpolates a
-    cubic through the bracket ends, safeguarded to the middle 80% of the bracket (bisection otherwise).
-    """
-    if not dphi0 < 0:
-        raise ValueError(f"line search needs a descent direction (phi'(0) < 0), got {dphi0}")
-    evals = 0
-    best = (0.0, f0, dphi0)  # lowest point with sufficient decrease so far (alpha 0 = none)
-
-    def sufficient(a, f):
-        return f <= f0 + c1 * a * dphi0
-
-    def zoom(lo, hi):
-        nonlocal evals, best
-        while evals < max_evals:
-            a_lo, f_lo, g_lo = lo
-            a_hi, f_hi, g_hi = hi
-            width = abs(a_hi - a_lo)
-            if width <= 1e-16 * max(abs(a_lo), abs(a_hi), 1e-300):
-                break
-            a = _cubic_min(a_lo, f_lo, g_lo, a_hi, f_hi, g_hi)
-            left, right = min(a_lo, a_hi), max(a_lo, a_hi)
-            if a is None or not (left + 0.1 * width <= a <= right - 0.1 * width):
-                a = 0.5 * (a_lo + a_hi)
-            f, g = phi(a)
-            evals += 1
-            if not math.isfinite(f) or not sufficient(a, f) or f >= f_lo:
-                hi = (a, f, g)
-                continue
-            if f < best[1]:
-                best = (a, f, g)
-            if abs(g) <= -c2 * dphi0:
-                return LineSearchResult(a, f, g, evals, True)
-            if g * (a_hi - a_lo) >= 0:
-                hi = lo
-            lo = (a, f, g)
-        return None
-
-    prev = (0.0, f0, dphi0)
-    a = alpha0
-    while evals < max_evals:
-        f, g = phi(a)
-        evals += 1
-        if not math.isfinite(f) or not sufficient(a, f) or (evals > 1 and f >= prev[1]):
-            res = zoom(prev, (a, f, g))
-            break
-        best = (a, f, g) if f < best[1] else best
-        if abs(g) <= -c2 * dphi0:
-            return LineSearchResult(a, f, g, evals, True)
-        if g >= 0:
-            res = zoom((a, f, g), prev)
-            break
-        prev = (a, f, g)
-        a = 2.0 * a
-    else:
-        res = None
-    if res is not None:
-        return res
-    return LineSearchResult(best[0], best[1], best[2], evals, False)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Single-process reference
-
-
-@dataclass
-class LBFGSResult:
-    """What an L-BFGS run ended with; ``reason`` is 'grad_tol', 'loss_tol', 'max_iter' or 'line_search'."""
-    x: numpy.ndarray
-    f: float
-    grad_norm: float
-    iterations: int
-    function_evaluations: int
-    reason: str
-    losses: list = field(default_factory=list)
-
-
-def lbfgs_serial(f_and_g, x0, history: int, max_iter: int, *, grad_tol: float = 1e-6, loss_tol: float = 1e-10,
-                 c1: float = C1, c2: float = C2) -> LBFGSResult:
-    """Minimise ``f_and_g(x) -> (f, g)`` from ``x0`` (1-D float64) with the textbook two-loop L-BFGS.
-
-    Same line search, first step, curvature test and stopping rules as ``ShardedLBFGS``; only the vectors are whole
-    and the recursion is the classic one (Nocedal & Wright Algorithm 7.4), so it checks the sharded,
-    vector-free formulation independently.
-    """
-    if history < 1:
-        raise ValueError(f"history must be >= 1, got {history}")
-    x = numpy.array(x0, dtype=numpy.float64)
-    f, g = f_and_g(x)
-    g = numpy.asarray(g, dtype=numpy.float64)
-    evals, pairs = 1, []
-    losses = [f]
-    gnorm = float(numpy.linalg.norm(g))
-    if gnorm <= grad_tol:
-        return LBFGSResult(x, f, gnorm, 0, evals, "grad_tol", losses)
-    reason, it = "max_iter", 0
-    while it < max_iter:
-        q = -g
-        alphas = []
-        for s, y, rho in reversed(pairs):
-            a = rho * (s @ q)
-            q = q - a * y
-            alphas.append(a)
-        if pairs:
-            s, y, _ = pairs[-1]
-            q *= (s @ y) / (y @ y)
-        for (s, y, rho), a in zip(pairs, reversed(alphas)):
-            b = rho * (y @ q)
-            q = q + (a - b) * s
-        d = q
-        dphi0 = float(g @ d)
-        if not dphi0 < 0:  # numerical loss of descent: forget the curvature pairs, go downhill
-            pairs.clear()
-            d = -g
-            dphi0 = float(g @ d)
-        cache = {}
-
-        def phi(alpha):
-            fa, ga = f_and_g(x + alpha * d)
-            ga = numpy.asarray(ga, dtype=numpy.float64)
-            cache[alpha] = (fa, ga)
-            return fa, float(ga @ d)
-
-        ls = strong_wolfe(phi, f, dphi0, initial_step(bool(pairs), gnorm), c1=c1, c2=c2)
-        evals += ls.evals
-        it += 1
-        if ls.alpha == 0:
-            reason = "line_search"
-            it -= 1
-            break
-        f_new, g_new = cache[ls.alpha]
-        s = ls.alpha * d
-        y = g_new - g
-        sy = float(s @ y)
-        yy = float(y @ y)
-        if sy > _CURVATURE_EPS * yy:
-            pairs.append((s, y, 1.0 / sy))
-            if len(pairs) > history:
-                pairs.pop(0)
-        x, f_old, f, g = x + s, f, f_new, g_new
-        losses.append(f)
-        gnorm = float(numpy.linalg.norm(g))
-        if gnorm <= grad_tol:
-            reason = "grad_tol"
-            break
-        if relative_decrease(f_old, f) <= loss_tol:
-            reason = "loss_tol"
-            break
-    return LBFGSResult(x, f, gnorm, it, evals, reason, losses)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +158,7 @@ class ShardedLBFGS:
         if self.pending:
             # Curvature test of the newest pair, from the Gram matrix instead of an extra reduction.
             j = self.order[-1]
-            if not gram[j, P + j] > _CURVATURE_EPS * gram[P + j, P + j]:
+            if not gram[j, P + j] > CURVATURE_EPS * gram[P + j, P + j]:
                 self.order.pop()
             self.pending = False
         while len(self.order) > self.m:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import time
 
-from ..config import config_to_dict
 from ..mpiutil import UsageError
 
 __all__ = ["checkpoint_path", "load_resume", "Checkpointer", "RESUMABLE_MODES"]
@@ -23,49 +22,58 @@ RESUMABLE_MODES = ("serial", "sync", "downpour")
 DEFAULT_CHECKPOINT = "checkpoint.h5"
 
 
-def checkpoint_path(cfg) -> str | None:
-    """The file checkpoints go to: --checkpoint, else checkpoint.h5 when --checkpoint-every is given."""
-    if cfg.checkpoint:
-        return cfg.checkpoint
-    if cfg.checkpoint_every is not None or cfg.resume == "auto":
+def checkpoint_path(ck) -> str | None:
+    """The file checkpoints go to (``ck`` a CheckpointOptions or None): its path, else checkpoint.h5 when a period
+    or ``resume='auto'`` is given."""
+    if ck is None:
+        return None
+    if ck.path:
+        return ck.path
+    if ck.every is not None or ck.resume == "auto":
         return DEFAULT_CHECKPOINT
     return None
 
 
-def load_resume(cfg, n_params: int):
-    """Return the checkpoint to resume from (or None): --resume PATH, or --resume auto when the file exists.
+def load_resume(ck, mode: str, model_name: str, n_params: int):
+    """Return the checkpoint to resume from (or None): ``ck.resume`` a path, or 'auto' when the file exists.
 
     Raises UsageError for a missing, corrupt or mismatched file, or a mode that cannot resume.
     """
     from ..ops.checkpoint import load_checkpoint
 
-    if cfg.resume is None:
+    if ck is None or ck.resume is None:
         return None
-    if cfg.mode not in RESUMABLE_MODES:
-        raise UsageError(f"--resume is not supported with --mode {cfg.mode}; it works with "
+    if mode not in RESUMABLE_MODES:
+        raise UsageError(f"--resume is not supported with --mode {mode}; it works with "
                          f"{', '.join(RESUMABLE_MODES)}")
-    path = checkpoint_path(cfg) if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and not os.path.exists(path):
+    path = checkpoint_path(ck) if ck.resume == "auto" else ck.resume
+    if ck.resume == "auto" and not os.path.exists(path):
         return None  # nothing to resume yet: start afresh
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: checkpoint {path} does not exist")
     try:
-        ckpt = load_checkpoint(path, expect_model=cfg.model, expect_n_params=n_params)
+        ckpt = load_checkpoint(path, expect_model=model_name, expect_n_params=n_params)
     except ValueError as exc:
         raise UsageError(f"--resume: {exc}") from None
     saved_mode = ckpt.config.get("mode")
-    if saved_mode != cfg.mode:
-        raise UsageError(f"--resume: {path} was written by --mode {saved_mode}; this run is --mode {cfg.mode}")
+    if saved_mode != mode:
+        raise UsageError(f"--resume: {path} was written by --mode {saved_mode}; this run is --mode {mode}")
     return ckpt
 
 
 class Checkpointer:
-    """Write checkpoints every ``--checkpoint-every`` seconds and once at the end (when a path is configured)."""
+    """Write checkpoints every ``ck.every`` seconds and once at the end (when a path is configured).
 
-    def __init__(self, cfg, n_params: int, seeds: dict):
-        self.cfg = cfg
-        self.path = checkpoint_path(cfg)
-        self.every = cfg.checkpoint_every
+    ``config`` is the run's options as a plain dict (it must hold 'mode'); it is stored in every checkpoint.
+    """
+
+    def __init__(self, ck, n_params: int, seeds: dict, *, model_name: str = "model", config: dict | None = None):
+        self.path = checkpoint_path(ck)
+        self.every = None if ck is None else ck.every
         self.n_params = n_params
         self.seeds = seeds
+        self.model_name = model_name
+        self.config = dict(config or {})
         self.last = time.monotonic()
         self.written = 0
 
@@ -77,8 +85,8 @@ class Checkpointer:
             return
         from ..ops.checkpoint import save_checkpoint
 
-        save_checkpoint(self.path, params=params, state=state, version=int(version), config=config_to_dict(self.cfg),
-                        data_position=data_position, seeds=self.seeds, model_name=self.cfg.model,
+        save_checkpoint(self.path, params=params, state=state, version=int(version), config=self.config,
+                        data_position=data_position, seeds=self.seeds, model_name=self.model_name,
                         n_params=self.n_params)
         self.last = time.monotonic()
         self.written += 1

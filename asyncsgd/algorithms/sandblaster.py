@@ -31,12 +31,11 @@ import time
 import numpy
 from mpi4py import MPI
 
-from ..config import parse_slow_ranks
 from ..faults import fault_point
-from ..model import build_model
 from ..model.layers import Dropout
-from ..mpiutil import UsageError
-from .lbfgs import ShardedEvaluator, ShardedLBFGS, relative_decrease, shard_bounds
+from ..options import OptionError
+from .lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
+from .linesearch import relative_decrease
 from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds, mini_shard_rows
 
 __all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator"]
@@ -50,10 +49,11 @@ MINI_SHARDS_PER_REPLICA = 8
 _MAX_FAILED_SEARCHES = 3  # stochastic batches: give up after this many line searches in a row found no decrease
 
 
-def defaults(cfg, n_train: int, size: int) -> dict:
-    """Return the effective batch_size, mini_shard_size, l2, iterations_per_batch, max_iter and dtype
-    (None options: defaults)."""
-    batch, l2, per_batch, max_iter, dtype = _DEFAULTS.get(cfg.model, (None, 1e-4, 1, 100, numpy.float32))
+def defaults(cfg, n_train: int, size: int, model_name: str = "model") -> dict:
+    """Return the effective batch_size, mini_shard_size, l2, iterations_per_batch, max_iter and dtype of
+    SandblasterOptions ``cfg`` (None options: the defaults of ``model_name``; user models get the CNNs' 256-example
+    batches in float32)."""
+    batch, l2, per_batch, max_iter, dtype = _DEFAULTS.get(model_name, (256, 1e-4, 3, 100, numpy.float32))
     batch = cfg.batch_size if cfg.batch_size is not None else (n_train if batch is None else batch)
     batch = min(batch, n_train) if cfg.batch_size is None else batch
     ms = cfg.mini_shard_size
@@ -64,18 +64,23 @@ def defaults(cfg, n_train: int, size: int) -> dict:
             "max_iter": int(cfg.max_iter if cfg.max_iter is not None else max_iter), "dtype": dtype}
 
 
-def check_options(cfg, n_train: int, size: int) -> dict:
-    """Validate the Sandblaster options before any work; return the effective settings (see ``defaults``)."""
-    if cfg.history < 1:
-        raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
-    eff = defaults(cfg, n_train, size)
+def check_options(cfg, n_train: int, size: int, model_name: str = "model", stop=None) -> dict:
+    """Validate SandblasterOptions ``cfg`` (and the ``Stop``) against the data and the job size before any work;
+    return the effective settings (see ``defaults``).  Raises OptionError naming the field."""
+    eff = defaults(cfg, n_train, size, model_name)
     if eff["batch_size"] > n_train:
-        raise UsageError(f"--batch-size {eff['batch_size']} exceeds the {n_train} training examples; "
-                         f"use --batch-size <= {n_train} (or leave it unset for the whole set)")
+        raise OptionError("batch_size", f"{eff['batch_size']} exceeds the {n_train} training examples; "
+                                        f"use at most {n_train} (or leave it unset for the whole set)")
     if eff["mini_shard_size"] > eff["batch_size"]:
-        raise UsageError(f"--mini-shard-size {eff['mini_shard_size']} is larger than the batch "
-                         f"({eff['batch_size']} examples); use --mini-shard-size <= --batch-size")
-    parse_slow_ranks(cfg.slow_ranks, size)
+        raise OptionError("mini_shard_size", f"{eff['mini_shard_size']} is larger than the batch "
+                                             f"({eff['batch_size']} examples); use at most the batch size")
+    bad = [r for r in cfg.slow_ranks if r >= size]
+    if bad:
+        raise OptionError("slow_ranks", f"names rank {bad[0]} but the job has ranks 0..{size - 1}")
+    if stop is not None and (stop.epochs is not None or stop.steps is not None):
+        raise OptionError("epochs" if stop.epochs is not None else "steps",
+                          "does not apply to sandblaster, which stops on max_iter, grad_tol, loss_tol, "
+                          "time_limit or target_accuracy; leave it unset")
     return eff
 
 
@@ -166,21 +171,24 @@ def _draw_batch(rng, n_train: int, batch: int):
     return numpy.sort(rng.choice(n_train, size=batch, replace=False))
 
 
-def run(comm, cfg, src, backend, reporter):
-    """Train ``cfg.model`` with Sandblaster L-BFGS over every rank of ``comm``; return the summary on rank 0."""
+def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
+    """Train ``net`` with Sandblaster L-BFGS (SandblasterOptions ``cfg``) over every rank of ``comm``; return the
+    summary on rank 0.  ``net`` should have the dtype ``defaults(...)['dtype']`` (float64 for logreg).
+    Checkpoints and resuming are not supported (``checkpointer`` and ``resume`` must be None)."""
+    if (checkpointer is not None and checkpointer.path is not None) or resume is not None:
+        raise ValueError("sandblaster does not write or resume checkpoints; leave checkpoint options unset")
     comm = comm.Dup()
-    result = _run(comm, cfg, src, backend, reporter)
+    result = _run(comm, net, src, cfg, stop, backend, reporter, model_name)
     comm.Free()  # not in a `finally`: after an exception on one rank no collective may run (docs/FAILURES.md)
     return result
 
 
-def _run(comm, cfg, src, backend, reporter):
+def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
     size, rank = comm.size, comm.rank
-    eff = check_options(cfg, src.n_train, size)
-    slow = parse_slow_ranks(cfg.slow_ranks, size).get(rank, 1.0)
+    eff = check_options(cfg, src.n_train, size, model_name, stop)
+    slow = cfg.slow_ranks.get(rank, 1.0)
     batch, ms_size, l2 = eff["batch_size"], eff["mini_shard_size"], eff["l2"]
     per_batch = eff["iterations_per_batch"]
-    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=backend.xp, dtype=eff["dtype"])
     # Any replica may be handed any mini-shard, so each holds the training set (FSDD: 28 MB).
     x_train, y_train = src.train_range(0, src.n_train)
     x_test, y_test = src.test_set()
@@ -236,10 +244,10 @@ def _run(comm, cfg, src, backend, reporter):
             if stepped and relative_decrease(f_old, opt.f) <= cfg.loss_tol:
                 reason = "loss_tol"
                 break
-            if cfg.time_limit is not None and elapsed >= cfg.time_limit:
+            if stop.time_limit is not None and elapsed >= stop.time_limit:
                 reason = "time_limit"
                 break
-            if cfg.target_accuracy is not None and accuracy is not None and accuracy >= cfg.target_accuracy:
+            if stop.target_accuracy is not None and accuracy is not None and accuracy >= stop.target_accuracy:
                 reason = "target_accuracy"
                 break
             new_batch = stochastic and (opt.iterations % per_batch == 0 or not stepped)
@@ -248,7 +256,7 @@ def _run(comm, cfg, src, backend, reporter):
         params = backend.to_host(net.params).copy() if rank == 0 else None
     if rank != 0:
         return None
-    return {"mode": "sandblaster", "model": cfg.model, "data": src.name, "iterations": opt.iterations,
+    return {"mode": "sandblaster", "model": model_name, "data": src.name, "iterations": opt.iterations,
             "final_loss": opt.f, "grad_norm": opt.gnorm, "function_evaluations": opt.function_evaluations,
             "backups_launched": int(totals[0]), "backups_discarded": int(totals[1]),
             "stragglers_beaten": int(totals[2]), "test_accuracy": accuracy, "test_loss": test_loss,

@@ -8,25 +8,24 @@ import numpy
 from ..data import BatchStream
 from ..data.augment import make_augmenter
 from ..faults import fault_point
-from ..model import build_model
 from .common import Evaluator, StopRule, sgd_defaults
 from .resume import Checkpointer
 
 __all__ = ["run"]
 
 
-def run(comm, cfg, src, backend, reporter, resume=None):
-    """Train ``cfg.model`` on ``src`` in this process; return the summary dict (``comm`` is unused).
+def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
+    """Train ``net`` on ``src`` in this process with SGDOptions ``cfg`` until ``stop``; return the summary dict
+    (``comm`` is unused).
 
     ``resume`` is a loaded checkpoint (asyncsgd.ops.checkpoint.Checkpoint) to continue from, or None.
     """
-    sgd_defaults(cfg)
+    cfg, stop_opts = sgd_defaults(cfg, stop, model_name)
     xp = backend.xp
-    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
-    eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
     x, y = src.train_slice(0, 1)
     x_test, y_test = src.test_set()
-    evaluate = Evaluator(eval_net, x_test, y_test, backend)
+    # the training net evaluates its own parameters (evaluation does not touch the gradients or the momentum)
+    evaluate = Evaluator(net, x_test, y_test, backend)
     velocity = xp.zeros_like(net.params)
     samples = steps = 0
     if resume is not None:
@@ -37,9 +36,9 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     # re-seeded from the position, so a resumed run does not replay the order it already saw
     stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + steps)
     rng = numpy.random.default_rng(cfg.seed + 1 + steps)
-    checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
+    checkpointer = checkpointer or Checkpointer(None, net.n_params, {"seed": cfg.seed})
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + steps)
-    stop = StopRule(cfg, samples_per_epoch=len(y))
+    stop = StopRule(stop_opts, samples_per_epoch=len(y))
 
     def save_checkpoint():
         checkpointer.save(params=backend.to_host(net.params), state={"momentum": backend.to_host(velocity)},
@@ -55,9 +54,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
         loss = net.loss_and_grad(backend.to_device(augment(xb)), backend.to_device(yb), rng=rng)
         if not numpy.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {steps}: lower --lr (now {cfg.lr})")
-        velocity *= cfg.momentum
-        velocity += net.grads
-        net.params -= cfg.lr * velocity
+        backend.sgd_update(net.params, net.grads, lr=cfg.lr, momentum=cfg.momentum, velocity=velocity)  # fused on GPU
         compute_s += time.perf_counter() - t0
         steps += 1
         samples += len(yb)
@@ -82,7 +79,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
     fault_point("end")
     wall = stop.elapsed()
     return {
-        "mode": "serial", "model": cfg.model, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,
+        "mode": "serial", "model": model_name, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,
         "final_loss": loss_ewma, "samples": samples, "steps": steps, "samples_per_s": (samples - start_samples) / wall,
         "compute_samples_per_s": samples / max(compute_s, 1e-9), "checkpoints": checkpointer.written, "wall_s": wall, "epochs": samples / len(y),
         "stop_reason": stop.reason, "workers": 1, "servers": 0, "n_params": int(net.n_params),

@@ -13,7 +13,6 @@ from mpi4py import MPI
 from ..data import BatchStream
 from ..data.augment import make_augmenter
 from ..faults import fault_point
-from ..model import build_model
 from ..mpiutil import wait
 from .common import Evaluator, StopRule, sgd_defaults
 from .resume import Checkpointer
@@ -21,16 +20,16 @@ from .resume import Checkpointer
 __all__ = ["run"]
 
 
-def run(comm, cfg, src, backend, reporter, resume=None):
-    """Train with all-reduce SGD on every rank of ``comm``; return the summary dict on rank 0.
+def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
+    """Train ``net`` with all-reduce SGD (SGDOptions ``cfg``) on every rank of ``comm`` until ``stop``; return the
+    summary dict on rank 0.
 
     ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
     """
-    sgd_defaults(cfg)
+    cfg, stop_opts = sgd_defaults(cfg, stop, model_name)
     comm = comm.Dup()
     xp = backend.xp
     size, rank = comm.size, comm.rank
-    net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
     x, y = src.train_slice(rank, size)
     velocity = xp.zeros_like(net.params)
     steps = 0
@@ -40,16 +39,16 @@ def run(comm, cfg, src, backend, reporter, resume=None):
         steps = int(resume.data_position["steps"])
     stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + rank + steps)
     rng = numpy.random.default_rng(cfg.seed + 2000 + rank + steps)
-    checkpointer = Checkpointer(cfg, net.n_params, {"seed": cfg.seed})
+    checkpointer = checkpointer or Checkpointer(None, net.n_params, {"seed": cfg.seed})
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + rank + steps)
     evaluate = None
     if rank == 0:
-        eval_net = build_model(cfg.model, src.input_shape, src.n_classes, seed=cfg.seed, xp=xp)
-        evaluate = Evaluator(eval_net, *src.test_set(), backend)
+        # the replica evaluates its own parameters: every replica holds the same ones after each step
+        evaluate = Evaluator(net, *src.test_set(), backend)
     n = net.n_params
     send = numpy.zeros(n + 2, dtype=numpy.float32)  # gradient, loss, stop vote
     recv = numpy.empty_like(send)
-    stop = StopRule(cfg, samples_per_epoch=len(y))
+    stop = StopRule(stop_opts, samples_per_epoch=len(y))
     samples = steps * cfg.batch_size
     start_steps = steps
     last_eval = time.monotonic()
@@ -79,9 +78,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
         wait(comm.Iallreduce(send, recv, op=MPI.SUM), what="gradient all-reduce")
         comm_s += time.perf_counter() - t0
         mean_grad = backend.to_device(recv[:n] / size)
-        velocity *= cfg.momentum
-        velocity += mean_grad
-        net.params -= cfg.lr * velocity
+        backend.sgd_update(net.params, mean_grad, lr=cfg.lr, momentum=cfg.momentum, velocity=velocity)  # fused on GPU
         mean_loss = float(recv[n]) / size
         loss_ewma = mean_loss if loss_ewma is None else 0.95 * loss_ewma + 0.05 * mean_loss
         if not numpy.isfinite(mean_loss):
@@ -101,7 +98,7 @@ def run(comm, cfg, src, backend, reporter, resume=None):
             reporter.record({"time": wall, "samples": samples * size, "steps": steps, "loss": loss_ewma,
                              "test_loss": test_loss, "test_accuracy": accuracy,
                              "samples_per_s": samples * size / wall, "per_worker_samples_per_s": [samples / wall] * size})
-        result = {"mode": "sync", "model": cfg.model, "data": src.name, "workers": size, "servers": 0,
+        result = {"mode": "sync", "model": model_name, "data": src.name, "workers": size, "servers": 0,
                   "test_accuracy": accuracy, "test_loss": test_loss, "final_loss": loss_ewma,
                   "samples": samples * size, "steps": steps,
                   "samples_per_s": (steps - start_steps) * cfg.batch_size * size / wall, "wall_s": wall,

@@ -1,0 +1,272 @@
+"""Options of the training API: frozen dataclasses, each checked when it is made.
+
+    from asyncsgd import DownpourOptions, Stop, ExponentialDecay
+    opts = DownpourOptions(lr=0.004, n_push=4, sparsity=0.1, staleness=ExponentialDecay(0.9))
+    stop = Stop(epochs=30, target_accuracy=0.97)
+
+A bad value raises ``OptionError`` (a ValueError) naming the field and what to do; the command line turns the field
+into its ``--flag``.  ``None`` means "the model's default" (see ``asyncsgd.algorithms.common.sgd_defaults`` and
+``asyncsgd.algorithms.sandblaster.defaults``); the filled-in copy is made with ``dataclasses.replace``.  The
+attribute names are the command line's option names with underscores (``n_push``, ``mini_shard_size``).
+
+Policies are objects, not strings: ``staleness`` is any callable ``tau -> factor`` (``NoDecay()``,
+``InverseDecay()``, ``ExponentialDecay(lam)`` or your own).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+
+__all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterOptions", "CheckpointOptions",
+           "NoDecay", "InverseDecay", "ExponentialDecay", "parse_staleness", "options_to_dict", "OPTIMIZERS",
+           "SCHEDULES"]
+
+OPTIMIZERS = ("sgd", "adagrad")
+SCHEDULES = ("dynamic", "static")
+
+
+class OptionError(ValueError):
+    """A bad option value; ``field`` is the option's attribute name (the command line shows it as ``--field``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.detail = message
+
+
+# ---- staleness rules ---------------------------------------------------------------------------------------------
+class NoDecay:
+    """Every push counts in full, whatever its staleness."""
+    spec = "none"
+
+    def __call__(self, tau: int) -> float:
+        return 1.0
+
+    def __repr__(self):
+        return "NoDecay()"
+
+    def __eq__(self, other):
+        return type(other) is NoDecay
+
+
+class InverseDecay:
+    """Scale a push of staleness tau by 1/tau (tau >= 1; a fresh push counts in full)."""
+    spec = "inverse"
+
+    def __call__(self, tau: int) -> float:
+        return 1.0 / max(tau, 1)
+
+    def __repr__(self):
+        return "InverseDecay()"
+
+    def __eq__(self, other):
+        return type(other) is InverseDecay
+
+
+class ExponentialDecay:
+    """Scale a push of staleness tau by lam**tau (Chan & Lane 2014), 0 < lam <= 1."""
+
+    def __init__(self, lam: float):
+        if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not 0 < lam <= 1:
+            raise OptionError("staleness", f"decay factor must be a number in (0, 1], got {lam!r}")
+        self.lam = float(lam)
+        self.spec = f"exp:{self.lam:g}"
+
+    def __call__(self, tau: int) -> float:
+        return self.lam ** tau
+
+    def __repr__(self):
+        return f"ExponentialDecay({self.lam:g})"
+
+    def __eq__(self, other):
+        return type(other) is ExponentialDecay and other.lam == self.lam
+
+
+def parse_staleness(spec: str):
+    """Return the staleness rule of a command-line spec: 'none', 'inverse' or 'exp:LAMBDA' (0 < LAMBDA <= 1)."""
+    if spec == "none":
+        return NoDecay()
+    if spec == "inverse":
+        return InverseDecay()
+    if isinstance(spec, str) and spec.startswith("exp:"):
+        try:
+            return ExponentialDecay(float(spec[4:]))
+        except (ValueError, OptionError):
+            pass
+    raise OptionError("staleness_decay", f"must be none, inverse or exp:LAMBDA with 0 < LAMBDA <= 1, got {spec!r}")
+
+
+# ---- field checks ------------------------------------------------------------------------------------------------
+def _int(obj, field, lo, *, optional=False):
+    v = getattr(obj, field)
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+        raise OptionError(field, f"must be an integer >= {lo}{' or None (default)' if optional else ''}, got {v!r}")
+
+
+def _real(obj, field, *, lo=None, lo_open=False, hi=None, hi_open=False, optional=False):
+    v = getattr(obj, field)
+    if v is None and optional:
+        return
+    ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+    ok = ok and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}" \
+              f"{')' if hi_open or hi is None else ']'}"
+        raise OptionError(field, f"must be a number in {rng}{' or None (default)' if optional else ''}, got {v!r}")
+
+
+def _choice(obj, field, choices):
+    v = getattr(obj, field)
+    if v not in choices:
+        raise OptionError(field, f"must be one of {', '.join(choices)}, got {v!r}")
+
+
+# ---- the option sets ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """When training ends: whichever limit is reached first.  With none given, SGD modes train the model's default
+    number of epochs and Sandblaster runs to its ``max_iter`` / tolerances.
+
+    ``epochs`` counts passes over the whole training set (all workers together); ``steps`` mini-batch steps per
+    worker; ``time_limit`` seconds; ``target_accuracy`` a test accuracy in (0, 1].
+    """
+    epochs: float | None = None
+    steps: int | None = None
+    time_limit: float | None = None
+    target_accuracy: float | None = None
+
+    def __post_init__(self):
+        _real(self, "epochs", lo=0, lo_open=True, optional=True)
+        _int(self, "steps", 1, optional=True)
+        _real(self, "time_limit", lo=0, lo_open=True, optional=True)
+        _real(self, "target_accuracy", lo=0, lo_open=True, hi=1, optional=True)
+
+    def is_set(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDOptions:
+    """Mini-batch SGD (``train_serial``, ``train_sync``; the base of ``DownpourOptions``).
+
+    ``lr``, ``momentum`` and ``batch_size`` None take the model's defaults.  ``optimizer`` 'adagrad' applies to
+    Downpour's store.  ``augment``: 'auto' (time shifts on log-mel data), 'none' or 'shift:N'.  ``eval_every``:
+    seconds between test evaluations on rank 0.
+    """
+    lr: float | None = None
+    momentum: float | None = None
+    batch_size: int | None = None
+    optimizer: str = "sgd"
+    adagrad_eps: float = 1e-6
+    augment: str = "auto"
+    seed: int = 0
+    eval_every: float = 5.0
+
+    def __post_init__(self):
+        _real(self, "lr", lo=0, lo_open=True, optional=True)
+        _real(self, "momentum", lo=0, hi=1, hi_open=True, optional=True)
+        _int(self, "batch_size", 1, optional=True)
+        _choice(self, "optimizer", OPTIMIZERS)
+        _real(self, "adagrad_eps", lo=0, lo_open=True)
+        a = self.augment
+        if not isinstance(a, str) or not (a in ("auto", "none") or (a.startswith("shift:") and a[6:].isdigit())):
+            raise OptionError("augment", f"must be auto, none or shift:N (N frames), got {a!r}")
+        _int(self, "seed", 0)
+        _real(self, "eval_every", lo=0, lo_open=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DownpourOptions(SGDOptions):
+    """Downpour SGD: ``servers`` ranks host the parameter shards, the others are replicas that fetch every
+    ``n_fetch`` steps and push every ``n_push``; ``sparsity`` < 1 pushes only that fraction of the entries (largest
+    first, the rest kept as a residual); ``staleness`` scales each push (a callable tau -> factor);
+    ``warm_start_steps`` are taken by one replica alone first."""
+    servers: int = 1
+    n_fetch: int = 1
+    n_push: int = 1
+    staleness: object = dataclasses.field(default_factory=NoDecay)
+    sparsity: float = 1.0
+    warm_start_steps: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _int(self, "servers", 1)
+        _int(self, "n_fetch", 1)
+        _int(self, "n_push", 1)
+        if not callable(self.staleness):
+            raise OptionError("staleness", f"must be a callable tau -> factor such as ExponentialDecay(0.9), "
+                                           f"got {self.staleness!r}")
+        _real(self, "sparsity", lo=0, lo_open=True, hi=1)
+        _int(self, "warm_start_steps", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SandblasterOptions:
+    """Sandblaster L-BFGS.  None values take the model's defaults (``asyncsgd.algorithms.sandblaster.defaults``):
+    ``batch_size`` the L-BFGS batch, ``mini_shard_size`` the unit of work a replica claims, ``max_iter`` the
+    iteration cap, ``l2`` the penalty l2/2 |x|^2.  ``schedule`` 'static' (an even split, for benchmarks) or
+    'dynamic'; ``slow_ranks`` {rank: factor >= 1} makes ranks stragglers (tests and benchmarks only)."""
+    batch_size: int | None = None
+    mini_shard_size: int | None = None
+    max_iter: int | None = None
+    history: int = 10
+    grad_tol: float = 1e-6
+    loss_tol: float = 1e-10
+    l2: float | None = None
+    schedule: str = "dynamic"
+    seed: int = 0
+    slow_ranks: Mapping = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        _int(self, "batch_size", 1, optional=True)
+        _int(self, "mini_shard_size", 1, optional=True)
+        _int(self, "max_iter", 1, optional=True)
+        if isinstance(self.history, bool) or not isinstance(self.history, numbers.Integral) or self.history < 1:
+            raise OptionError("history", f"must be >= 1 (L-BFGS needs at least one (s, y) pair), got {self.history!r}")
+        _real(self, "grad_tol", lo=0)
+        _real(self, "loss_tol", lo=0)
+        _real(self, "l2", lo=0, optional=True)
+        _choice(self, "schedule", SCHEDULES)
+        _int(self, "seed", 0)
+        if not isinstance(self.slow_ranks, Mapping) or not all(
+                isinstance(r, numbers.Integral) and r >= 0 and isinstance(f, numbers.Real) and f >= 1
+                for r, f in self.slow_ranks.items()):
+            raise OptionError("slow_ranks", f"must map rank (int >= 0) to a slow-down factor >= 1, "
+                                            f"got {self.slow_ranks!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions:
+    """Periodic checkpoints (serial, sync, downpour): written to ``path`` every ``every`` seconds and at the end;
+    ``resume`` a checkpoint file to continue from, or 'auto' (``path`` when it exists)."""
+    path: str | None = None
+    every: float | None = None
+    resume: str | None = None
+
+    def __post_init__(self):
+        for field in ("path", "resume"):
+            v = getattr(self, field)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise OptionError(field, f"must be a file path or None, got {v!r}")
+        _real(self, "every", lo=0, lo_open=True, optional=True)
+
+
+def options_to_dict(*option_sets) -> dict:
+    """Merge option dataclasses into one plain dict (policies by their spec, e.g. 'exp:0.9'), for logs and files."""
+    out = {}
+    for opts in option_sets:
+        if opts is None:
+            continue
+        for f in dataclasses.fields(opts):
+            v = getattr(opts, f.name)
+            if f.name == "staleness":
+                out["staleness_decay"] = getattr(v, "spec", repr(v))
+                continue
+            if isinstance(v, Mapping):
+                v = ",".join(f"{r}:{x:g}" for r, x in sorted(v.items()))
+            out[f.name] = v
+    return out

@@ -1,0 +1,242 @@
+"""The public training API: exports, option dataclasses, staleness rules, the four modes called from Python,
+and the layering rule that the algorithms never import the command line."""
+import ast
+import dataclasses
+import os
+import pathlib
+
+import numpy
+import pytest
+
+import asyncsgd
+from asyncsgd import (DownpourOptions, ExponentialDecay, InverseDecay, NoDecay, OptionError, SandblasterOptions,
+                      SGDOptions, Stop)
+from asyncsgd.algorithms.common import sgd_defaults
+from asyncsgd.data.synthetic import SyntheticSource
+
+PACKAGE = pathlib.Path(asyncsgd.__file__).parent
+
+
+def _imported_modules(path: pathlib.Path, package: str):
+    """Absolute names of every module a source file imports (relative imports resolved against ``package``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)  # `from .. import config`
+    return names
+
+
+@pytest.mark.parametrize("folder", ["algorithms", "store"])
+def test_algorithms_and_store_never_import_the_command_line(folder):
+    files = sorted((PACKAGE / folder).glob("*.py"))
+    assert files
+    for path in files:
+        imported = _imported_modules(path, f"asyncsgd.{folder}")
+        bad = {m for m in imported if m in ("asyncsgd.config", "asyncsgd.train")
+               or m.startswith(("asyncsgd.config.", "asyncsgd.train."))}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_import_checker_sees_relative_imports(tmp_path):
+    """The checker above must catch both spellings, or the layering test would pass vacuously."""
+    f = tmp_path / "x.py"
+    f.write_text("from ..config import parse_config\nfrom .. import train\n")
+    imported = _imported_modules(f, "asyncsgd.algorithms")
+    assert "asyncsgd.config" in imported and "asyncsgd.train" in imported
+
+
+def test_public_names_are_exported():
+    for name in ("train_mode", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "Stop",
+                 "SGDOptions", "DownpourOptions", "SandblasterOptions", "CheckpointOptions", "ExponentialDecay"):
+        assert name in asyncsgd.__all__
+        assert getattr(asyncsgd, name) is not None
+    with pytest.raises(AttributeError):
+        asyncsgd.no_such_name  # noqa: B018
+
+
+@pytest.mark.parametrize("cls, kwargs, field", [
+    (SGDOptions, dict(lr=0), "lr"), (SGDOptions, dict(momentum=1.0), "momentum"),
+    (SGDOptions, dict(batch_size=0), "batch_size"), (SGDOptions, dict(batch_size=2.5), "batch_size"),
+    (SGDOptions, dict(optimizer="adam"), "optimizer"), (SGDOptions, dict(augment="shift:x"), "augment"),
+    (SGDOptions, dict(seed=-1), "seed"), (SGDOptions, dict(eval_every=0), "eval_every"),
+    (DownpourOptions, dict(sparsity=0), "sparsity"), (DownpourOptions, dict(sparsity=1.5), "sparsity"),
+    (DownpourOptions, dict(n_push=0), "n_push"), (DownpourOptions, dict(servers=0), "servers"),
+    (DownpourOptions, dict(staleness="exp:0.9"), "staleness"), (DownpourOptions, dict(lr=-1.0), "lr"),
+    (SandblasterOptions, dict(history=0), "history"), (SandblasterOptions, dict(slow_ranks={1: 0.5}), "slow_ranks"),
+    (Stop, dict(epochs=0), "epochs"), (Stop, dict(steps=0), "steps"), (Stop, dict(target_accuracy=1.5),
+                                                                        "target_accuracy"),
+    (Stop, dict(time_limit=float("nan")), "time_limit"),
+])
+def test_bad_option_names_its_field(cls, kwargs, field):
+    with pytest.raises(OptionError) as err:
+        cls(**kwargs)
+    assert err.value.field == field and str(err.value).startswith(field)
+    assert isinstance(err.value, ValueError)
+
+
+def test_options_are_frozen_and_defaults_fill_a_copy():
+    opts = DownpourOptions(n_push=4)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.lr = 0.1
+    filled, stop = sgd_defaults(opts, Stop(), "speech_cnn", async_replicas=5)
+    assert opts.lr is None and opts.batch_size is None  # the caller's object is untouched
+    assert filled.lr == pytest.approx(0.01 * 2 / 5) and filled.momentum == 0.9 and filled.batch_size == 32
+    assert filled.n_push == 4 and isinstance(filled, DownpourOptions)
+    assert stop == Stop(epochs=30)
+    # a stop rule given by the user is kept as it is (no default epochs added)
+    assert sgd_defaults(opts, Stop(steps=3), "speech_cnn")[1] == Stop(steps=3)
+
+
+def test_staleness_rules():
+    assert [NoDecay()(t) for t in (0, 3)] == [1.0, 1.0]
+    assert [InverseDecay()(t) for t in (0, 1, 4)] == [1.0, 1.0, 0.25]
+    assert ExponentialDecay(0.5)(3) == pytest.approx(0.125)
+    with pytest.raises(OptionError, match="staleness"):
+        ExponentialDecay(1.5)
+    DownpourOptions(staleness=lambda tau: 1.0 / (1 + tau))  # any callable is a rule
+
+
+def test_serial_from_python(tmp_path):
+    """train_serial with a callable factory, an open data source and a Stop; the result saves a model file."""
+    from asyncsgd.model import Dense, Flatten, Network
+    from asyncsgd.ops.modelio import load_model
+
+    built = []
+
+    def tiny(input_shape, n_classes, *, ops, seed=0):
+        built.append(seed)
+        return Network("tiny", [Flatten(), Dense(n_classes)], input_shape, n_classes, ops=ops, seed=seed)
+
+    src = SyntheticSource(300, seed=1)
+    result = asyncsgd.train_serial(tiny, src, SGDOptions(lr=0.05, batch_size=16, seed=3), Stop(steps=30),
+                                   progress="none")
+    assert built == [3]  # the network is built once, from the options' seed
+    assert result.summary["mode"] == "serial" and result.summary["steps"] == 30
+    assert result.summary["stop_reason"] == "steps"
+    assert result.params.shape == (result.summary["n_params"],)
+    assert result.summary["config"]["lr"] == 0.05
+    path = tmp_path / "tiny.h5"
+    result.save_model(path)
+    params, meta = load_model(str(path))
+    numpy.testing.assert_array_equal(params, result.params)
+    assert meta["model"].endswith(":test_serial_from_python.<locals>.tiny")
+
+
+def test_serial_rejects_bad_input_before_work():
+    src = SyntheticSource(100)
+    with pytest.raises(TypeError, match="SGDOptions"):
+        asyncsgd.train_serial("logreg", src, DownpourOptions())
+    with pytest.raises(ValueError, match="unknown model"):
+        asyncsgd.train_serial("resnet", src)
+    with pytest.raises(ValueError, match="cannot import"):
+        asyncsgd.train_serial("no_such_module_xyz:factory", src)
+
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.ranks(3)
+@pytest.mark.parametrize("mode", ["downpour", "sync", "sandblaster"])
+def test_distributed_modes_from_python(mode):
+    """Every rank calls the same function; rank 0 gets the TrainResult, the others None."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD.Dup()
+    src = SyntheticSource(300, seed=2)
+    if mode == "downpour":
+        result = asyncsgd.train_downpour("logreg", src, DownpourOptions(batch_size=16, n_push=2,
+                                                                        staleness=ExponentialDecay(0.9)),
+                                         Stop(steps=20), comm=comm, progress="none")
+    elif mode == "sync":
+        result = asyncsgd.train_sync("logreg", src, SGDOptions(batch_size=16), Stop(steps=10), comm=comm,
+                                     progress="none")
+    else:
+        result = asyncsgd.train_sandblaster("logreg", src, SandblasterOptions(max_iter=3), comm=comm,
+                                            progress="none")
+    if comm.rank == 0:
+        assert result.summary["mode"] == mode
+        assert result.params.shape == (result.summary["n_params"],)
+        if mode == "downpour":
+            assert result.summary["config"]["staleness_decay"] == "exp:0.9"
+            assert result.summary["pushes"] == 2 * 10
+    else:
+        assert result is None
+    comm.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.ranks(2, 3)
+def test_invalid_layout_raises_on_every_rank_before_work():
+    """Every rank raises the same error (no rank is left waiting in a collective)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD.Dup()
+    with pytest.raises(OptionError, match="servers"):
+        asyncsgd.train_downpour("logreg", SyntheticSource(100), DownpourOptions(servers=comm.size), comm=comm)
+    with pytest.raises(ValueError, match="mini_shard_size"):
+        asyncsgd.train_sandblaster("logreg", SyntheticSource(100),
+                                   SandblasterOptions(batch_size=10, mini_shard_size=50), comm=comm)
+    comm.Barrier()  # all ranks got here: nobody hung
+    comm.Free()
+
+
+def test_default_comm_is_a_cached_dup():
+    from mpi4py import MPI
+    a, b = asyncsgd.default_comm(), asyncsgd.default_comm()
+    assert a is b and a != MPI.COMM_WORLD
+    assert MPI.Comm.Compare(a, MPI.COMM_WORLD) == MPI.CONGRUENT
+
+
+def test_model_spec_import_path(tmp_path, monkeypatch):
+    """'PACKAGE.MODULE:FUNCTION' is imported from the working directory."""
+    (tmp_path / "my_nets.py").write_text(
+        "from asyncsgd.model import Dense, Flatten, Network\n"
+        "def flat(input_shape, n_classes, *, ops, seed=0):\n"
+        "    return Network('flat', [Flatten(), Dense(n_classes)], input_shape, n_classes, ops=ops, seed=seed)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", os.getcwd())])
+    from asyncsgd.api import build_network, resolve_model
+    from asyncsgd.backend import select_backend
+    name, factory = resolve_model("my_nets:flat")
+    assert name == "my_nets:flat" and callable(factory)
+    net = build_network("my_nets:flat", (1, 4, 5), 3, select_backend("cpu"), seed=0)
+    assert net.n_params == 20 * 3 + 3
+    with pytest.raises(ValueError, match="no callable"):
+        resolve_model("my_nets:missing")
+
+
+def test_exception_on_one_rank_ends_the_job(tmp_path):
+    """An error while training (here: rank 2's data read in sync mode) prints that rank's traceback and ends every
+    rank.  (Downpour and Sandblaster need the window owners' exit policy too: their context managers free windows
+    collectively on the way out, issue 10 item 1.)"""
+    import subprocess
+    import sys
+
+    from asyncsgd.launch import run_mpi
+    script = tmp_path / "failing.py"
+    script.write_text(
+        "import asyncsgd\n"
+        "from mpi4py import MPI\n"
+        "from asyncsgd.data.synthetic import SyntheticSource\n"
+        "class Flaky(SyntheticSource):\n"
+        "    def train_slice(self, part, n_parts):\n"
+        "        if MPI.COMM_WORLD.rank == 2:\n"
+        "            raise OSError('disk on fire')\n"
+        "        return super().train_slice(part, n_parts)\n"
+        "asyncsgd.train_sync('logreg', Flaky(300), asyncsgd.SGDOptions(batch_size=16),\n"
+        "                        asyncsgd.Stop(time_limit=600), progress='none')\n"
+        "print('finished normally')\n")
+    repo = str(PACKAGE.parent)
+    try:
+        proc = run_mpi(3, [sys.executable, str(script)], timeout=90,
+                       env={**os.environ, "PYTHONPATH": repo}, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job hung after an exception on rank 2")
+    assert proc.returncode != 0
+    assert "[asyncsgd rank 2]" in proc.stdout and "OSError: disk on fire" in proc.stdout
+    assert "finished normally" not in proc.stdout
