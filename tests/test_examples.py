@@ -37,8 +37,8 @@ def test_python_example_trains_saves_and_predicts(tmp_path):
     assert _accuracy(pred.stdout) == trained  # the loaded model is the trained one, to the last digit printed
     assert len(re.findall(r"example \d+: predicted \d, label \d", pred.stdout)) == 3
 
-    from asyncsgd.ops.modelio import load_model
-    _, meta = load_model(str(model))
+    from asyncsgd.ops.modelio import read_model
+    _, meta = read_model(str(model))
     assert meta["model"] == "my_cnn:small_cnn"  # a user factory, recorded by its import path
 
 
@@ -58,7 +58,7 @@ def test_command_line_example_trains_the_same_network(tmp_path):
         raise
     assert proc.returncode == 0, out[-3000:]
     assert f"outputs in {run_dir}" in out
-    from asyncsgd.ops.modelio import load_model
-    params, meta = load_model(str(run_dir / "model.h5"))
+    from asyncsgd.ops.modelio import read_model
+    params, meta = read_model(str(run_dir / "model.h5"))
     assert meta["model"] == "my_cnn:small_cnn"
     assert params.size == 497_386

@@ -105,7 +105,7 @@ def test_bad_layouts_fail_from_rank0(n, args, needle):
     (["--mode", "downpour", "--staleness-decay", "exp:2"], "--staleness-decay must be none, inverse or exp"),
     (["--mode", "downpour", "--servers", "5"], "--servers 5 leaves no worker"),
     (["--mode", "downpour", "--model", "resnet"], "unknown model 'resnet'"),
-    (["--mode", "downpour", "--model", "no_such_module_xyz:net"], "cannot import no_such_module_xyz"),
+    (["--mode", "downpour", "--model", "no_such_module_xyz:net"], "cannot import 'no_such_module_xyz'"),
     (["--mode", "sync", "--model", "mnist_cnn"], "mnist_cnn needs 1x28x28"),
     (["--mode", "sync", "--augment", "shift:x"], "--augment"),
     (["--mode", "sync", "--target-accuracy", "2"], "--target-accuracy"),
@@ -173,8 +173,8 @@ def test_user_model_from_the_command_line_under_mpiexec(tmp_path):
     proc = run_mpi(3, TRAIN + ["--model", "my_nets:mlp", "--data", "synthetic:300", "--steps", "10",
                                "--progress", "none", "--run-dir", "out"], timeout=120, env=_env(), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    from asyncsgd.ops.modelio import load_model
-    params, meta = load_model(str(tmp_path / "out" / "model.h5"))
+    from asyncsgd.ops.modelio import read_model
+    params, meta = read_model(str(tmp_path / "out" / "model.h5"))
     assert meta["model"] == "my_nets:mlp"
     assert params.size == 40 * 64 * 32 + 32 + 32 * 10 + 10  # synthetic:N holds (1, 40, 64) inputs, 10 classes
     assert "final test accuracy:" in proc.stdout
