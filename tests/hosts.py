@@ -284,6 +284,7 @@ class Hosts:
 
     def set_links(self, *, rate: str | None = None, delay: str | None = None):
         """Set every host link's bandwidth (both directions) and added one-way delay; None removes a limit."""
+        burst = _burst(rate) if rate is not None else None          # validates before anything changes
         self.rate, self.delay = rate, delay
         for host in self.hosts:
             for ns, dev, outgoing in ((host.netns, DEVICE, True), (None, host.link, False)):
@@ -296,7 +297,7 @@ class Hosts:
                     parent = ["parent", "1:1"]
                 if rate is not None:
                     _sh("tc", *where, "qdisc", "add", "dev", dev, *parent, "handle", "10:", "tbf", "rate", rate,
-                        "burst", _burst(rate), "latency", "50ms")
+                        "burst", burst, "latency", "50ms")
 
     def _write_launcher(self):
         """Write the 'ssh' of these hosts: ``enter-host [options] HOST COMMAND...`` runs COMMAND on HOST.
