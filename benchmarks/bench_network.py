@@ -142,7 +142,7 @@ def main(argv=None):
         print(f"bench_network: cannot make hosts here: {why}", file=sys.stderr)
         return 2
     sizes = [_size(s) for s in args.sizes]
-    labels = {n: (f"{n / 1e6:.2f}M ({name})" if not name.isdigit() else f"{n / 1e6:.0f}M") for n, name in
+    labels = {n: (f"{n / 1e6:.2f}M ({name})" if not name.isdigit() else f"{n / 1e6:g}M") for n, name in
               zip(sizes, args.sizes)}
     delay = None if args.delay in ("none", "0") else args.delay
     note = f"one-way delay {delay}" if delay else "no added delay"
@@ -161,8 +161,9 @@ def main(argv=None):
                     "mbit", " Mbit/s")
                 rows.append(row)
             print(f"  measured {rows[-1]['link']} ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    now = datetime.datetime.now(datetime.timezone.utc)
     print(f"# bench_network: {flavour}, 1 server (host0) + 1 worker (host1), {note}; "
-          f"{platform.node()}, {os.cpu_count()} cores, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+          f"{platform.node()}, {os.cpu_count()} cores, {now:%Y-%m-%d %H:%M} UTC")
     print(table(rows, labels))
     if args.json:
         with open(args.json, "w") as f:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hosts import PREFIX, Hosts, mpi_pythons, probe_transfer, remove_stale, unavailable
+from hosts import PREFIX, Hosts, mpi_pythons, netem_available, probe_transfer, remove_stale, unavailable
 
 pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=f"no hosts here: {unavailable()}"),
               pytest.mark.timeout(180)]
@@ -91,7 +91,7 @@ s.sendall(b"ping"); print(s.recv(16).decode())
 
 
 def test_link_limit_slows_transfers_between_hosts_but_not_within_one(python):
-    """4 MiB from rank 0 (host0) to rank 1 (host0, shared memory) and rank 2 (host1, TCP): unlimited, then 100 Mbit/s."""
+    """4 MiB from rank 0 (host0) to rank 1 (host0: shared memory) and rank 2 (host1: TCP), unlimited then 100 Mbit/s."""
     nbytes = 4 << 20
     with Hosts(2) as hosts:
         free = probe_transfer(hosts, [0, 0, 1], nbytes, python=python)
@@ -194,6 +194,9 @@ def test_hosts_of_a_killed_process_are_removed_later():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="n must be an integer"):
         Hosts(0)
+    if not netem_available():
+        with pytest.raises(ValueError, match="needs the netem qdisc"):
+            Hosts(1, delay="100us").start()
     with Hosts(1) as hosts:
         with pytest.raises(ValueError, match="placement holds 3"):
             hosts.mpi_command([0, 3], ["true"])
