@@ -120,11 +120,11 @@ def test_workers_read_only_training_rows_disjoint_and_covering(fsdd, n_workers):
 
 
 def test_without_validation_the_partition_is_todays_slices():
-    from asyncsgd.data.source import slice_bounds
+    from asyncsgd.partition import contiguous_bounds
     train, val = split_holdout(_labels([34, 33, 33]), 0.0, seed=0)
     assert val.size == 0
     for part in range(3):
-        assert np.array_equal(partition_rows(train, part, 3), np.arange(*slice_bounds(100, part, 3)))
+        assert np.array_equal(partition_rows(train, part, 3), np.arange(*contiguous_bounds(100, 3)[part]))
     with pytest.raises(ValueError, match="part must be in"):
         partition_rows(train, 3, 3)
 
