@@ -91,6 +91,8 @@ def main():
     restored_total, lost_total = set(), 0
     if world.rank == 0:
         log(f"ulfm_job: {size} ranks, {S} servers, scenario {args.scenario}, ULFM {'on' if enabled else 'off'}")
+        # MPICH's mpiexec names a dead process only by its PID: this line maps it to a rank.
+        log("ulfm_job: pids " + " ".join(f"rank{r}={pid}@{host}" for r, (host, pid) in enumerate(hb.where)))
 
     def watch():
         hb.beat()
