@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 
@@ -93,6 +94,9 @@ def main():
         log(f"ulfm_job: {size} ranks, {S} servers, scenario {args.scenario}, ULFM {'on' if enabled else 'off'}")
         # MPICH's mpiexec names a dead process only by its PID: this line maps it to a rank.
         log("ulfm_job: pids " + " ".join(f"rank{r}={pid}@{host}" for r, (host, pid) in enumerate(hb.where)))
+
+    if not enabled and world.rank == 0:
+        _name_the_dead_on_launcher_signal(world, hb.where)
 
     def watch():
         hb.beat()
@@ -215,6 +219,30 @@ def main():
     res = numpy.empty(1, numpy.int64)
     ft_wait(comm.Iallreduce([flag, MPI.INT64_T], [res, MPI.INT64_T], op=MPI.MIN), args.wait_timeout)
     return 0 if res[0] else 1
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _name_the_dead_on_launcher_signal(comm, where):
+    """Without ULFM: when the launcher signals the survivors (MPICH's ``mpiexec -disable-auto-cleanup`` sends
+    SIGUSR1, Open MPI's SIGTERM), name the ranks of this host that are gone and end the job."""
+    host = socket.gethostname()
+
+    def handler(signum, frame):
+        dead = [r for r, (h, pid) in enumerate(where) if h == host and _gone(pid)]
+        names = ", ".join(f"rank {r} (pid {where[r][1]})" for r in dead) or "a rank on another host"
+        log(f"ulfm_job: {names} died; ULFM is off, so the job ends (launch with mpirun --with-ft ulfm to run "
+            f"through a dead rank)")
+        comm.Abort(1)
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def ft_wait(request, timeout):
