@@ -112,6 +112,25 @@ def test_killed_worker_is_run_through():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [0, 80], ids=["before-first-push", "after-last-push"])
+def test_worker_killed_at_the_start_or_the_end(kill_at):
+    _require_ulfm()
+    rc, _, out = _run(4, ["--scenario", "worker", "--kill-at", str(kill_at)])  # 8 rounds x 10 pushes
+    _ok(rc, out)
+    assert re.search(r"worker 2 \(rank 3\) lost at [0-9.]+ s; 2 workers continue", out), out[-3000:]
+    assert f"worker 2 (rank 3): {kill_at} pushes landed" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_rank0_death_ends_the_job_and_says_how_to_resume():
+    _require_ulfm()
+    rc, seconds, out = _run(4, ["--scenario", "root"])
+    assert rc == 3, out[-3000:]
+    assert "rank 0 lost at" in out and "--resume" in out, out[-3000:]
+    assert "RESULT" not in out
+
+
+@pytest.mark.slow
 def test_two_workers_killed_at_different_times():
     _require_ulfm()
     rc, _, out = _run(6, ["--scenario", "two"])

@@ -2,8 +2,9 @@
 the store and finish; rank 0 then checks the store against the pushes counted by every rank.
 
 Run (Open MPI from PyPI):  mpirun --with-ft ulfm -n 5 python tests/ulfm_job.py --scenario worker
-Scenarios: none, worker (the last worker SIGKILLs itself mid-round), two (two workers die at different times),
-server (server rank 1 of --servers 2 dies), stop (the last worker SIGSTOPs itself; rank 0's heartbeat watch kills it).
+Scenarios: none, worker (the last worker SIGKILLs itself mid-round, or at --kill-at), two (two workers die at
+different times), server (server rank 1 of --servers 2 dies), stop (the last worker SIGSTOPs itself; rank 0's
+heartbeat watch kills it), root (rank 0 dies: the survivors end the job, exit 3, and say how to resume).
 
 Ranks 0..S-1 host the shards and push nothing; ranks S.. are workers.  Worker w's push adds 1 at slot w of every
 shard (a per-shard count of its pushes that landed) and w+1 to every payload entry, so each shard must satisfy
@@ -35,11 +36,14 @@ SLOTS = 8  # count slots per shard: worker ids < SLOTS
 
 def parse():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=("none", "worker", "two", "server", "stop"), default="worker")
+    p.add_argument("--scenario", choices=("none", "worker", "two", "server", "stop", "root"), default="worker")
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--per-round", type=int, default=10)
     p.add_argument("--kill-round", type=int, default=2, help="the victim dies in the middle of this round")
+    p.add_argument("--kill-at", type=int, default=None,
+                   help="a worker victim acts after this many of its pushes (0: before its first push; "
+                        "rounds*per-round: after its last, before the final safe point); default: mid --kill-round")
     p.add_argument("--heartbeat-timeout", type=float, default=20.0)
     p.add_argument("--wait-timeout", type=float, default=60.0, help="bound on every safe point (s)")
     return p.parse_args()
@@ -61,7 +65,7 @@ def delta_for(wid, bounds, n_params):
 def victims(args, size):
     """{world rank: (pushes before it acts, signal)} for the scenario."""
     last = size - 1
-    mid = args.kill_round * args.per_round + args.per_round // 2
+    mid = args.kill_round * args.per_round + args.per_round // 2 if args.kill_at is None else args.kill_at
     if args.scenario == "worker":
         return {last: (mid, signal.SIGKILL)}
     if args.scenario == "two":
@@ -85,7 +89,7 @@ def main():
     wid = world.rank - S if world.rank >= S else None  # original worker id, kept across rebuilds
     delta = delta_for(wid, bounds, n_params) if wid is not None else None
     plan = victims(args, size)
-    server_victim = args.scenario == "server" and world.rank == 1
+    server_victim = (args.scenario == "server" and world.rank == 1) or (args.scenario == "root" and world.rank == 0)
     hb = ft.Heartbeats(world)
     comm = world
     pushes, replica, base = 0, None, 0
@@ -106,14 +110,22 @@ def main():
                 log(f"rank {r} sent no heartbeat for {args.heartbeat_timeout:g} s: "
                     f"{'killed it' if killed else 'cannot kill it (another host)'}")
 
+    def maybe_act():
+        act = plan.get(world.rank)
+        if act is not None and pushes == act[0]:
+            os.kill(os.getpid(), act[1])
+
     rnd = 0
-    while rnd < args.rounds:
+    while True:
         try:
+            if rnd == args.rounds:  # the end: every push done and every rank still here
+                if wid is not None:
+                    maybe_act()
+                ft.safe_point(comm, timeout=args.wait_timeout, on_wait=watch)
+                break
             if wid is not None:
                 for _ in range(args.per_round):
-                    act = plan.get(world.rank)
-                    if act is not None and pushes == act[0]:
-                        os.kill(os.getpid(), act[1])
+                    maybe_act()
                     store.push(delta, base_version=base)
                     pushes += 1
                     hb.beat()
