@@ -29,7 +29,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-__all__ = ["ulfm_enabled", "manage", "RankFailure", "is_failure", "safe_point", "survivors", "rank_map",
+__all__ = ["ulfm_enabled", "manage", "RankFailure", "is_failure", "check_failures", "safe_point", "survivors", "rank_map",
            "Role", "roles", "Heartbeats", "kill_rank", "FT_ENV"]
 
 FT_ENV = "OMPI_MCA_mpi_ft_enable"
@@ -56,10 +56,12 @@ def manage(comm):
 class RankFailure(RuntimeError):
     """A rank of ``comm`` died (or the communicator was revoked by a peer that saw a death)."""
 
-    def __init__(self, comm, cause=None):
+    def __init__(self, comm, cause=None, where: str = ""):
         self.comm = comm
         self.cause = cause
-        super().__init__(f"a rank of the communicator failed ({cause!r})")
+        self.where = where  # which check noticed it: "probe" or "safe point"
+        self.revoked = isinstance(cause, MPI.Exception) and cause.Get_error_class() == MPI.ERR_REVOKED
+        super().__init__(f"a rank of the communicator failed ({cause!r}, noticed by the {where or 'caller'})")
 
 
 def is_failure(comm, exc) -> bool:
@@ -101,7 +103,24 @@ def safe_point(comm, *, timeout: float, on_wait=None, sleep: float = _POLL_SLEEP
         if not is_failure(comm, exc):
             raise
         _revoke(comm)
-        raise RankFailure(comm, exc) from exc
+        raise RankFailure(comm, exc, "safe point") from exc
+
+
+def check_failures(comm):
+    """Raise RankFailure (after revoking ``comm``) if this rank knows of a dead rank of ``comm``; else return.
+
+    No synchronisation: one ``Iprobe(ANY_SOURCE)`` on ``comm``, which ULFM fails with ``ERR_PROC_FAILED`` once a
+    failure is known here and with ``ERR_REVOKED`` once a peer revoked.  Asynchronous loops (Downpour's workers and
+    monitor) call it at their safe points; the revoke brings every other rank into recovery at its next check.
+    ``comm`` must carry no point-to-point traffic (the probe never receives, but it must not match either).
+    """
+    try:
+        comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+    except MPI.Exception as exc:
+        if not is_failure(comm, exc):
+            raise
+        _revoke(comm)
+        raise RankFailure(comm, exc, "probe") from exc
 
 
 def _revoke(comm):

@@ -44,6 +44,9 @@ def parse():
     p.add_argument("--kill-at", type=int, default=None,
                    help="a worker victim acts after this many of its pushes (0: before its first push; "
                         "rounds*per-round: after its last, before the final safe point); default: mid --kill-round")
+    p.add_argument("--notice", choices=("probe", "safe-point"), default="probe",
+                   help="probe: check for failures after every push (Iprobe, no synchronisation); safe-point: only "
+                        "at the rounds' barriers")
     p.add_argument("--heartbeat-timeout", type=float, default=20.0)
     p.add_argument("--wait-timeout", type=float, default=60.0, help="bound on every safe point (s)")
     return p.parse_args()
@@ -77,8 +80,8 @@ def victims(args, size):
 
 def main():
     args = parse()
-    t0 = time.monotonic()
     world = ft.manage(MPI.COMM_WORLD.Dup())
+    t0 = world.bcast(time.monotonic())  # one clock for every rank (CLOCK_MONOTONIC is system-wide on a node)
     enabled = ft.ulfm_enabled()
     S, size = args.servers, world.size
     if size - S > SLOTS or size <= S:
@@ -113,6 +116,8 @@ def main():
     def maybe_act():
         act = plan.get(world.rank)
         if act is not None and pushes == act[0]:
+            log(f"rank {world.rank}: {signal.Signals(act[1]).name} to itself at {time.monotonic() - t0:.2f} s")
+            time.sleep(0.1)  # let the launcher forward the line before the process goes
             os.kill(os.getpid(), act[1])
 
     rnd = 0
@@ -129,12 +134,18 @@ def main():
                     store.push(delta, base_version=base)
                     pushes += 1
                     hb.beat()
+                    if args.notice == "probe":
+                        ft.check_failures(comm)  # no synchronisation: a death is noticed at the next push
             else:
                 stop_at = time.monotonic() + 0.05
                 while time.monotonic() < stop_at:
                     watch()
+                    if args.notice == "probe":
+                        ft.check_failures(comm)
                     time.sleep(0.005)
                 if server_victim and rnd == args.kill_round:
+                    log(f"rank {world.rank}: SIGKILL to itself at {time.monotonic() - t0:.2f} s")
+                    time.sleep(0.1)
                     os.kill(os.getpid(), signal.SIGKILL)
             ft.safe_point(comm, timeout=args.wait_timeout, on_wait=watch)
             if wid is not None:  # nobody pushes between the two safe points: the replica is a consistent copy
@@ -143,8 +154,10 @@ def main():
                 replica = (vec, base)
             ft.safe_point(comm, timeout=args.wait_timeout, on_wait=watch)
             rnd += 1
-        except ft.RankFailure:
+        except ft.RankFailure as failure:
             detected = time.monotonic() - t0
+            how = "a revoke" if failure.revoked else "a dead rank"
+            log(f"rank {world.rank} noticed {how} at {detected:.2f} s ({failure.where})")
             old = comm
             new, failed = ft.survivors(old)
             if 0 in failed:
