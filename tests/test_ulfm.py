@@ -164,8 +164,9 @@ def test_stopped_worker_found_by_heartbeat_then_excluded():
 # ---------------------------------------------------------------- without ULFM: today's clean end
 
 @pytest.mark.slow
-def test_without_ulfm_the_job_ends_naming_the_rank():
-    rc, seconds, out = _run(4, ["--scenario", "worker"], with_ft=False)
+@pytest.mark.parametrize("scenario", ["worker", "stop"])
+def test_without_ulfm_the_job_ends_naming_the_rank(scenario):
+    rc, seconds, out = _run(4, ["--scenario", scenario, "--heartbeat-timeout", "4"], with_ft=False)
     assert rc != 0, out[-3000:]
     assert seconds < 60, f"took {seconds:.0f} s"
     assert "ULFM off" in out and "RESULT" not in out
