@@ -174,3 +174,67 @@ def test_without_ulfm_the_job_ends_naming_the_rank(scenario):
         assert re.search(r"process rank 3 with PID \d+ .*exited on\s+signal 9", out, re.S), out[-3000:]
     else:  # SIGUSR1 from mpiexec -disable-auto-cleanup: rank 0 names the dead rank and aborts
         assert re.search(r"rank 3 \(pid \d+\) died; ULFM is off", out), out[-3000:]
+
+
+# ---------------------------------------------------------------- the rebuild itself, under either MPI
+
+@pytest.mark.mpi(min_size=3)
+@pytest.mark.parametrize("lost", ["server", "worker"])
+def test_rebuild_on_a_smaller_communicator(lost):
+    """Drop one rank (Split stands in for Shrink, so it runs under MPICH too) and rebuild the store without it.
+
+    Servers 0..S-1, workers after.  Three phases of one push per worker (each worker w adds w+1 everywhere); all
+    workers fetch after phase A, only the last one after phase B.  A lost server's shard must come back from that
+    freshest replica (state after B, W pushes lost); a surviving shard must hold all three phases; the version goes on.
+    """
+    import numpy
+    from mpi4py import MPI
+
+    from asyncsgd.mpiutil import polled_barrier
+    from asyncsgd.store import ShardedParameters
+    from asyncsgd.store.rebuild import ContinuedStore, abandon, rebuild
+
+    comm = MPI.COMM_WORLD
+    S = 2 if lost == "server" else 1
+    n_params, W = 10 * S + 1, comm.size - S
+    initial = numpy.arange(n_params, dtype=numpy.float32)
+    store = ShardedParameters(comm, n_params, n_servers=S, initial=initial)
+    me_worker = comm.rank - S if comm.rank >= S else None
+    delta = numpy.full(n_params, (me_worker or 0) + 1, numpy.float32)
+    replica = None
+    for phase in "ABC":
+        if me_worker is not None:
+            store.push(delta, base_version=0)
+        polled_barrier(comm)
+        if me_worker is not None and (phase == "A" or (phase == "B" and me_worker == W - 1)):
+            out = numpy.empty(n_params, numpy.float32)
+            replica = (out, store.fetch(out))
+        polled_barrier(comm)
+    victim = 1 if lost == "server" else comm.size - 1
+    new = comm.Split(MPI.UNDEFINED if comm.rank == victim else 0, comm.rank)
+    if comm.rank == victim:
+        abandon(store)
+        return
+    version = store.version() if comm.rank == 0 else None
+    rb = rebuild(store, comm.rank, new, [victim], version=version, replica=replica, timeout=60)
+    cont = ContinuedStore(rb.store, rb.version_base)
+    per_phase = numpy.float32(sum(range(1, W + 1)))
+    assert rb.version_base == 3 * W
+    if lost == "server":
+        assert rb.restored == (1,) and rb.lost_pushes == W
+        assert rb.replica_rank == new.size - 1  # the last worker: its fetch after phase B is the freshest
+    else:
+        assert rb.restored == () and rb.lost_pushes == 0
+    polled_barrier(new)
+    if new.rank == 0:
+        got = cont.read_all()
+        (s0, e0) = rb.store.bounds[0]
+        assert numpy.array_equal(got[s0:e0], initial[s0:e0] + 3 * per_phase)
+        if lost == "server":
+            (s1, e1) = rb.store.bounds[1]
+            assert numpy.array_equal(got[s1:e1], initial[s1:e1] + 2 * per_phase)
+        tau = cont.push(numpy.ones(n_params, numpy.float32), base_version=cont.version())
+        assert tau == 0 and cont.version() == 3 * W + 1
+    polled_barrier(new)
+    cont.free()
+    new.Free()

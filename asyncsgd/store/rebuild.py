@@ -87,8 +87,8 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
     n_servers = old_store.n_servers
     bounds = old_store.bounds
     me = new_comm.rank
-    if new_comm.size <= n_servers:
-        raise ValueError(f"{new_comm.size} survivors cannot host {n_servers} shards and keep a worker")
+    if new_comm.size < n_servers:  # whether a worker is left is the trainer's question (fault_tolerance.roles)
+        raise ValueError(f"{new_comm.size} survivors cannot host {n_servers} shards")
     # The old store's version travels from rank 0; replicas' versions are gathered to choose the freshest.
     offer = -1 if replica is None else int(replica[1])
     info = numpy.array([offer, -1 if version is None else int(version)], numpy.int64)
