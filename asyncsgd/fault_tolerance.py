@@ -59,7 +59,7 @@ class RankFailure(RuntimeError):
     def __init__(self, comm, cause=None, where: str = ""):
         self.comm = comm
         self.cause = cause
-        self.where = where  # which check noticed it: "probe" or "safe point"
+        self.where = where  # which check noticed it: "probe", "safe point" or the caller's word ("push")
         self.revoked = isinstance(cause, MPI.Exception) and cause.Get_error_class() == MPI.ERR_REVOKED
         super().__init__(f"a rank of the communicator failed ({cause!r}, noticed by the {where or 'caller'})")
 
@@ -79,7 +79,7 @@ def is_failure(comm, exc) -> bool:
         finally:
             group.Free()
     except MPI.Exception:
-        return True
+        return False  # the library cannot say (no ULFM): treat it as the program error it most likely is
 
 
 def safe_point(comm, *, timeout: float, on_wait=None, sleep: float = _POLL_SLEEP):
@@ -142,10 +142,11 @@ def survivors(comm):
     new = manage(comm.Shrink())
     mapping = rank_map(comm, new)
     failed = sorted(old for old, now in mapping.items() if now is None)
-    # Agree is a bitwise AND over live ranks: if all counts are equal, AND(count) == count everywhere.
-    agreed = new.Agree(len(failed))
-    if agreed != len(failed):
-        raise RuntimeError(f"survivors disagree on the failed ranks (this rank saw {failed})")
+    # Agree is a bitwise AND over the live ranks: the AND of a value and the AND of its complement both come back
+    # unchanged only when every rank passed the same value.
+    count, mask = len(failed), 0x3FFFFFFF
+    if new.Agree(count) != count or new.Agree(~count & mask) != (~count & mask):
+        raise RuntimeError(f"survivors disagree on the number of failed ranks (this rank saw {failed})")
     return new, failed
 
 

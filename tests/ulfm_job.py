@@ -131,7 +131,12 @@ def main():
             if wid is not None:
                 for _ in range(args.per_round):
                     maybe_act()
-                    store.push(delta, base_version=base)
+                    try:
+                        store.push(delta, base_version=base)
+                    except MPI.Exception as exc:  # a push to a dead server over a network transport raises
+                        if not ft.is_failure(comm, exc):
+                            raise
+                        raise ft.RankFailure(comm, exc, "push") from exc
                     pushes += 1
                     hb.beat()
                     if args.notice == "probe":
