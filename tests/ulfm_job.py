@@ -47,6 +47,7 @@ def parse():
     p.add_argument("--notice", choices=("probe", "safe-point"), default="probe",
                    help="probe: check for failures after every push (Iprobe, no synchronisation); safe-point: only "
                         "at the rounds' barriers")
+    p.add_argument("--payload", type=int, default=24, help="payload entries per shard (to time bigger rebuilds)")
     p.add_argument("--heartbeat-timeout", type=float, default=20.0)
     p.add_argument("--wait-timeout", type=float, default=60.0, help="bound on every safe point (s)")
     return p.parse_args()
@@ -86,7 +87,7 @@ def main():
     S, size = args.servers, world.size
     if size - S > SLOTS or size <= S:
         raise SystemExit(f"ulfm_job: need {S + 1}..{S + SLOTS} ranks")
-    n_params = S * (SLOTS + 24)
+    n_params = S * (SLOTS + args.payload)
     store = ContinuedStore(ShardedParameters(world, n_params, n_servers=S), 0)
     bounds = store.store.bounds
     wid = world.rank - S if world.rank >= S else None  # original worker id, kept across rebuilds
