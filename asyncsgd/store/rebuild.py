@@ -150,6 +150,7 @@ class ContinuedStore:
         return self.version_base + self.store.fetch(out)
 
     def push(self, delta, *, base_version: int, weight=None) -> int:
+        # A base version from before the rebuild counts the pushes since the rebuild only (a lower bound on tau).
         return self.store.push(delta, base_version=max(0, base_version - self.version_base), weight=weight)
 
     def read_all(self):
