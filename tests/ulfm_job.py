@@ -180,7 +180,7 @@ def main():
             store = ContinuedStore(rb.store, rb.version_base)
             restored_total.update(rb.restored)
             lost_total += rb.lost_pushes
-            me_new, _, role = roles[old.rank]
+            _, _, role = roles[old.rank]
             if role.kind == "server" and wid is not None:
                 wid = None  # a worker moved up to host a lost shard: it stops pushing
             # Detection is not uniform (one rank may be a safe point ahead): all resume at the furthest round.
