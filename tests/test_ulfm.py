@@ -126,6 +126,7 @@ def test_rank0_death_ends_the_job_and_says_how_to_resume():
     _require_ulfm()
     rc, seconds, out = _run(4, ["--scenario", "root"])
     assert rc == 3, out[-3000:]
+    assert seconds < 60, f"took {seconds:.0f} s"
     assert "rank 0 lost at" in out and "--resume" in out, out[-3000:]
     assert "RESULT" not in out
 
