@@ -158,7 +158,7 @@ def _run_serial(cfg) -> int:
 
 def _run_distributed(cfg) -> int:
     from mpi4py import MPI
-    from .mpiutil import abort_on_error, install_abort_hook
+    from .mpiutil import abort_on_error, install_abort_hook, polled_barrier
     from .ops.metrics import Reporter
 
     world = MPI.COMM_WORLD
@@ -170,6 +170,13 @@ def _run_distributed(cfg) -> int:
         run = _prepare(cfg, comm)
     except UsageError as exc:
         code = _fail(str(exc), rank)
+        # Every rank is here with the same verdict (prepare shares each check's outcome), so this barrier is safe.
+        # The other ranks wait for rank 0's line: Open MPI's launcher ends the job, dropping output not yet
+        # forwarded, as soon as any rank exits non-zero.  Bounded, in case a rank is elsewhere after all.
+        try:
+            polled_barrier(comm, timeout=10)
+        except TimeoutError:
+            pass
         comm.Free()
         return code
     from .watchdog import Watchdog
