@@ -26,6 +26,28 @@ def _fail(message: str, rank: int) -> int:
     return EXIT_USAGE
 
 
+def _fail_job(message: str, comm=None) -> int:
+    """Print a usage error once, from rank 0, and return its exit status: every rank of the job calls this.
+
+    Every rank gets here with the same verdict (the same command line; prepare shares each check's outcome), so the
+    barrier is safe: the other ranks wait for rank 0's line, because Open MPI's launcher ends the job, dropping
+    output not yet forwarded, as soon as any rank exits non-zero.  Bounded, in case a rank is elsewhere after all.
+    Outside mpiexec (one process) it only prints.
+    """
+    if comm is None:
+        if _launcher_value(_SIZE_VARIABLES, 1) <= 1:
+            return _fail(message, 0)
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    from .mpiutil import polled_barrier
+    code = _fail(message, comm.rank)
+    try:
+        polled_barrier(comm, timeout=10)
+    except TimeoutError:
+        pass
+    return code
+
+
 def _prepare_outputs(cfg):
     """Rank 0: choose the run folder and check that every output path can be written, before training starts.
 
@@ -158,7 +180,7 @@ def _run_serial(cfg) -> int:
 
 def _run_distributed(cfg) -> int:
     from mpi4py import MPI
-    from .mpiutil import abort_on_error, install_abort_hook, polled_barrier
+    from .mpiutil import abort_on_error, install_abort_hook
     from .ops.metrics import Reporter
 
     world = MPI.COMM_WORLD
@@ -169,14 +191,7 @@ def _run_distributed(cfg) -> int:
         validate(cfg, comm.size)
         run = _prepare(cfg, comm)
     except UsageError as exc:
-        code = _fail(str(exc), rank)
-        # Every rank is here with the same verdict (prepare shares each check's outcome), so this barrier is safe.
-        # The other ranks wait for rank 0's line: Open MPI's launcher ends the job, dropping output not yet
-        # forwarded, as soon as any rank exits non-zero.  Bounded, in case a rank is elsewhere after all.
-        try:
-            polled_barrier(comm, timeout=10)
-        except TimeoutError:
-            pass
+        code = _fail_job(str(exc), comm)
         comm.Free()
         return code
     from .watchdog import Watchdog
@@ -203,16 +218,15 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
     except UsageError as exc:
-        return _fail(str(exc), rank_hint)
+        return _fail_job(str(exc))
     if cfg.print_config:
         if rank_hint == 0:
             sys.stdout.write(to_toml(cfg))
         return 0
     if cfg.mode == "serial":
         if _launcher_value(_SIZE_VARIABLES, 1) > 1:
-            from mpi4py import MPI  # initialise MPI: Open MPI's launcher drops the output of ranks that never do
-            return _fail("--mode serial runs in one process; start it without mpiexec "
-                         "(or choose --mode downpour, sync or sandblaster)", MPI.COMM_WORLD.rank)
+            return _fail_job("--mode serial runs in one process; start it without mpiexec "
+                             "(or choose --mode downpour, sync or sandblaster)")
         return _run_serial(cfg)
     return _run_distributed(cfg)
 
