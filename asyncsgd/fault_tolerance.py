@@ -29,7 +29,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "manage", "RankFailure", "is_failure", "check_failures", "safe_point", "survivors", "rank_map",
+__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "manage", "RankFailure", "is_failure", "failed_ranks", "check_failures", "safe_point", "survivors", "rank_map",
            "Role", "roles", "Heartbeats", "kill_rank", "FT_ENV"]
 
 FT_ENV = "OMPI_MCA_mpi_ft_enable"
@@ -136,6 +136,20 @@ def safe_point(comm, *, timeout: float, on_wait=None, sleep: float = _POLL_SLEEP
             raise
         _revoke(comm)
         raise RankFailure(comm, exc, "safe point") from exc
+
+
+def failed_ranks(comm) -> list:
+    """The ranks of ``comm`` this process knows to be dead (``Get_failed``); [] when it knows none or cannot say."""
+    try:
+        group, mine = comm.Get_failed(), comm.Get_group()
+    except MPI.Exception:
+        return []
+    try:
+        ranks = MPI.Group.Translate_ranks(group, list(range(group.Get_size())), mine)
+        return sorted(int(r) for r in ranks if r != MPI.UNDEFINED)
+    finally:
+        group.Free()
+        mine.Free()
 
 
 def check_failures(comm):

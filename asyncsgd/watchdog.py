@@ -86,16 +86,19 @@ class Watchdog(WindowOwner):
         self.stream.flush()
 
     def _loop(self):
-        if not self.fault_tolerant:
-            self._watch()
-            return
         try:
             self._watch()
         except MPI.Exception as exc:
-            from .fault_tolerance import is_failure
-            if not is_failure(self.comm, exc):
+            from .fault_tolerance import failed_ranks, is_failure
+            if not is_failure(self.comm, exc):  # only under ULFM does MPI report a dead peer instead of ending
                 raise
-            self.peer_failed = True  # handed over: the trainer's safe points recover from it
+            if self.fault_tolerant:
+                self.peer_failed = True  # handed over: the trainer's safe points recover from it
+                return
+            dead = failed_ranks(self.comm)
+            self._say(f"{', '.join(self.describe(r) for r in dead) or 'a rank'} died; fault tolerance is off "
+                      f"(--fault-tolerance), so {self.describe(self.comm.rank)} is ending the job")
+            self.comm.Abort(1)
 
     def _watch(self):
         now = time.monotonic()

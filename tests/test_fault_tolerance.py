@@ -263,3 +263,16 @@ def test_without_run_through_a_killed_rank_ends_the_job_naming_it(tmp_path):
     else:  # MPICH's mpiexec SIGKILLs every rank itself; the rank is named by its own --kill-ranks line
         assert re.search(r"rank 3 \(pid \d+\) kills itself", out), out[-4000:]
         assert "BAD TERMINATION" in out or "Killed" in out, out[-4000:]
+
+
+@pytest.mark.slow
+def test_fault_tolerance_off_under_ulfm_still_ends_the_job_naming_the_rank(tmp_path):
+    """`mpirun --with-ft ulfm` with --fault-tolerance off: ULFM keeps the survivors alive, so the watchdog, which
+    now hears of the death from MPI, names the rank and ends the job (today's behaviour)."""
+    _require_ulfm()
+    start = time.monotonic()
+    rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "60", "--kill-ranks", "3:3",
+                                               "--fault-tolerance", "off"])
+    assert rc != 0 and summary is None, out[-4000:]
+    assert time.monotonic() - start < 3 + 30 + 20
+    assert re.search(r"rank 3 \(pid \d+[^\n]*died", out), out[-4000:]
