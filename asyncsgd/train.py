@@ -189,6 +189,8 @@ def _run_distributed(cfg) -> int:
             if reporter is not None:
                 reporter.close()  # local: the log keeps every record written before a failure
     comm.Free()
+    from .fault_tolerance import finalize_after_failures
+    finalize_after_failures()  # after running through a dead rank: a bounded MPI_Finalize (docs/FAULT_TOLERANCE.md)
     return 0
 
 

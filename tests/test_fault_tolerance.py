@@ -145,9 +145,12 @@ def test_worker_killed_at_the_end(tmp_path):
 @pytest.mark.slow
 def test_two_workers_killed(tmp_path):
     _require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "9", "--kill-ranks", "3:2,4:5"])
+    ckpt = tmp_path / "ckpt.h5"  # rank 0 checkpoints every 0.5 s, so the deaths fall around checkpoints
+    rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "9", "--kill-ranks", "3:2,4:5",
+                                                     "--checkpoint", str(ckpt), "--checkpoint-every", "0.5"])
     _check_run_through(rc, out, summary, records, [3, 4])
     assert [e["workers"] for e in summary["lost_workers"]] == [3, 2]
+    assert ckpt.exists() and summary["checkpoints"] >= 4
 
 
 @pytest.mark.slow
