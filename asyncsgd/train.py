@@ -188,9 +188,9 @@ def _run_distributed(cfg) -> int:
         finally:
             if reporter is not None:
                 reporter.close()  # local: the log keeps every record written before a failure
+    from .fault_tolerance import end_after_failures
+    end_after_failures()  # after running through a dead rank: exit 0 now, no MPI_Finalize (docs/FAULT_TOLERANCE.md)
     comm.Free()
-    from .fault_tolerance import finalize_after_failures
-    finalize_after_failures()  # after running through a dead rank: a bounded MPI_Finalize (docs/FAULT_TOLERANCE.md)
     return 0
 
 
