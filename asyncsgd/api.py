@@ -163,6 +163,14 @@ def _check_layout(mode, options, size):
     if mode == "downpour" and options.servers >= size:
         raise OptionError("servers", f"{options.servers} leaves no worker among {size} ranks; "
                                      f"use at most {size - 1}")
+    if mode == "downpour":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
+        from .fault_tolerance import resolve
+        try:
+            resolve(options.fault_tolerance, options.optimizer)
+        except ValueError as exc:
+            raise OptionError("fault_tolerance", str(exc)) from None
+        if any(r >= size for r in options.kill_ranks):
+            raise OptionError("kill_ranks", f"names rank {max(options.kill_ranks)} but the job has ranks 0..{size - 1}")
 
 
 def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cpu", checkpoint=None,
@@ -243,7 +251,8 @@ def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device=
     watchdog = None
     if run.comm is not None:
         from .watchdog import Watchdog
-        watchdog = Watchdog(run.comm)
+        from .fault_tolerance import for_options
+        watchdog = Watchdog(run.comm, fault_tolerant=for_options(run.options))
     try:
         result = run.execute(reporter)
     finally:

@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 __all__ = ["build_parser", "parse_config", "validate", "to_options", "usage_error", "MODES", "MODELS",
-           "DEFAULT_DATA", "parse_slow_ranks", "config_to_dict", "to_toml", "OUTPUT_OPTIONS"]
+           "DEFAULT_DATA", "parse_slow_ranks", "parse_kill_ranks", "config_to_dict", "to_toml", "OUTPUT_OPTIONS"]
 
 MODES = ("downpour", "sync", "sandblaster", "serial")
 MODELS = ("speech_cnn", "mnist_cnn", "logreg")
@@ -73,6 +73,49 @@ def parse_slow_ranks(spec: str, size: int | None = None):
                              f"and factor {f} >= 1")
         out[r] = f
     return out
+
+
+# ---- fault tolerance (Downpour under `mpirun --with-ft ulfm`; docs/FAULT_TOLERANCE.md) ----------------------------
+
+def parse_kill_ranks(spec: str, size: int | None = None):
+    """Parse ``--kill-ranks RANK:SECONDS[,RANK:SECONDS]`` into {rank: seconds}; seconds of training, >= 0."""
+    out = {}
+    if not spec:
+        return out
+    for part in spec.split(","):
+        try:
+            r, t = part.split(":")
+            r, t = int(r), float(t)
+        except ValueError:
+            raise UsageError(f"--kill-ranks takes RANK:SECONDS[,RANK:SECONDS], got {spec!r}") from None
+        if r < 0 or (size is not None and r >= size) or not 0 <= t < float("inf"):
+            raise UsageError(f"--kill-ranks: rank {r} must be in 0..{'?' if size is None else size - 1} "
+                             f"and seconds {t:g} >= 0")
+        out[r] = t
+    return out
+
+
+def validate_fault_tolerance(cfg, size: int | None = None):
+    """The fault-tolerance options: Downpour only; ``on`` needs ULFM; ``--kill-ranks`` names ranks of the job."""
+    kill = parse_kill_ranks(cfg.kill_ranks, size)
+    if cfg.mode != "downpour" and (kill or cfg.fault_tolerance == "on"):
+        raise UsageError("--fault-tolerance on and --kill-ranks apply to --mode downpour only (Sandblaster and sync "
+                         "end the job when a rank dies)")
+    if cfg.mode == "downpour" and cfg.fault_tolerance == "on":
+        from .fault_tolerance import require_ulfm
+        try:
+            require_ulfm(cfg.optimizer)
+        except ValueError as exc:
+            raise UsageError(f"--fault-tolerance {exc}") from None
+
+
+_FT_OPTIONS = [
+    (("--fault-tolerance",), dict(choices=("auto", "on", "off"), default="auto",
+                                  help="downpour: keep training when a worker or a server rank other than 0 dies; "
+                                       "auto (default) = on under Open MPI's `mpirun --with-ft ulfm`")),
+    (("--kill-ranks",), dict(default="", help="RANK:SECONDS[,..]: those ranks SIGKILL themselves after SECONDS of "
+                                              "training, for tests and benchmarks only")),
+]
 
 
 # (flags, argparse keywords).  The dest of each is the TOML key (underscores).
@@ -147,7 +190,7 @@ def build_parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParse
         prog="python -m asyncsgd.train",
         description="Train a CNN with Downpour SGD (default), synchronous SGD, Sandblaster L-BFGS or serially. "
                     "Run the distributed modes under mpiexec, e.g. mpirun -n 6 python -m asyncsgd.train.")
-    for flags, kw in _OPTIONS:
+    for flags, kw in _OPTIONS + _FT_OPTIONS:
         p.add_argument(*flags, **kw)
     return p
 
@@ -226,7 +269,9 @@ def to_options(cfg):
             if cfg.mode == "downpour":
                 options = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
                                           staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,
-                                          warm_start_steps=cfg.warm_start_steps)
+                                          warm_start_steps=cfg.warm_start_steps,
+                                          fault_tolerance=cfg.fault_tolerance,
+                                          kill_ranks=parse_kill_ranks(cfg.kill_ranks))
             else:
                 options = SGDOptions(**sgd)
     except OptionError as exc:
@@ -252,6 +297,7 @@ def validate(cfg, size: int | None = None):
     if cfg.history < 1:
         raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
     parse_slow_ranks(cfg.slow_ranks, size)
+    validate_fault_tolerance(cfg, size)
     if cfg.cuda_aware_mpi:
         raise UsageError("--cuda-aware-mpi is not available yet: GPU ranks stage window traffic through pinned "
                          "host buffers; leave the option out")

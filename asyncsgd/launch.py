@@ -52,25 +52,34 @@ def mpi_env(base=None) -> dict:
     return env
 
 
-def mpiexec_command(n: int, argv: list[str], *, timeout: float | None = None) -> list[str]:
-    """Return the mpiexec command line running ``argv`` on ``n`` ranks, with a whole-job timeout in seconds."""
+def mpiexec_command(n: int, argv: list[str], *, timeout: float | None = None, with_ft: bool = False) -> list[str]:
+    """Return the mpiexec command line running ``argv`` on ``n`` ranks, with a whole-job timeout in seconds.
+
+    ``with_ft``: switch on Open MPI's fault tolerance (``--with-ft ulfm``: a dead rank no longer ends the job;
+    docs/FAULT_TOLERANCE.md).  MPICH's mpiexec has no such switch: there ``-disable-auto-cleanup`` is added, so its
+    survivors get SIGUSR1 and name the dead rank instead of all being SIGKILLed at once.
+    """
     cmd = [mpiexec_path()]
     if timeout is not None and mpi_flavour() == "openmpi":
         cmd += ["--timeout", str(int(timeout))]
+    if with_ft:
+        cmd += ["--with-ft", "ulfm"] if mpi_flavour() == "openmpi" else ["-disable-auto-cleanup"]
     return cmd + ["-n", str(n)] + list(argv)
 
 
-def run_mpi(n: int, argv: list[str], *, timeout: float = 300, env=None, cwd=None) -> subprocess.CompletedProcess:
+def run_mpi(n: int, argv: list[str], *, timeout: float = 300, env=None, cwd=None,
+            with_ft: bool = False) -> subprocess.CompletedProcess:
     """Run ``argv`` on ``n`` ranks; return the CompletedProcess (text; stdout and stderr merged into stdout).
 
-    The job is killed after ``timeout`` seconds (MPI's own job timeout a little earlier), and
+    ``with_ft`` as in ``mpiexec_command``.  The job is killed after ``timeout`` seconds (MPI's own job timeout a
+    little earlier), and
     subprocess.TimeoutExpired is raised; it never hangs its caller.
     """
     env = mpi_env(env)
     mpi_timeout = max(5, int(timeout) - 5)
     if mpi_flavour() == "mpich":
         env["MPIEXEC_TIMEOUT"] = str(mpi_timeout)
-    cmd = mpiexec_command(n, argv, timeout=mpi_timeout)
+    cmd = mpiexec_command(n, argv, timeout=mpi_timeout, with_ft=with_ft)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd,
                             start_new_session=True)
     try:

@@ -25,6 +25,7 @@ __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterO
 
 OPTIMIZERS = ("sgd", "adagrad")
 SCHEDULES = ("dynamic", "static")
+FAULT_TOLERANCE = ("auto", "on", "off")  # Downpour's run-through of a dead rank (docs/FAULT_TOLERANCE.md)
 
 
 class OptionError(ValueError):
@@ -191,6 +192,11 @@ class DownpourOptions(SGDOptions):
     staleness: object = dataclasses.field(default_factory=NoDecay)
     sparsity: float = 1.0
     warm_start_steps: int = 0
+    # -- fault tolerance (docs/FAULT_TOLERANCE.md): 'auto' runs through a dead rank exactly when the job runs under
+    # Open MPI's `mpirun --with-ft ulfm`; ``kill_ranks`` {rank: seconds >= 0} makes those ranks SIGKILL themselves
+    # that long after training starts (a test and benchmark tool, like ``slow_ranks``)
+    fault_tolerance: str = "auto"
+    kill_ranks: Mapping = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -202,6 +208,13 @@ class DownpourOptions(SGDOptions):
                                            f"got {self.staleness!r}")
         _real(self, "sparsity", lo=0, lo_open=True, hi=1)
         _int(self, "warm_start_steps", 0)
+        _choice(self, "fault_tolerance", FAULT_TOLERANCE)
+        if not isinstance(self.kill_ranks, Mapping) or not all(
+                isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0
+                and isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0
+                for r, t in self.kill_ranks.items()):
+            raise OptionError("kill_ranks", f"must map rank (int >= 0) to seconds of training (>= 0) after which "
+                                            f"that rank kills itself, got {self.kill_ranks!r}")
 
 
 @dataclasses.dataclass(frozen=True)

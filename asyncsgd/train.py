@@ -133,6 +133,8 @@ def _write_outputs(cfg, result, reporter):
     reporter.close()  # ends a live progress line; the result lines below print whatever --progress says
     acc = summary.get("test_accuracy")
     print(f"final test accuracy: {acc:.4f}" if acc is not None else "final test accuracy: n/a")
+    for lost in summary.get("lost_workers", []):  # fault tolerance (docs/FAULT_TOLERANCE.md)
+        print(f"lost worker {lost['worker']} (rank {lost['rank']}) at {lost['time']:.1f} s", flush=True)
     print(f"mode {summary['mode']}, {summary.get('workers', 1)} worker(s), "
           f"{summary.get('samples_per_s', 0):.0f} samples/s, wall {summary.get('wall_s', 0):.1f} s", flush=True)
     if cfg.run_dir != "none":
@@ -198,7 +200,8 @@ def _run_distributed(cfg) -> int:
     # An exception on this rank, anywhere below, prints its rank-tagged traceback once and aborts every rank at
     # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
     # reporter's file is closed.
-    with abort_on_error(comm), Watchdog(comm):
+    from .fault_tolerance import for_options
+    with abort_on_error(comm), Watchdog(comm, fault_tolerant=for_options(run.options)):
         reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None) if rank == 0 else None
         try:
             result = run.execute(reporter)
@@ -207,6 +210,8 @@ def _run_distributed(cfg) -> int:
         finally:
             if reporter is not None:
                 reporter.close()  # local: the log keeps every record written before a failure
+    from .fault_tolerance import end_after_failures
+    end_after_failures()  # after running through a dead rank: exit 0 now, no MPI_Finalize (docs/FAULT_TOLERANCE.md)
     comm.Free()
     return 0
 

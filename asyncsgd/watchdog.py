@@ -10,6 +10,12 @@ Two mechanisms, because launchers differ (measured with the PyPI MPIs):
   MPICH's ``mpiexec -disable-auto-cleanup`` sends SIGUSR1; rank 0 then checks which of its node's peers are gone
   and names them before exiting.  MPICH's ``mpiexec`` with its default auto-cleanup kills the survivors with SIGKILL
   at once, so there only its own "BAD TERMINATION ... PID" banner appears; the job still ends within seconds.
+
+With ``fault_tolerant=True`` (Downpour under ``mpirun --with-ft ulfm``, docs/FAULT_TOLERANCE.md) the watchdog hands a
+dead or silent rank to the run-through path instead of aborting: a silent peer on this host is SIGKILLed, which
+ULFM then reports as a failure to the trainer's safe points; a dead peer stops the heartbeat thread quietly (its
+communicator holds a dead rank from then on, and the trainer's own heartbeats on the shrunk communicator take over);
+``stop()`` then frees nothing.
 """
 from __future__ import annotations
 
@@ -39,8 +45,11 @@ class Watchdog(WindowOwner):
     (``WindowOwner``: no collective on an error path).
     """
 
-    def __init__(self, comm, *, interval: float = 1.0, timeout: float | None = None, stream=None):
+    def __init__(self, comm, *, interval: float = 1.0, timeout: float | None = None, stream=None,
+                 fault_tolerant: bool = False):
         self.comm = comm.Dup()
+        self.fault_tolerant = bool(fault_tolerant)
+        self.peer_failed = False  # fault tolerance: the thread saw a dead rank and stopped
         self._own(self.comm)
         self.interval = interval
         self.timeout = float(os.environ.get("ASYNCSGD_HEARTBEAT_TIMEOUT", "15")) if timeout is None else timeout
@@ -77,6 +86,21 @@ class Watchdog(WindowOwner):
         self.stream.flush()
 
     def _loop(self):
+        try:
+            self._watch()
+        except MPI.Exception as exc:
+            from .fault_tolerance import failed_ranks, is_failure
+            if not is_failure(self.comm, exc):  # only under ULFM does MPI report a dead peer instead of ending
+                raise
+            if self.fault_tolerant:
+                self.peer_failed = True  # handed over: the trainer's safe points recover from it
+                return
+            dead = failed_ranks(self.comm)
+            self._say(f"{', '.join(self.describe(r) for r in dead) or 'a rank'} died; fault tolerance is off "
+                      f"(--fault-tolerance), so {self.describe(self.comm.rank)} is ending the job")
+            self.comm.Abort(1)
+
+    def _watch(self):
         now = time.monotonic()
         last_seen = {p: now for p in self.peers}
         beat = numpy.zeros(1, dtype=numpy.int64)
@@ -94,12 +118,29 @@ class Watchdog(WindowOwner):
             while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
                 self.comm.Recv(inbox, source=status.Get_source(), tag=_TAG)
                 last_seen[status.Get_source()] = now
-            for p, seen in last_seen.items():
+            for p, seen in list(last_seen.items()):
+                if now - seen > self.timeout and self.fault_tolerant and self._kill(p):
+                    del last_seen[p]  # now a dead rank: the trainer's recovery takes it from here
+                    continue
                 if now - seen > self.timeout:
                     self._say(f"{self.describe(p)} stopped responding for {now - seen:.0f} s (it died or hangs); "
                               f"{self.describe(self.comm.rank)} is ending the job")
                     self.comm.Abort(1)
             self._halt.wait(0.1)
+
+    def _kill(self, rank: int) -> bool:
+        """Fault tolerance: SIGKILL a silent peer on this host (a stopped process is alive to MPI); say so."""
+        pid, host = self.peers_info[rank]
+        if host != socket.gethostname():
+            return False
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        self.stream.write(f"asyncsgd: {self.describe(rank)} stopped responding for more than {self.timeout:g} s: "
+                          f"killed it; fault tolerance is on, the others continue\n")
+        self.stream.flush()
+        return True
 
     def _on_launcher_signal(self, signum, frame):
         gone = []
@@ -130,6 +171,8 @@ class Watchdog(WindowOwner):
             self.comm.Free()
             self.comm = MPI.COMM_NULL
             return
+        if self.fault_tolerant and not self._stop_fault_tolerant():
+            return
         polled_barrier(self.comm)  # nobody stops listening while a peer could still time it out
         self._halt.set()
         self._thread.join()
@@ -145,5 +188,22 @@ class Watchdog(WindowOwner):
             time.sleep(0.001)
         self.comm.Free()
         self.comm = MPI.COMM_NULL
+
+    def _stop_fault_tolerant(self) -> bool:
+        """Meet the peers if all are alive (return True: stop as usual); else stop this rank's thread and free
+        nothing (the communicator holds a dead rank) and return False."""
+        from .fault_tolerance import RankFailure, safe_point
+
+        if not self.peer_failed:
+            try:
+                safe_point(self.comm, timeout=60)
+                return True
+            except (RankFailure, TimeoutError):
+                pass
+        self._halt.set()
+        self._thread.join()
+        self._thread = None
+        self.comm = MPI.COMM_NULL  # not freed: a dead rank is in it
+        return False
 
     free = stop  # the WindowOwner name: leaving a ``with`` block normally stops the watchdog

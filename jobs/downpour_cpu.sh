@@ -4,6 +4,7 @@
 #   sbatch jobs/downpour_cpu.sh                                  # 6 tasks: 1 server + 5 workers, bundled FSDD data
 #   sbatch --ntasks=11 jobs/downpour_cpu.sh --servers 2 --epochs 20
 #   ASYNCSGD_PYTHON=$PWD/.venv/bin/python sbatch jobs/downpour_cpu.sh --sparsity 0.01
+#   LAUNCHER=mpirun MPIRUN_ARGS="--with-ft ulfm" sbatch jobs/downpour_cpu.sh   # Open MPI: run through a dead worker
 #
 # Every size comes from SLURM (override with sbatch options); trainer options follow the script name or go in
 # ASYNCSGD_ARGS.  Environment: ASYNCSGD_PYTHON (python3), ASYNCSGD_RUN_DIR (runs/slurm-<jobid>),

@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asyncsgd import fault_tolerance as ft  # noqa: E402
 from asyncsgd.store import ShardedParameters  # noqa: E402
-from asyncsgd.store.rebuild import ContinuedStore, rebuild  # noqa: E402
+from asyncsgd.store.rebuild import rebuild  # noqa: E402
 
 SLOTS = 8  # count slots per shard: worker ids < SLOTS
 
@@ -88,8 +88,8 @@ def main():
     if size - S > SLOTS or size <= S:
         raise SystemExit(f"ulfm_job: need {S + 1}..{S + SLOTS} ranks")
     n_params = S * (SLOTS + args.payload)
-    store = ContinuedStore(ShardedParameters(world, n_params, n_servers=S), 0)
-    bounds = store.store.bounds
+    store = ShardedParameters(world, n_params, n_servers=S)
+    bounds = store.bounds
     wid = world.rank - S if world.rank >= S else None  # original worker id, kept across rebuilds
     delta = delta_for(wid, bounds, n_params) if wid is not None else None
     plan = victims(args, size)
@@ -173,11 +173,11 @@ def main():
                 sys.exit(3)
             version = store.version() if old.rank == 0 else None
             roles = ft.roles(old.size, failed, S)
-            rb = rebuild(store.store, old.rank, new, failed, version=version, replica=replica,
+            rb = rebuild(store, old.rank, new, failed, version=version, replica=replica,
                          timeout=args.wait_timeout)
             hb.abandon()
             hb = ft.Heartbeats(new)
-            store = ContinuedStore(rb.store, rb.version_base)
+            store = rb.store
             restored_total.update(rb.restored)
             lost_total += rb.lost_pushes
             _, _, role = roles[old.rank]

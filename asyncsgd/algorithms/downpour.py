@@ -28,11 +28,13 @@ import numpy
 
 from ..data import BatchStream
 from ..data.augment import make_augmenter
+from .. import fault_tolerance as ft
 from ..faults import fault_point
 from ..mpiutil import polled_barrier
 from ..store import ShardedParameters
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
 from .common import Evaluator, StopRule, sgd_defaults
+from .downpour_recovery import Recovery
 from .resume import Checkpointer
 
 __all__ = ["run", "DownpourWorker"]
@@ -158,20 +160,25 @@ class DownpourWorker:
                 "elapsed_s": elapsed, "resumed_samples": self.resumed_samples}
 
 
-def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_workers, start, samples_done=0):
+def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_workers, start, samples_done=0,
+                 guard=None):
     x, y = src.train_slice(worker, n_workers)
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
-    stream = BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done)
+    stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done))
     replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done)
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
     stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
     last_publish = 0.0
     warm = cfg.warm_start_steps if worker == 0 else 0
+    if guard is not None:  # what a recovery needs from this worker: its replica, the freshest it has
+        guard.replica = lambda: (backend.to_host(net.params).astype(numpy.float32, copy=True), replica.base_version)
     if worker != 0 and cfg.warm_start_steps > 0:
         # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag.
         while board.flag(FLAG_WARM_DONE) == 0 and board.flag(FLAG_STOP) == 0:
             time.sleep(_FLAG_POLL_S)
+            if guard is not None and guard.check():
+                store, board, worker, n_workers = guard.store, guard.board, guard.role.index, guard.n_workers
     for xb, yb in stream:
         if replica.steps % cfg.n_fetch == 0:
             replica.fetch()
@@ -180,6 +187,15 @@ def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_work
         samples += len(yb)
         if replica.steps % cfg.n_push == 0:
             replica.push()
+        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+            store, board = guard.store, guard.board
+            replica.store = store
+            if guard.role.kind == "server":
+                break  # this worker now hosts a dead server's shard
+            worker, n_workers = guard.role.index, guard.n_workers
+            stream, stop = _take_over_share(cfg, stop_opts, src, worker, n_workers, start, samples)
+            replica.fetch()  # versions of the rebuilt store; the accrual since the last push is still pushed
+            last_publish = 0.0
         if warm and replica.steps == warm:
             board.set_flag(FLAG_WARM_DONE)
         now = stop.elapsed()
@@ -191,12 +207,22 @@ def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_work
             if board.flag(FLAG_STOP):
                 break
     replica.finish()
+    if guard is not None and guard.role.kind == "server":
+        return  # its row was retired by rank 0 at the recovery
     if warm and replica.steps < warm:
         board.set_flag(FLAG_WARM_DONE)  # ended before the warm start did: release the others
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
 
 
-def _monitor_loop(cfg, stop_opts, eval_net, src, backend, store, board, n_workers, reporter, start, checkpointer):
+def _take_over_share(cfg, stop_opts, src, worker, n_workers, start, samples):
+    """After a worker died: this worker's slice of the training set over the survivors (they cover it all again)."""
+    x, y = src.train_slice(worker, n_workers)
+    stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples))
+    return stream, StopRule(stop_opts, samples_per_epoch=len(y), start=start)
+
+
+def _monitor_loop(cfg, stop_opts, eval_net, src, backend, store, board, n_workers, reporter, start, checkpointer,
+                  guard=None):
     """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record."""
     x_test, y_test = src.test_set()
     evaluate = Evaluator(eval_net, x_test, y_test, backend)
@@ -206,7 +232,9 @@ def _monitor_loop(cfg, stop_opts, eval_net, src, backend, store, board, n_worker
     record = {}
     time_to_target = None
     while True:
-        stats, hist = board.rows()
+        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+            store, board = guard.store, guard.board
+        stats, hist = board.rows() if guard is None else guard.rows()
         all_done = all(s["done"] for s in stats)
         if all_done or time.monotonic() - last_eval >= cfg.eval_every:
             loss, acc = evaluate(store.read_all())
@@ -284,20 +312,29 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         # the same workers continue where they were; another worker count shares the samples done evenly
         done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
     checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": cfg.seed})
-    with ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
-                           adagrad=cfg.optimizer == "adagrad") as store, \
-            JobBoard(comm, n_workers) as board:
+    fault_tolerant = ft.resolve(cfg.fault_tolerance, cfg.optimizer)
+    store = ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
+                              adagrad=cfg.optimizer == "adagrad")
+    board = JobBoard(comm, n_workers)
+    # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
+    # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.
+    guard = Recovery(comm, enabled=fault_tolerant, store=store, board=board, n_servers=n_servers, start=0.0,
+                     reporter=reporter, checkpoint_path=checkpointer.path, kill_ranks=cfg.kill_ranks)
+    try:
         if rank == 0 and resume is not None and "adagrad_sums" in resume.state:
             store.load(resume.params, resume.state["adagrad_sums"])  # before any worker starts pushing
         polled_barrier(comm)
-        start = time.monotonic()
+        start = guard.start = time.monotonic()
+        guard.arm_kill(cfg.kill_ranks.get(rank))
+        ft_guard = guard if fault_tolerant else None
         result = None
         if rank >= n_servers:
             _worker_loop(cfg, stop_opts, net, src, backend, store, board, rank - n_servers, n_workers, start,
-                         samples_done=int(done[rank - n_servers]))
+                         samples_done=int(done[rank - n_servers]), guard=ft_guard)
         elif rank == 0:
             record, stats, hist = _monitor_loop(cfg, stop_opts, net, src, backend, store, board, n_workers, reporter, start,
-                                                checkpointer)
+                                                checkpointer, guard=ft_guard)
+            store = guard.store
             if checkpointer.path:
                 _checkpoint(cfg, store, checkpointer, stats)  # the final one
             wall = time.monotonic() - start
@@ -324,7 +361,13 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
             }
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()
+            result.update(guard.summary())
         fault_point("end")
-        # Servers other than rank 0 only host shards: they wait here, sleeping, with their progress thread running.
-        polled_barrier(comm)
+        # Servers other than rank 0 only host shards: they wait here, sleeping, with their progress thread running
+        # (and, with fault tolerance, their heartbeat; a failure here is recovered and the meeting rerun).
+        guard.final_meet()
+    except BaseException as exc:
+        guard.free(type(exc))
+        raise
+    guard.free()
     return result

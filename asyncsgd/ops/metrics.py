@@ -86,6 +86,15 @@ class Reporter:
         self.records += 1
         return rec
 
+    def event(self, rec: dict) -> dict:
+        """Append an event record (``{"event": ...}``, e.g. a lost worker) to the log only; no display update."""
+        rec = to_jsonable(rec)
+        rec.setdefault("time", time.monotonic() - self.start)
+        if self._log is not None:
+            self._log.write(json.dumps(rec) + "\n")
+            self._log.flush()
+        return rec
+
     def message(self, text: str) -> None:
         """Print a plain line, keeping the live progress line intact below it."""
         self.progress.message(text)

@@ -28,14 +28,17 @@ STARTED, LANDED = 0, 1  # displacements of the two counters in the window
 class VersionCounter(WindowOwner):
     """Two int64 (``started``, ``landed``) hosted on ``root`` of ``comm``; any rank bumps or reads them one-sidedly.
 
+    Both start at ``initial`` (0; a rebuilt store continues its predecessor's count).
     Collective over ``comm`` (construction and ``free()``); the caller owns ``comm`` and keeps it alive until
     ``free()``.  Every rank holds a shared passive epoch (``Lock_all``) on the window for the counter's lifetime.
     Origin buffers are attributes: an RMA origin buffer must stay alive until the ``Flush`` that completes the call.
     """
 
-    def __init__(self, comm, *, root: int = 0):
+    def __init__(self, comm, *, root: int = 0, initial: int = 0):
         if not 0 <= root < comm.size:
             raise ValueError(f"root={root} is not a rank of a communicator of size {comm.size}")
+        if isinstance(initial, bool) or not isinstance(initial, (int, numpy.integer)) or initial < 0:
+            raise ValueError(f"initial must be a non-negative int (the version to start from), got {initial!r}")
         self._own(comm)
         self._root = root
         self._one = numpy.ones(1, dtype=numpy.int64)
@@ -44,7 +47,7 @@ class VersionCounter(WindowOwner):
         self._win = MPI.Win.Allocate(2 * itemsize if comm.rank == root else 0, itemsize, comm=comm)
         if comm.rank == root:
             # Window memory starts undefined: zero it through RMA, then let nobody in before the barrier.
-            zero = numpy.zeros(2, dtype=numpy.int64)  # named: the origin buffer must live until Unlock
+            zero = numpy.full(2, int(initial), dtype=numpy.int64)  # named: the origin buffer must live until Unlock
             self._win.Lock(root, MPI.LOCK_EXCLUSIVE)
             self._win.Put([zero, MPI.INT64_T], root, (0, 2, MPI.INT64_T))
             self._win.Unlock(root)

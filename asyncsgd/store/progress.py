@@ -36,6 +36,7 @@ class ProgressThread:
         self._stopping = threading.Event()
         self._thread = None
         self.polls = 0
+        self.failed = False  # the thread stopped because a rank of its communicator died (ULFM)
 
     def start(self) -> "ProgressThread":
         """Start polling; raise RuntimeError when MPI was not initialised with MPI_THREAD_MULTIPLE."""
@@ -54,7 +55,16 @@ class ProgressThread:
     def _run(self):
         comm, stopping, interval = self._comm, self._stopping, self._interval
         while not stopping.is_set():
-            comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+            try:
+                comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
+            except MPI.Exception as exc:
+                from ..fault_tolerance import is_failure
+                if not is_failure(comm, exc):
+                    raise
+                # A rank of the job died (ULFM reports it to every probe from now on): the store is about to be
+                # abandoned and rebuilt on the survivors (asyncsgd.store.rebuild); stop quietly.
+                self.failed = True
+                return
             self.polls += 1
             stopping.wait(interval)
 

@@ -8,13 +8,11 @@ same shard layout (``n_params``, ``n_servers``; shard i on rank i) is built on t
   survivor's pushes completed with a ``Flush`` before it entered the shrink) and sent to the shard's new host;
 - a shard whose host died is taken from the freshest replica: the survivor whose last fetch saw the newest version
   sends that slice of its fetched copy; ``lost_pushes`` = version at the rebuild - that replica's version;
-- the version numbering continues: the new store's counter starts at 0, so ``version_base`` (the old version) is
-  added to what it reports (``ContinuedStore`` does it for fetch/push/version).
+- the version numbering continues: the new store's counter starts at the old version (``ShardedParameters(...,
+  version=V)``), so versions fetched before and after the rebuild compare directly.
 
-Private access to the old store is confined to ``_own_shard`` and ``abandon``; the hooks that would remove it are
-``ShardedParameters.local_shard()`` (a copy of this rank's shard), ``ShardedParameters.abandon()`` (stop the
-progress thread, mark it unusable, no collective) and ``ShardedParameters(..., version=V)`` (start the counter at
-V instead of 0).  Adagrad stores are not rebuilt yet (a lost shard's sums have no replica).
+The old store is read through ``ShardedParameters.local_shard()`` and dropped with ``ShardedParameters.abandon()``.
+Adagrad stores are not rebuilt yet (a lost shard's sums have no replica).
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ from mpi4py import MPI
 
 from .sharded import DTYPE, ShardedParameters
 
-__all__ = ["Rebuilt", "rebuild", "abandon", "ContinuedStore"]
+__all__ = ["Rebuilt", "rebuild", "abandon"]
 
 _TAG = 7301
 _POLL_SLEEP = 0.001
@@ -37,30 +35,15 @@ class Rebuilt:
     """What ``rebuild`` returns on every survivor."""
 
     store: ShardedParameters   # the new store on the shrunk communicator
-    version_base: int          # the old store's version at the rebuild: add it to the new store's versions
+    version_base: int          # the old store's version at the rebuild (the new store's counter starts there)
     lost_pushes: int           # pushes that landed only on a lost shard after its replica was fetched
     restored: tuple            # shard indices restored from a replica (their hosts died)
     replica_rank: int | None   # rank of the new communicator whose replica was used (None: no shard lost)
 
 
 def abandon(store: ShardedParameters):
-    """Stop ``store``'s progress thread and never touch its windows again (no collective free).
-
-    Hook wanted: ``ShardedParameters.abandon()``.
-    """
-    progress = getattr(store, "_progress", None)
-    if progress is not None:
-        progress.stop()
-
-
-def _own_shard(store: ShardedParameters, rank: int) -> numpy.ndarray:
-    """Copy shard ``rank`` out of this rank's own window (a Get from itself).  Hook wanted: ``local_shard()``."""
-    start, stop = store.bounds[rank]
-    out = numpy.empty(stop - start, DTYPE)
-    win = store._params  # noqa: SLF001 -- see the module docstring for the hook that replaces this
-    win.Get([out, MPI.FLOAT], rank, (0, stop - start, MPI.FLOAT))
-    win.Flush(rank)
-    return out
+    """Stop ``store``'s progress thread and never touch its windows again (no collective free)."""
+    store.abandon()
 
 
 def _wait(requests, timeout: float, what: str):
@@ -117,7 +100,7 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
         source = replica_rank if shard in restored else new_of[shard]
         if me == source:
             piece = (numpy.ascontiguousarray(replica[0][start:stop], DTYPE) if shard in restored
-                     else _own_shard(old_store, old_rank))
+                     else old_store.local_shard())
             if shard == me:
                 initial[start:stop] = piece
             else:
@@ -127,34 +110,8 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
             recvs.append(new_comm.Irecv([initial[start:stop], MPI.FLOAT], source=source, tag=_TAG + shard))
     _wait(sends + recvs, timeout, "shard transfer")
     abandon(old_store)
-    store = ShardedParameters(new_comm, old_store.n_params, n_servers=n_servers, initial=initial)
+    store = ShardedParameters(new_comm, old_store.n_params, n_servers=n_servers, initial=initial,
+                              version=version_now)
     lost = version_now - replica_version if restored else 0
     return Rebuilt(store=store, version_base=version_now, lost_pushes=lost, restored=restored,
                    replica_rank=replica_rank)
-
-
-class ContinuedStore:
-    """A rebuilt store seen with the old version numbering (``version_base`` added to every version).
-
-    Until ``ShardedParameters(version=...)`` exists, the offset lives here; the methods mirror the store's.
-    """
-
-    def __init__(self, store: ShardedParameters, version_base: int):
-        self.store = store
-        self.version_base = int(version_base)
-
-    def version(self) -> int:
-        return self.version_base + self.store.version()
-
-    def fetch(self, out) -> int:
-        return self.version_base + self.store.fetch(out)
-
-    def push(self, delta, *, base_version: int, weight=None) -> int:
-        # A base version from before the rebuild counts the pushes since the rebuild only (a lower bound on tau).
-        return self.store.push(delta, base_version=max(0, base_version - self.version_base), weight=weight)
-
-    def read_all(self):
-        return self.store.read_all()
-
-    def free(self):
-        self.store.free()

@@ -119,6 +119,9 @@ class ShardedParameters(WindowOwner):
     ``n_servers == comm.size`` is allowed (every rank hosts and may push); choosing roles is the trainer's job.
     With ``adagrad=True`` a second window per shard holds the per-parameter sums of squared gradients.
 
+    ``version`` starts the version counter there instead of 0 (a store rebuilt after a rank died continues the
+    old numbering, ``asyncsgd.store.rebuild``).
+
     Leaving a ``with`` block by an exception on a multi-rank store does not free it (``WindowOwner``).
     One object serves one thread of its rank.
 
@@ -127,7 +130,8 @@ class ShardedParameters(WindowOwner):
     of consecutive indices), ``fetches``.
     """
 
-    def __init__(self, comm, n_params: int, *, n_servers: int = 1, initial=None, adagrad: bool = False):
+    def __init__(self, comm, n_params: int, *, n_servers: int = 1, initial=None, adagrad: bool = False,
+                 version: int = 0):
         n_params = _as_count(n_params, "n_params", minimum=1)
         n_servers = _as_count(n_servers, "n_servers", minimum=1)
         if n_servers > comm.size:
@@ -165,7 +169,7 @@ class ShardedParameters(WindowOwner):
             self._init_local(self._params, rank, shard)
             if self._sums is not None:
                 self._init_local(self._sums, rank, numpy.zeros(stop - start, DTYPE))
-        self._counter = VersionCounter(self._comm, root=0)  # its barrier also publishes the shard initialisation
+        self._counter = VersionCounter(self._comm, root=0, initial=version)  # its barrier also publishes the shard initialisation
         for win in self._windows():
             win.Lock_all(MPI.MODE_NOCHECK)  # shared epochs only, never an exclusive lock: NOCHECK is valid
 
@@ -411,6 +415,31 @@ class ShardedParameters(WindowOwner):
         # leaving by an exception (WindowOwner): no collective free, only this rank's thread stops
         if self._progress is not None:
             self._progress.stop()
+
+    def abandon(self):
+        """Stop using the store without freeing it: no collective (its communicator may hold a dead rank).
+
+        The progress thread stops and every later call raises RuntimeError, as after ``free()``.  The windows stay
+        allocated until MPI_Finalize (``asyncsgd.store.rebuild`` builds a new store on the survivors).
+        """
+        self._abandon()
+        self._freed = True
+
+    def local_shard(self) -> numpy.ndarray:
+        """Return a copy of the shard this rank hosts (float32; empty on a rank that hosts none).
+
+        A ``Get`` from this rank's own window, flushed: it holds every push that completed before the call.
+        """
+        self._check_alive()
+        if not self._is_server:
+            return numpy.empty(0, DTYPE)
+        rank = self._comm.rank
+        start, stop = self._bounds[rank]
+        out = numpy.empty(stop - start, DTYPE)
+        for lo, hi in _chunks(0, stop - start):
+            self._params.Get([out[lo:hi], _MPI_DTYPE], rank, (lo, hi - lo, _MPI_DTYPE))
+        self._params.Flush(rank)
+        return out
 
     def __repr__(self):
         state = "freed" if self._freed else f"version={self._counter.landed()}"

@@ -1,0 +1,306 @@
+"""Downpour's run-through of a dead rank (Open MPI's ULFM, ``mpirun --with-ft ulfm``; docs/FAULT_TOLERANCE.md).
+
+``Recovery`` holds what a failure replaces (the communicator, the parameter store, the job board, the heartbeats,
+this rank's role and the worker count) and runs the recovery at the loops' safe points:
+
+- ``check()``: one ``Iprobe`` on a private communicator (``fault_tolerance.check_failures``) plus a heartbeat every
+  0.25 s; on rank 0 also the heartbeat watch, which SIGKILLs a rank that stopped beating (a SIGSTOPped process is
+  alive to MPI) so that it becomes an ordinary failure.  Returns True when a recovery just happened: the caller then
+  takes ``store``, ``board``, ``role`` and ``n_workers`` again.
+- ``recover()`` (every survivor, collective over them): Revoke + Shrink, the store rebuilt on the survivors
+  (``asyncsgd.store.rebuild``: surviving shards copied, a dead server's shard from the freshest replica), a new job
+  board (rank 0 copies the survivors' rows to their new indices, keeps the dead workers' rows for the totals, copies
+  the flags), new heartbeats; rank 0 logs the loss (progress line, JSONL event, summary).
+- ``final_meet()``: the end-of-run barrier, rerun after a recovery.
+- ``free()``: frees the current objects on success (collective over the survivors); the abandoned ones are never
+  freed (their communicator holds a dead rank), which Open MPI's finalize tolerates.
+
+With fault tolerance off every method is a no-op or today's call (``polled_barrier``, the ``with`` exit of the store
+and board), so the job ends as it always did when a rank dies.  ``arm_kill`` serves ``--kill-ranks`` in both cases.
+Exceptions are not failures: only a vanished process is run through (docs/FAILURES.md keeps its exit policy).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+from mpi4py import MPI
+
+from .. import fault_tolerance as ft
+from ..mpiutil import polled_barrier
+from ..store.rebuild import rebuild
+from .board import FLAG_STOP, FLAG_WARM_DONE, JobBoard
+
+__all__ = ["Recovery", "heartbeat_timeout"]
+
+_BEAT_S = 0.25
+_WAIT_S = 120.0  # bound on every wait of a recovery or of the final meeting (s)
+
+
+def heartbeat_timeout() -> float:
+    """Seconds without a heartbeat after which rank 0 kills a silent rank (the watchdog's setting)."""
+    return float(os.environ.get("ASYNCSGD_HEARTBEAT_TIMEOUT", "15"))
+
+
+class Recovery:
+    """The replaceable state of one Downpour run and its recovery (see the module docstring)."""
+
+    def __init__(self, comm, *, enabled: bool, store, board, n_servers: int, start: float, reporter=None,
+                 checkpoint_path=None, kill_ranks=None):
+        self.enabled = enabled
+        self.store, self.board = store, board
+        self.n_servers = n_servers
+        self.n_workers = comm.size - n_servers
+        self.start = start
+        self.reporter = reporter
+        self.checkpoint_path = checkpoint_path
+        self.kill_ranks = dict(kill_ranks or {})
+        self.world_ranks = list(range(comm.size))  # current rank -> rank at the start of the run
+        rank = comm.rank
+        self.role = ft.Role("server", rank) if rank < n_servers else ft.Role("worker", rank - n_servers)
+        self.recoveries = 0
+        self.lost_workers, self.lost_servers = [], []  # rank 0: what the summary reports
+        self.retired = []  # rank 0: (stats, hist) rows of workers that died or now host a shard
+        self.replica = None  # workers: a callable -> (float32 vector, version of its last fetch)
+        self._awaiting_push = None  # rank 0: (version at the rebuild, entries to complete) until a push lands
+        self._comm = self._heartbeats = None
+        self._last_beat = 0.0
+        self._killed = set()
+        self.timeout = heartbeat_timeout()
+        if enabled:
+            self._comm = ft.manage(comm.Dup())  # private: nothing but the failure probe runs on it
+            self._heartbeats = ft.Heartbeats(self._comm)
+        else:
+            self._comm = comm
+
+    # ---------------------------------------------------------------- safe points
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def check(self) -> bool:
+        """A safe point: return True when a failure was found and recovered from here (state replaced)."""
+        if not self.enabled:
+            return False
+        try:
+            now = time.monotonic()
+            if now - self._last_beat >= _BEAT_S:
+                self._last_beat = now
+                self._heartbeats.beat()
+                if self._comm.rank == 0:
+                    self._watch()
+                    self._first_push()
+            ft.check_failures(self._comm)
+        except ft.RankFailure:
+            self.recover()
+            return True
+        except MPI.Exception as exc:  # a heartbeat to a dead rank over a network transport
+            if not ft.is_failure(self._comm, exc):
+                raise
+            self.recover()
+            return True
+        return False
+
+    def call(self, fn, *args, **kwargs):
+        """Run a store operation; turn an MPI error that means a dead rank into a recovery (then return None)."""
+        try:
+            return fn(*args, **kwargs)
+        except MPI.Exception as exc:
+            if not self.enabled or not ft.is_failure(self._comm, exc):
+                raise
+            self.recover()
+            return None
+
+    def _watch(self):
+        for r in self._heartbeats.stale(self.timeout):
+            if r in self._killed:
+                continue
+            self._killed.add(r)
+            killed = ft.kill_rank(self._heartbeats, r)
+            self._say(f"rank {self.world_ranks[r]} sent no heartbeat for {self.timeout:g} s (stopped or hung): "
+                      + ("killed it; the others continue" if killed else "it runs on another host and cannot be "
+                         "killed from here"))
+
+    def _first_push(self):
+        """Rank 0: time the first push that lands after a rebuild (the recovery time of the figures)."""
+        if self._awaiting_push is None:
+            return
+        base, entries = self._awaiting_push
+        if self.store.version() > base:
+            t = self.elapsed()
+            for e in entries:
+                e["first_push_after_s"] = round(t, 3)
+                e["recovery_s"] = round(t - e["time"], 3)
+                if e.get("killed_at") is not None:
+                    e["recovery_from_death_s"] = round(t - e["killed_at"], 3)
+            self._say(f"first push after the rebuild at {t:.1f} s ({t - entries[0]['time']:.2f} s after the "
+                      f"failure was noticed)")
+            self._awaiting_push = None
+
+    def final_meet(self):
+        """The end of the run: every rank meets (today's barrier); a failure here is recovered and the meeting rerun."""
+        if not self.enabled:
+            polled_barrier(self._comm)
+            return
+        while True:
+            try:
+                ft.safe_point(self._comm, timeout=_WAIT_S, on_wait=self._beat_and_watch)
+                return
+            except ft.RankFailure:
+                self.recover()
+
+    def _beat_and_watch(self):
+        now = time.monotonic()
+        if now - self._last_beat >= _BEAT_S:
+            self._last_beat = now
+            self._heartbeats.beat()
+            if self._comm.rank == 0:
+                self._watch()
+
+    # ---------------------------------------------------------------- recovery
+
+    def recover(self):
+        """Shrink to the survivors and rebuild the store, the board and the heartbeats (collective over them)."""
+        noticed = self.elapsed()
+        old = self._comm
+        new, failed = ft.survivors(old)
+        failed_world = [self.world_ranks[r] for r in failed]
+        if 0 in failed:
+            self._root_lost(new, noticed)
+        roles = ft.roles(old.size, failed, self.n_servers)  # ValueError when no worker is left: the job ends
+        version = self.store.version() if old.rank == 0 else None
+        replica = self.replica() if (self.replica is not None and self.role.kind == "worker") else None
+        rows = flags = None
+        if old.rank == 0:
+            rows = self.board.rows()
+            flags = (self.board.flag(FLAG_STOP), self.board.flag(FLAG_WARM_DONE))
+        rb = rebuild(self.store, old.rank, new, failed, version=version, replica=replica, timeout=_WAIT_S)
+        n_workers = sum(1 for _, _, r in roles.values() if r.kind == "worker")
+        board = JobBoard(new, n_workers)  # the old board is dropped, never freed (a collective with a dead rank)
+        if new.rank == 0:
+            self._move_rows(board, rows, flags, roles, failed)
+        ft.safe_point(new, timeout=_WAIT_S)  # rows and flags are in place before anyone reads them
+        self._heartbeats.abandon()
+        self._heartbeats = ft.Heartbeats(new)
+        _, _, role = roles[old.rank]
+        old_n_workers = self.n_workers
+        self.world_ranks = [w for r, w in enumerate(self.world_ranks) if r not in failed]
+        self._comm, self.store, self.board, self.role, self.n_workers = new, rb.store, board, role, n_workers
+        self.recoveries += 1
+        if new.rank == 0:
+            self._log_loss(failed_world, roles, failed, rb, noticed, old_n_workers)
+
+    def _move_rows(self, board, rows, flags, roles, failed):
+        stats, hist = rows
+        for i, (s, h) in enumerate(zip(stats, hist)):
+            old_rank = self.n_servers + i
+            if old_rank in failed or roles[old_rank][2].kind == "server":
+                s = dict(s, done=1.0)  # its samples stay counted; nobody waits for it
+                self.retired.append((s, h))
+            else:
+                board.publish(roles[old_rank][2].index, s, h)
+        board.set_flag(FLAG_STOP, flags[0])
+        board.set_flag(FLAG_WARM_DONE, flags[1])
+
+    def _log_loss(self, failed_world, roles, failed, rb, noticed, old_n_workers):
+        entries = []
+        promoted = {old: after for old, (_, before, after) in roles.items()
+                    if before.kind == "worker" and after.kind == "server"}
+        for old_rank, rank in zip(failed, failed_world):
+            killed_at = self.kill_ranks.get(rank)
+            if rank >= self.n_servers:
+                entry = {"event": "lost_worker", "worker": rank - self.n_servers, "rank": rank,
+                         "time": round(noticed, 3), "workers": self.n_workers, "killed_at": killed_at}
+                self.lost_workers.append(entry)
+                self._say(f"worker {rank - self.n_servers} (rank {rank}) lost at {noticed:.1f} s; "
+                          f"{self.n_workers} workers continue")
+            else:
+                host = next((self.world_ranks[roles[o][0]] for o, a in promoted.items() if a.index == rank), rank)
+                entry = {"event": "lost_server", "server": rank, "rank": rank, "time": round(noticed, 3),
+                         "workers": self.n_workers, "killed_at": killed_at, "pushes_lost": rb.lost_pushes,
+                         "replica_rank": (self.world_ranks[rb.replica_rank] if rb.replica_rank is not None
+                                          else None),
+                         "now_hosted_by": host}
+                self.lost_servers.append(entry)
+                self._say(f"server {rank} (rank {rank}) lost at {noticed:.1f} s; shard {rank} restored from rank "
+                          f"{entry['replica_rank']}'s replica ({rb.lost_pushes} pushes lost), now hosted by rank "
+                          f"{host}; {self.n_workers} workers continue")
+            self._event(entry)
+            entries.append(entry)
+        self._say(f"recovered in {self.elapsed() - noticed:.2f} s (shrink, store and board rebuilt on "
+                  f"{self._comm.size} ranks)")
+        self._awaiting_push = (rb.version_base, entries)
+
+    def _root_lost(self, new, noticed):
+        """Rank 0 died: it held the monitor, the version counter and the checkpoints.  End the job (exit 3)."""
+        if new.rank == 0:
+            where = (f"the last checkpoint, {self.checkpoint_path}, is intact: continue with the same command plus "
+                     f"--resume {self.checkpoint_path}" if self.checkpoint_path else
+                     "no checkpoint was being written (add --checkpoint-every SECONDS to be able to --resume)")
+            sys.stderr.write(f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it held the monitor and the "
+                             f"store's version counter, so the job ends; {where}\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)  # no finalize: MPI_Finalize with a dead rank 0 is not worth the risk of a hang
+
+    # ---------------------------------------------------------------- reporting
+
+    def _say(self, text: str):
+        if self.reporter is not None:
+            self.reporter.message(f"asyncsgd: {text}")
+        else:
+            sys.stdout.write(f"asyncsgd: {text}\n")
+            sys.stdout.flush()
+
+    def _event(self, entry: dict):
+        if self.reporter is not None and hasattr(self.reporter, "event"):
+            self.reporter.event(entry)
+
+    def rows(self):
+        """Rank 0: the board's rows plus the retired rows (dead or promoted workers), for the totals."""
+        import numpy
+        stats, hist = self.board.rows()
+        if not self.retired:
+            return stats, hist
+        return (stats + [s for s, _ in self.retired],
+                numpy.concatenate([hist, numpy.array([h for _, h in self.retired])]))
+
+    def summary(self) -> dict:
+        """Rank 0: the summary's fault-tolerance keys (none with fault tolerance off: today's summary)."""
+        if not self.enabled:
+            return {}
+        return {"fault_tolerance": True, "lost_workers": self.lost_workers, "lost_servers": self.lost_servers,
+                "workers_at_end": self.n_workers}
+
+    # ---------------------------------------------------------------- test tool and lifetime
+
+    def arm_kill(self, seconds):
+        """``--kill-ranks``: SIGKILL this process ``seconds`` after training started (a test tool)."""
+        if seconds is None:
+            return
+
+        def die():
+            sys.stdout.write(f"asyncsgd: --kill-ranks: rank {MPI.COMM_WORLD.rank} (pid {os.getpid()}) kills itself "
+                             f"at {self.elapsed():.1f} s\n")
+            sys.stdout.flush()
+            time.sleep(0.05)  # let the launcher forward the line
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        timer = threading.Timer(max(0.0, seconds - self.elapsed()), die)
+        timer.daemon = True
+        timer.start()
+
+    def free(self, exc_type=None):
+        """End of the run: free the current objects (collective) or, on an exception, abandon them (no MPI)."""
+        for owner in (self.board, self.store):
+            owner.__exit__(exc_type, None, None)
+        if self.enabled and exc_type is None:
+            self._heartbeats.free()
+            self._comm.Free()
