@@ -29,7 +29,7 @@ import numbers
 
 import numpy as np
 
-from .source import slice_bounds
+from ..partition import contiguous_bounds
 
 __all__ = ["DEFAULT_VALIDATION_FRACTION", "split_holdout", "partition_rows", "read_rows", "read_train_labels",
            "class_counts"]
@@ -99,7 +99,10 @@ def partition_rows(rows, part: int, n_parts: int, *, strided: bool = False) -> n
     sorted by label, at the price of every worker reading blocks across the whole file.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    start, stop = slice_bounds(rows.size, part, n_parts)   # validates part and n_parts
+    bounds = contiguous_bounds(rows.size, n_parts, what="training rows")   # validates n_parts
+    if isinstance(part, bool) or not isinstance(part, numbers.Integral) or not 0 <= part < n_parts:
+        raise ValueError(f"part must be in [0, {n_parts}), got {part!r}")
+    start, stop = bounds[part]
     if strided:
         return rows[part::n_parts]
     return rows[start:stop]
