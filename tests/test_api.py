@@ -225,10 +225,10 @@ def test_exception_on_one_rank_ends_the_job(tmp_path):
         "from mpi4py import MPI\n"
         "from asyncsgd.data.synthetic import SyntheticSource\n"
         "class Flaky(SyntheticSource):\n"
-        "    def train_slice(self, part, n_parts):\n"
+        "    def train_rows(self, rows):\n"   # a worker's share of the training rows (after the validation split)
         "        if MPI.COMM_WORLD.rank == 2:\n"
         "            raise OSError('disk on fire')\n"
-        "        return super().train_slice(part, n_parts)\n"
+        "        return super().train_rows(rows)\n"
         "asyncsgd.train_sync('logreg', Flaky(300), asyncsgd.SGDOptions(batch_size=16),\n"
         "                        asyncsgd.Stop(time_limit=600), progress='none')\n"
         "print('finished normally')\n")
