@@ -11,7 +11,7 @@ import numpy
 from ..data.holdout import split_holdout
 from ..faults import fault_point
 from ..partition import class_strided_rows
-from ..schedule import RunBudget
+from ..schedule import RunBudget, Warmup
 from .best_model import BestModelTracker
 
 __all__ = ["sgd_defaults", "StopRule", "Evaluator", "TrainingSplit", "Evaluations", "schedule_budget"]
@@ -29,13 +29,17 @@ def sgd_defaults(opts, stop, model_name: str, async_replicas: int = 1):
 
     With ``async_replicas`` W > 2 Downpour replicas the default SGD learning rate is scaled by 2/W: their steps land
     on the store concurrently, each with its own momentum, so the effective step grows with W.  Measured on FSDD
-    with 5 workers: lr 0.01 drove the network to a constant output, 0.004 reached 98.7% test accuracy in 73 s.
+    with 5 workers at a constant rate: lr 0.01 drove the network to a constant output, 0.004 reached 98.7% test
+    accuracy in 73 s.  Under a schedule with a warm-up (the default ``warmup:0.05+cosine``) the first pushes run at a
+    tenth of the peak, and the peak is scaled by 3/W instead (0.006 for 5 workers): on FSDD, seeds 10-12, the last
+    models reached 0.990-0.997 test accuracy against 0.983-0.997 at 0.004.
     A model that is not built in (a user factory) gets lr 0.01, batch 32 and 10 epochs.
     """
     lr_sgd, lr_ada, batch, epochs = _DEFAULTS.get(model_name, (0.01, 0.01, 32, 10))
     fill = {}
     if opts.lr is None:
-        fill["lr"] = lr_ada if opts.optimizer == "adagrad" else lr_sgd * min(1.0, 2.0 / max(async_replicas, 1))
+        share = 3.0 if isinstance(getattr(opts, "lr_schedule", None), Warmup) else 2.0
+        fill["lr"] = lr_ada if opts.optimizer == "adagrad" else lr_sgd * min(1.0, share / max(async_replicas, 1))
     if opts.momentum is None:
         fill["momentum"] = 0.0 if opts.optimizer == "adagrad" else 0.9
     if opts.batch_size is None:
