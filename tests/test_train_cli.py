@@ -292,3 +292,16 @@ def test_distributed_modes_hold_out_validation_and_log_a_falling_rate(mode, tmp_
     assert s["best_validation_accuracy"] == max(r["validation_accuracy"] for r in recs)
     assert _validation_accuracy_of(run / "model.h5", seed=0) == pytest.approx(s["selected_validation_accuracy"],
                                                                                abs=1e-9)
+
+
+def test_schedule_validation_and_patience_from_a_config_file(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('mode = "serial"\nlr-schedule = "step:0.1@0.5"\nvalidation = 0.2\npatience = 3\n')
+    proc = _serial(["--config", str(cfg), "--print-config"])
+    assert proc.returncode == 0, proc.stderr
+    for line in ('lr_schedule = "step:0.1@0.5"', "validation = 0.2", "patience = 3"):
+        assert line in proc.stdout
+    cfg.write_text('mode = "serial"\nlr_schedule = "cosine:2"\n')
+    proc = _serial(["--config", str(cfg)])
+    assert proc.returncode == 2
+    _one_error(proc.stderr, "cosine floor must be in [0, 1]")
