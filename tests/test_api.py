@@ -89,7 +89,9 @@ def test_options_are_frozen_and_defaults_fill_a_copy():
         opts.lr = 0.1
     filled, stop = sgd_defaults(opts, Stop(), "speech_cnn", async_replicas=5)
     assert opts.lr is None and opts.batch_size is None  # the caller's object is untouched
-    assert filled.lr == pytest.approx(0.01 * 2 / 5) and filled.momentum == 0.9 and filled.batch_size == 32
+    # the default schedule has a warm-up: peak 0.01 x 3/W; a schedule without one keeps 2/W
+    assert filled.lr == pytest.approx(0.01 * 3 / 5) and filled.momentum == 0.9 and filled.batch_size == 32
+    assert sgd_defaults(DownpourOptions(lr_schedule="constant"), Stop(), "speech_cnn", 5)[0].lr == pytest.approx(0.004)
     assert filled.n_push == 4 and isinstance(filled, DownpourOptions)
     assert stop == Stop(epochs=30)
     # a stop rule given by the user is kept as it is (no default epochs added)
