@@ -58,8 +58,13 @@ def build_network(model, input_shape, n_classes: int, backend, seed: int = 0, dt
 # ---- results -----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class TrainResult:
-    """What a run returns on rank 0: the summary (test accuracy, throughput, stop reason, ...) and the final
-    parameters (a float vector laid out as ``layout``: [(name, offset, shape)])."""
+    """What a run returns on rank 0: the summary (test accuracy, throughput, stop reason, ...) and the parameters of
+    the selected model (a float vector laid out as ``layout``: [(name, offset, shape)]).
+
+    With a validation split the selected model is the one with the best validation accuracy (``summary
+    ["selected_model"]`` is "best", or "last" when the final evaluation was the best); ``extras["last_params"]``
+    then holds the last model's parameters when they differ.  ``summary["test_accuracy"]`` is the selected model's.
+    """
     summary: dict
     params: numpy.ndarray
     layout: list
@@ -123,7 +128,7 @@ class PreparedRun:
             return None
         params = summary.pop("params", None)
         layout = summary.pop("layout", None)
-        extras = {k: summary.pop(k) for k in ("adagrad_sums",) if k in summary}
+        extras = {k: summary.pop(k) for k in ("adagrad_sums", "last_params") if k in summary}
         summary["config"] = self.config
         return TrainResult(summary, params, layout, self.model_name, tuple(self.src.input_shape),
                            int(self.src.n_classes), extras, spec=self.net.spec(), name=self.net.name)
@@ -150,7 +155,30 @@ def _check_options_type(mode, options, stop, checkpoint):
         raise TypeError(f"checkpoint must be CheckpointOptions or None, got {type(checkpoint).__name__}")
     if mode == "sandblaster" and checkpoint is not None and checkpoint != CheckpointOptions():
         raise OptionError("checkpoint", "works with --mode downpour, sync and serial, not sandblaster")
+    if stop.patience is not None and (mode == "sandblaster" or options.validation == 0):
+        raise OptionError("patience", "needs a validation split (validation > 0; modes serial, sync, downpour)")
     return options, stop
+
+
+def _check_split(mode, options, stop, src, size, model_name):
+    """SGD modes: the validation split must leave every worker a training row, and a decaying schedule needs the
+    run's length (ValueError alike on every rank: the data and the options are the same everywhere)."""
+    if mode == "sandblaster":
+        return
+    from .algorithms.common import sgd_defaults
+    from .data.holdout import class_counts
+    workers = size - options.servers if mode == "downpour" else size
+    labels = numpy.asarray(src.train_labels())
+    n_val = int(class_counts(options.validation, numpy.bincount(labels)).sum()) if labels.size else 0
+    if labels.size - n_val < workers:
+        raise OptionError("validation", f"{options.validation:g} leaves {labels.size - n_val} training rows for "
+                                        f"{workers} workers; use a smaller fraction (0 = none) or more data")
+    _, filled = sgd_defaults(options, stop, model_name)
+    if not options.lr_schedule.is_constant and all(v is None for v in (filled.epochs, filled.steps,
+                                                                           filled.time_limit)):
+        raise OptionError("lr_schedule", f"{options.lr_schedule} needs the run's length: set epochs, steps or "
+                                         f"time_limit (a target accuracy alone does not say when the run ends), "
+                                         f"or use 'constant'")
 
 
 def _check_layout(mode, options, size):
@@ -219,6 +247,7 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     src = everywhere(lambda: src if rank == 0 else _open(data))
     node_rank = 0 if comm is None else local_rank(comm)  # picks this rank's GPU among the node's
     backend = everywhere(lambda: select_backend(device, node_rank))
+    _check_split(mode, options, stop, src, size, model_name)
     dtype = numpy.float32
     if mode == "sandblaster":
         dtype = sandblaster.check_options(options, src.n_train, size, model_name, stop)["dtype"]

@@ -12,8 +12,9 @@ import os
 import sys
 
 from .mpiutil import UsageError
-from .options import (CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
-                      parse_staleness)
+from .options import (DEFAULT_LR_SCHEDULE, DEFAULT_VALIDATION, CheckpointOptions, DownpourOptions, OptionError,
+                      SandblasterOptions, SGDOptions, Stop, parse_staleness)
+from .schedule import parse_schedule
 
 try:
     import tomllib
@@ -135,11 +136,23 @@ _OPTIONS = [
     (("--epochs",), dict(type=_positive_float, default=None, help="passes over the training set (all workers together)")),
     (("--steps",), dict(type=_positive_int, default=None, help="mini-batch steps per worker")),
     (("--time-limit",), dict(type=_positive_float, default=None, help="stop after this many seconds")),
-    (("--target-accuracy",), dict(type=float, default=None, help="stop once test accuracy reaches this (0-1)")),
+    (("--target-accuracy",), dict(type=float, default=None,
+                                  help="stop once validation accuracy reaches this (0-1; test accuracy with "
+                                       "--validation 0 and in sandblaster)")),
+    (("--patience",), dict(type=_positive_int, default=None,
+                           help="stop after N evaluations without a better validation accuracy (default: never)")),
+    (("--validation",), dict(type=float, default=None,
+                             help="fraction of the training set held out, class-balanced, to choose the model with "
+                                  "(SGD modes; default 0.1; 0 = none); the test set is only reported")),
     # SGD
     (("--batch-size",), dict(type=_positive_int, default=None,
                              help="mini-batch size (SGD modes); L-BFGS batch (sandblaster, default: whole set)")),
-    (("--lr",), dict(type=_positive_float, default=None, help="learning rate (default depends on mode/optimizer)")),
+    (("--lr",), dict(type=_positive_float, default=None,
+                     help="learning rate, the schedule's peak (default depends on mode/optimizer)")),
+    (("--lr-schedule",), dict(default=None,
+                              help="rate over the run (SGD modes): constant, cosine[:FLOOR], linear[:FLOOR], "
+                                   "step:GAMMA@M1,M2,..., optionally after warmup:W+ (fractions of the run); "
+                                   "default warmup:0.05+cosine")),
     (("--momentum",), dict(type=_nonneg_float, default=None, help="momentum on each replica (0 = none)")),
     (("--optimizer",), dict(choices=OPTIMIZERS, default="sgd", help="update at the store: sgd or adagrad")),
     (("--adagrad-eps",), dict(type=_positive_float, default=1e-6,
@@ -254,7 +267,7 @@ def to_options(cfg):
     """
     try:
         stop = Stop(epochs=cfg.epochs, steps=cfg.steps, time_limit=cfg.time_limit,
-                    target_accuracy=cfg.target_accuracy)
+                    target_accuracy=cfg.target_accuracy, patience=cfg.patience)
         checkpoint = None
         if cfg.checkpoint is not None or cfg.checkpoint_every is not None or cfg.resume is not None:
             checkpoint = CheckpointOptions(path=cfg.checkpoint, every=cfg.checkpoint_every, resume=cfg.resume)
@@ -265,7 +278,9 @@ def to_options(cfg):
                 schedule=cfg.schedule, seed=cfg.seed, slow_ranks=parse_slow_ranks(cfg.slow_ranks))
         else:
             sgd = dict(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-                       adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every)
+                       adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every,
+                       lr_schedule=DEFAULT_LR_SCHEDULE if cfg.lr_schedule is None else cfg.lr_schedule,
+                       validation=DEFAULT_VALIDATION if cfg.validation is None else cfg.validation)
             if cfg.mode == "downpour":
                 options = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
                                           staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,
@@ -290,6 +305,22 @@ def validate(cfg, size: int | None = None):
         raise usage_error(exc) from None
     if not 0 < cfg.sparsity <= 1:
         raise UsageError(f"--sparsity must be in (0, 1] (fraction of entries pushed), got {cfg.sparsity}")
+    if cfg.lr_schedule is not None:
+        try:
+            schedule = parse_schedule(cfg.lr_schedule)
+        except ValueError as exc:
+            raise UsageError(f"--lr-schedule: {exc}") from None
+        if cfg.mode == "sandblaster" and not schedule.is_constant:
+            raise UsageError("--lr-schedule: L-BFGS has no learning rate (the line search sets each step); "
+                             "--lr-schedule applies to --mode serial, sync and downpour")
+    if cfg.validation is not None and not 0 <= cfg.validation < 1:
+        raise UsageError(f"--validation is the fraction of the training set held out, in [0, 1) (0 = none), "
+                         f"got {cfg.validation}")
+    if cfg.mode == "sandblaster" and cfg.validation:
+        raise UsageError("--validation applies to --mode serial, sync and downpour; sandblaster trains on the "
+                         "whole training set (leave it out)")
+    if cfg.patience is not None and (cfg.mode == "sandblaster" or cfg.validation == 0):
+        raise UsageError("--patience needs a validation split (--validation F > 0, mode serial, sync or downpour)")
     if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
         raise UsageError(f"--target-accuracy is a fraction in (0, 1], got {cfg.target_accuracy}")
     if cfg.augment not in ("auto", "none") and not (cfg.augment.startswith("shift:") and cfg.augment[6:].isdigit()):

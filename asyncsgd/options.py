@@ -10,7 +10,9 @@ into its ``--flag``.  ``None`` means "the model's default" (see ``asyncsgd.algor
 attribute names are the command line's option names with underscores (``n_push``, ``mini_shard_size``).
 
 Policies are objects, not strings: ``staleness`` is any callable ``tau -> factor`` (``NoDecay()``,
-``InverseDecay()``, ``ExponentialDecay(lam)`` or your own).
+``InverseDecay()``, ``ExponentialDecay(lam)`` or your own); ``lr_schedule`` a ``Schedule`` of asyncsgd.schedule
+(``Cosine()``, ``Warmup(Cosine(), 0.05)``, ...; its peak is ``lr``), or the command line's string for one
+(``'warmup:0.05+cosine'``), parsed when the options are made.
 """
 from __future__ import annotations
 
@@ -19,13 +21,20 @@ import math
 import numbers
 from collections.abc import Mapping
 
+from .schedule import Schedule, parse_schedule
+
 __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterOptions", "CheckpointOptions",
            "NoDecay", "InverseDecay", "ExponentialDecay", "parse_staleness", "options_to_dict", "OPTIMIZERS",
-           "SCHEDULES"]
+           "SCHEDULES", "DEFAULT_LR_SCHEDULE", "DEFAULT_VALIDATION"]
 
 OPTIMIZERS = ("sgd", "adagrad")
 SCHEDULES = ("dynamic", "static")
 FAULT_TOLERANCE = ("auto", "on", "off")  # Downpour's run-through of a dead rank (docs/FAULT_TOLERANCE.md)
+# The SGD modes' defaults (README, "Benchmarks": five seeds each): a 5% warm-up then a cosine decay to 0, so a run
+# ends at a low rate instead of wherever a constant rate's oscillation lands; and a tenth of the training set held
+# out to choose the model with (asyncsgd.data.holdout explains the fraction).
+DEFAULT_LR_SCHEDULE = "warmup:0.05+cosine"
+DEFAULT_VALIDATION = 0.1
 
 
 class OptionError(ValueError):
@@ -132,22 +141,28 @@ class Stop:
     """When training ends: whichever limit is reached first.  With none given, SGD modes train the model's default
     number of epochs and Sandblaster runs to its ``max_iter`` / tolerances.
 
-    ``epochs`` counts passes over the whole training set (all workers together); ``steps`` mini-batch steps per
-    worker; ``time_limit`` seconds; ``target_accuracy`` a test accuracy in (0, 1].
+    ``epochs`` counts passes over the whole training set (all workers together; the rows left after the
+    validation split); ``steps`` mini-batch steps per worker; ``time_limit`` seconds; ``target_accuracy`` in (0, 1]:
+    the validation accuracy when a validation split is held out (test accuracy otherwise, and in Sandblaster);
+    ``patience``: stop after this many evaluations in a row without a better validation accuracy (SGD modes with a
+    validation split; None: never).
     """
     epochs: float | None = None
     steps: int | None = None
     time_limit: float | None = None
     target_accuracy: float | None = None
+    patience: int | None = None
 
     def __post_init__(self):
         _real(self, "epochs", lo=0, lo_open=True, optional=True)
         _int(self, "steps", 1, optional=True)
         _real(self, "time_limit", lo=0, lo_open=True, optional=True)
         _real(self, "target_accuracy", lo=0, lo_open=True, hi=1, optional=True)
+        _int(self, "patience", 1, optional=True)
 
     def is_set(self) -> bool:
-        return any(v is not None for v in dataclasses.astuple(self))
+        """True when a limit on the run's length or a target is given (patience alone does not end a run in time)."""
+        return any(v is not None for v in (self.epochs, self.steps, self.time_limit, self.target_accuracy))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +171,10 @@ class SGDOptions:
 
     ``lr``, ``momentum`` and ``batch_size`` None take the model's defaults.  ``optimizer`` 'adagrad' applies to
     Downpour's store.  ``augment``: 'auto' (time shifts on log-mel data), 'none' or 'shift:N'.  ``eval_every``:
-    seconds between test evaluations on rank 0.
+    seconds between evaluations on rank 0.  ``lr_schedule``: the rate over the run, a Schedule or its string
+    (asyncsgd.schedule; peak ``lr``); Downpour follows the store's global push count, so replicas decay together.
+    ``validation``: the class-balanced fraction of the training set held out (0 <= F < 1; 0: none); the run's
+    model is chosen, and ``Stop.target_accuracy`` / ``Stop.patience`` judged, on it; the test set is only reported.
     """
     lr: float | None = None
     momentum: float | None = None
@@ -166,8 +184,22 @@ class SGDOptions:
     augment: str = "auto"
     seed: int = 0
     eval_every: float = 5.0
+    lr_schedule: object = DEFAULT_LR_SCHEDULE
+    validation: float = DEFAULT_VALIDATION
 
     def __post_init__(self):
+        sched = self.lr_schedule
+        if isinstance(sched, str):
+            try:
+                sched = parse_schedule(sched)
+            except ValueError as exc:
+                raise OptionError("lr_schedule", str(exc).removeprefix("lr schedule ")) from None
+            object.__setattr__(self, "lr_schedule", sched)
+        elif not isinstance(sched, Schedule):
+            raise OptionError("lr_schedule", f"must be a Schedule (asyncsgd.schedule: Constant(), Cosine(), "
+                                             f"Warmup(Cosine(), 0.05), ...) or a string such as 'warmup:0.05+cosine', "
+                                             f"got {sched!r}")
+        _real(self, "validation", lo=0, hi=1, hi_open=True)
         _real(self, "lr", lo=0, lo_open=True, optional=True)
         _real(self, "momentum", lo=0, hi=1, hi_open=True, optional=True)
         _int(self, "batch_size", 1, optional=True)
@@ -279,6 +311,8 @@ def options_to_dict(*option_sets) -> dict:
             if f.name == "staleness":
                 out["staleness_decay"] = getattr(v, "spec", repr(v))
                 continue
+            if isinstance(v, Schedule):
+                v = str(v)  # a valid --lr-schedule spec again
             if isinstance(v, Mapping):
                 v = ",".join(f"{r}:{x:g}" for r, x in sorted(v.items()))
             out[f.name] = v

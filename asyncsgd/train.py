@@ -127,12 +127,25 @@ def _write_outputs(cfg, result, reporter):
     summary = result.summary
     summary["config"] = config_to_dict(cfg)
     if cfg.model_out and result.params is not None:
-        result.save_model(cfg.model_out, summary["config"])
+        result.save_model(cfg.model_out, summary["config"])  # the selected model
+        if result.extras.get("last_params") is not None:
+            # the best model was selected: the last one goes beside it, so both are at hand
+            import dataclasses
+            stem, ext = os.path.splitext(cfg.model_out)
+            summary["last_model_out"] = f"{stem}-last{ext or '.h5'}"
+            last = dataclasses.replace(result, params=result.extras["last_params"],
+                                       summary={**summary, "test_accuracy": summary.get("last_test_accuracy")})
+            last.save_model(summary["last_model_out"], summary["config"])
+        summary["model_out"] = cfg.model_out
     if cfg.summary_json:
         write_json_atomic(cfg.summary_json, summary)
     reporter.close()  # ends a live progress line; the result lines below print whatever --progress says
     acc = summary.get("test_accuracy")
-    print(f"final test accuracy: {acc:.4f}" if acc is not None else "final test accuracy: n/a")
+    chosen = ""
+    if summary.get("selected_validation_accuracy") is not None:
+        chosen = (f" (selected model: {summary['selected_model']}, validation "
+                  f"{summary['selected_validation_accuracy']:.4f})")
+    print(f"final test accuracy: {acc:.4f}{chosen}" if acc is not None else "final test accuracy: n/a")
     for lost in summary.get("lost_workers", []):  # fault tolerance (docs/FAULT_TOLERANCE.md)
         print(f"lost worker {lost['worker']} (rank {lost['rank']}) at {lost['time']:.1f} s", flush=True)
     print(f"mode {summary['mode']}, {summary.get('workers', 1)} worker(s), "

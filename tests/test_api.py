@@ -89,7 +89,9 @@ def test_options_are_frozen_and_defaults_fill_a_copy():
         opts.lr = 0.1
     filled, stop = sgd_defaults(opts, Stop(), "speech_cnn", async_replicas=5)
     assert opts.lr is None and opts.batch_size is None  # the caller's object is untouched
-    assert filled.lr == pytest.approx(0.01 * 2 / 5) and filled.momentum == 0.9 and filled.batch_size == 32
+    # the default schedule has a warm-up: peak 0.01 x 3/W; a schedule without one keeps 2/W
+    assert filled.lr == pytest.approx(0.01 * 3 / 5) and filled.momentum == 0.9 and filled.batch_size == 32
+    assert sgd_defaults(DownpourOptions(lr_schedule="constant"), Stop(), "speech_cnn", 5)[0].lr == pytest.approx(0.004)
     assert filled.n_push == 4 and isinstance(filled, DownpourOptions)
     assert stop == Stop(epochs=30)
     # a stop rule given by the user is kept as it is (no default epochs added)
@@ -225,10 +227,10 @@ def test_exception_on_one_rank_ends_the_job(tmp_path):
         "from mpi4py import MPI\n"
         "from asyncsgd.data.synthetic import SyntheticSource\n"
         "class Flaky(SyntheticSource):\n"
-        "    def train_slice(self, part, n_parts):\n"
+        "    def train_rows(self, rows):\n"   # a worker's share of the training rows (after the validation split)
         "        if MPI.COMM_WORLD.rank == 2:\n"
         "            raise OSError('disk on fire')\n"
-        "        return super().train_slice(part, n_parts)\n"
+        "        return super().train_rows(rows)\n"
         "asyncsgd.train_sync('logreg', Flaky(300), asyncsgd.SGDOptions(batch_size=16),\n"
         "                        asyncsgd.Stop(time_limit=600), progress='none')\n"
         "print('finished normally')\n")
@@ -241,3 +243,40 @@ def test_exception_on_one_rank_ends_the_job(tmp_path):
     assert proc.returncode != 0
     assert "[asyncsgd rank 2]" in proc.stdout and "OSError: disk on fire" in proc.stdout
     assert "finished normally" not in proc.stdout
+
+
+def test_schedule_and_validation_options_are_checked_when_made():
+    from asyncsgd.schedule import Cosine, Warmup
+    opts = asyncsgd.SGDOptions(lr_schedule="warmup:0.1+cosine:0.05")
+    assert opts.lr_schedule == Warmup(Cosine(floor=0.05), fraction=0.1)
+    assert asyncsgd.DownpourOptions(lr_schedule=Cosine()).lr_schedule == Cosine()
+    assert str(asyncsgd.SGDOptions().lr_schedule) == "warmup:0.05+cosine" and asyncsgd.SGDOptions().validation == 0.1
+    for kwargs, field in [(dict(lr_schedule="wobble"), "lr_schedule"), (dict(lr_schedule=0.1), "lr_schedule"),
+                          (dict(validation=1.0), "validation"), (dict(validation=-0.1), "validation")]:
+        with pytest.raises(asyncsgd.OptionError) as err:
+            asyncsgd.SGDOptions(**kwargs)
+        assert err.value.field == field
+    with pytest.raises(asyncsgd.OptionError, match="patience"):
+        asyncsgd.Stop(patience=0)
+    with pytest.raises(ValueError, match="patience needs a validation split"):
+        asyncsgd.train_serial("logreg", "synthetic:200", asyncsgd.SGDOptions(validation=0), asyncsgd.Stop(patience=2))
+
+
+def test_api_result_is_the_selected_model():
+    """train_serial returns the selected model's parameters; re-evaluated on the validation rows they score the
+    best validation accuracy of the run; the last model is in extras when it differs."""
+    from asyncsgd.algorithms.common import TrainingSplit
+    from asyncsgd.api import build_network
+    from asyncsgd.backend import select_ops
+    from asyncsgd.data import open_source
+    src = open_source("synthetic:400")
+    result = asyncsgd.train_serial("logreg", src, asyncsgd.SGDOptions(lr=0.5, lr_schedule="constant", seed=4),
+                                   asyncsgd.Stop(epochs=12), progress="none")
+    s = result.summary
+    net = build_network("logreg", src.input_shape, src.n_classes, select_ops("cpu"), seed=0)
+    x, y = TrainingSplit(src, 0.1, 4).validation_set()
+    net.params[...] = result.params
+    assert float(net.evaluate(x, y)[1]) == pytest.approx(s["best_validation_accuracy"], abs=1e-9)
+    assert s["validation_rows"] == 40 and s["lr_schedule"] == "constant" and s["final_lr"] == 0.5
+    assert ("last_params" in result.extras) == (s["selected_model"] == "best")
+    assert result.test_accuracy == s["selected_test_accuracy"]

@@ -16,8 +16,18 @@ def _params(value, n=8):
     return np.full(n, value, dtype=np.float32)
 
 
-def test_copies_on_improvement_and_ties_keep_the_earlier():
+def test_ties_keep_the_later_model_by_default():
     t = BestModelTracker()
+    p = _params(0)
+    for i, acc in enumerate([0.5, 0.7, 0.6, 0.7, 0.65]):
+        p[...] = i
+        assert t.observe(p, validation_accuracy=acc, test_accuracy=acc) == (i in (0, 1, 3))
+    assert np.array_equal(t.best_params, _params(3)) and t.best["evaluation"] == 3
+    assert t.since_best == 3, "patience counts from the last strict improvement (evaluation 1)"
+
+
+def test_copies_on_improvement_and_ties_keep_the_earlier():
+    t = BestModelTracker(prefer_later=False)
     p = _params(0)
     for i, acc in enumerate([0.5, 0.7, 0.7, 0.6]):
         p[...] = i                                    # the trainer keeps changing the same vector

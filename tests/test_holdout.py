@@ -119,7 +119,39 @@ def test_workers_read_only_training_rows_disjoint_and_covering(fsdd, n_workers):
     assert np.bincount(yv).tolist() == [27] * 10
 
 
-def test_without_validation_the_partition_is_todays_slices():
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 5])
+def test_trainers_workers_read_only_training_rows(fsdd, n_workers):
+    """The trainers' own path (algorithms.common.TrainingSplit, used by serial, sync and every Downpour worker):
+    each worker's rows avoid every validation row, the shares are disjoint and cover the training rows, each holds
+    every class, and what a worker reads is exactly those rows of the file."""
+    from asyncsgd.algorithms.common import TrainingSplit
+    src, (x_all, y_all) = fsdd
+    split = TrainingSplit(src, 0.1, seed=3)
+    assert split.n_validation == 270 and split.n_train == src.n_train - 270
+    shares = [split.share_rows(w, n_workers) for w in range(n_workers)]
+    assert np.array_equal(np.sort(np.concatenate(shares)), split.train_rows)
+    assert max(s.size for s in shares) - min(s.size for s in shares) <= 1
+    for w, rows in enumerate(shares):
+        assert np.intersect1d(rows, split.validation_rows).size == 0
+        assert len(set(y_all[rows].tolist())) == src.n_classes
+        x, y = split.share(w, n_workers)
+        assert np.array_equal(x, x_all[rows]) and np.array_equal(y, y_all[rows])
+    xv, yv = split.validation_set()
+    assert np.array_equal(xv, x_all[split.validation_rows]) and np.array_equal(yv, y_all[split.validation_rows])
+
+
+def test_trainers_without_validation_read_todays_class_strided_slices(fsdd):
+    from asyncsgd.algorithms.common import TrainingSplit
+    src, _ = fsdd
+    split = TrainingSplit(src, 0.0, seed=3)
+    assert split.n_validation == 0 and split.validation_set() is None
+    for w in range(3):
+        x, y = split.share(w, 3)
+        xs, ys = src.train_slice(w, 3)
+        assert np.array_equal(x, xs) and np.array_equal(y, ys)
+
+
+def test_without_validation_the_partition_is_contiguous_bounds():
     from asyncsgd.partition import contiguous_bounds
     train, val = split_holdout(_labels([34, 33, 33]), 0.0, seed=0)
     assert val.size == 0

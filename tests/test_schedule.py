@@ -271,3 +271,63 @@ def test_workers_apply_the_same_rate_at_the_same_store_version():
     # what the store accumulated is the sum of the rates the ranks applied (float32)
     applied = sum(r for recs, *_ in everyone for _, r in recs)
     assert everyone[0][4] == pytest.approx(applied, rel=1e-5)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120, method="thread")
+def test_two_downpour_workers_apply_the_same_rate_at_the_same_global_step():
+    """Real DownpourWorker objects (the trainer's code path: fetch() sets worker.lr from the store version, step()
+    applies it) on every rank of a real store: ranks take different numbers of steps, yet whenever two workers
+    fetched the same version they hold the same rate, and after the last pushes every worker fetches one version
+    and applies schedule.rate(global progress) with its own step count different."""
+    from mpi4py import MPI
+    from asyncsgd import DownpourOptions
+    from asyncsgd.algorithms.downpour import DownpourWorker
+    from asyncsgd.api import build_network
+    from asyncsgd.backend import select_backend
+    from asyncsgd.data import BatchStream, open_source
+    from asyncsgd.mpiutil import polled_barrier
+    from asyncsgd.store import ShardedParameters
+
+    comm = MPI.COMM_WORLD.Dup()
+    rank, size = comm.rank, comm.size
+    batch, n_push = 8, 1
+    cfg = DownpourOptions(lr=LR, momentum=0.9, batch_size=batch, n_push=n_push, lr_schedule="warmup:0.1+cosine")
+    src = open_source("synthetic:200")
+    backend = select_backend("cpu", 0)
+    net = build_network("logreg", src.input_shape, src.n_classes, backend, seed=0)
+    my_steps = 3 + 4 * rank
+    total = sum(3 + 4 * r for r in range(size))
+    budget = RunBudget(total_samples=2 * total * batch * n_push)     # the final fetch lands at half the run
+    x, y = src.train_slice(rank, size)
+    stream = iter(BatchStream(x, y, batch, seed=rank))
+    records = []
+    with ShardedParameters(comm, net.n_params, n_servers=1, initial=net.params.copy()) as store:
+        worker = DownpourWorker(cfg, net, store, backend, seed=rank, budget=budget)
+        assert worker.lr == pytest.approx(LR * WARMUP_START)
+        polled_barrier(comm)
+        for _ in range(my_steps):
+            worker.fetch()
+            records.append((worker.base_version, worker.lr))
+            worker.step(*next(stream))
+            worker.steps += 1
+            worker.push()
+        polled_barrier(comm)
+        worker.fetch()
+        final = (worker.base_version, worker.lr, worker.steps)
+        polled_barrier(comm)
+    everyone = comm.allgather((records, final))
+    comm.Free()
+    by_version = {}
+    for recs, _ in everyone:
+        for v, r in recs:
+            by_version.setdefault(v, set()).add(r)
+    assert all(len(rates) == 1 for rates in by_version.values()), by_version
+    assert len(by_version) > my_steps or size == 1
+    finals = [f for _, f in everyone]
+    assert {f[0] for f in finals} == {total}
+    assert len({f[1] for f in finals}) == 1
+    assert finals[0][1] == pytest.approx(cfg.lr_schedule.with_lr(LR).rate(0.5))
+    assert len({f[2] for f in finals}) == size, "workers took different numbers of steps"
+    # the rate fell between the first fetch and the last (warm-up then decay; a constant rate would not move)
+    assert finals[0][1] != records[0][1]

@@ -16,6 +16,11 @@ the residual for later pushes (error feedback), and the velocity of the pushed c
 factor masking, Lin et al. 2018, Deep Gradient Compression).  A worker's last push is dense and carries accrued +
 residual whole, so everything a worker accrued reaches the store.
 
+The learning rate follows ``lr_schedule`` as a function of *global* progress: at each fetch a worker turns the
+store's version (pushes by every worker so far) into the fraction of the run done (asyncsgd.schedule.global_progress),
+so asynchronous replicas decay together whatever their own speed; two workers that fetched the same version apply
+the same rate.
+
 Staleness tau of a push: the other workers' pushes that started before it and had not landed when this worker's
 last fetch began (``ShardedParameters.push`` states the bound); a worker's own pushes never count.
 """
@@ -31,9 +36,10 @@ from ..data.augment import make_augmenter
 from .. import fault_tolerance as ft
 from ..faults import fault_point
 from ..mpiutil import polled_barrier
+from ..schedule import global_progress
 from ..store import ShardedParameters
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
-from .common import Evaluator, StopRule, sgd_defaults
+from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
 from .downpour_recovery import Recovery
 from .resume import Checkpointer
 
@@ -42,11 +48,28 @@ __all__ = ["run", "DownpourWorker"]
 _FLAG_POLL_S = 0.01
 
 
+def _progress(cfg, budget, version: int, start: float, samples_before: int) -> float:
+    """Global progress after ``version`` pushes (asyncsgd.schedule.global_progress); 0 without a budget."""
+    if budget is None:
+        return 0.0
+    return global_progress(version, budget, batch_size=cfg.batch_size, n_push=cfg.n_push,
+                           elapsed=time.monotonic() - start, samples_before=samples_before)
+
+
 class DownpourWorker:
     """One model replica: local steps on its data, fetches and pushes against the store."""
 
-    def __init__(self, cfg, net, store: ShardedParameters, backend, *, seed: int):
+    def __init__(self, cfg, net, store: ShardedParameters, backend, *, seed: int, budget=None, start=None,
+                 samples_before: int = 0):
+        """``cfg`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
+        a constant rate); ``start`` the job's shared clock origin (time.monotonic() after the start barrier);
+        ``samples_before`` samples done before a resume (the store's version restarts at 0)."""
         self.cfg = cfg
+        self.schedule = cfg.lr_schedule.with_lr(cfg.lr)
+        self.budget = budget
+        self.start = time.monotonic() if start is None else start
+        self.samples_before = int(samples_before)
+        self.lr = self.schedule.rate(self.progress(0))  # updated at every fetch
         self.net = net
         self.store = store
         self.backend = backend
@@ -75,14 +98,20 @@ class DownpourWorker:
         self.resumed_samples = 0  # samples done before a resume: counted in budgets, not in rates
         self._warned = False
 
+    def progress(self, version: int) -> float:
+        """The run's global progress after ``version`` pushes by all workers (0 without a budget)."""
+        return _progress(self.cfg, self.budget, version, self.start, self.samples_before)
+
     def fetch(self):
-        """Copy the store's parameters into the replica (DistBelief's 'fetch')."""
+        """Copy the store's parameters into the replica (DistBelief's 'fetch'); set the rate from the version."""
         fault_point("fetch")
         if self.params_on_host:
             self.base_version = self.store.fetch(self.net.params)
         else:
             self.base_version = self.store.fetch(self.host)
             self.net.params[...] = self.backend.to_device(self.host)
+        if self.budget is not None:
+            self.lr = self.schedule.rate(self.progress(self.base_version))
 
     def step(self, xb, yb) -> bool:
         """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
@@ -100,10 +129,10 @@ class DownpourWorker:
             self.compute_s += time.perf_counter() - t0
             return False
         # v = momentum*v + g; params -= lr*v (one fused kernel on a GPU rank); Adagrad pushes the accrued v
-        self.backend.sgd_update(self.net.params, grads, lr=cfg.lr, momentum=cfg.momentum, velocity=self.velocity,
+        self.backend.sgd_update(self.net.params, grads, lr=self.lr, momentum=cfg.momentum, velocity=self.velocity,
                                 accrued=self.accrued if self.adagrad else None)
         if not self.adagrad:
-            self.accrued -= cfg.lr * self.velocity
+            self.accrued -= self.lr * self.velocity
         self.compute_s += time.perf_counter() - t0
         self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
         return True
@@ -127,7 +156,7 @@ class DownpourWorker:
             self.velocity[idx_dev] = 0
             idx, vals = self.backend.to_host(idx_dev), self.backend.to_host(vals)
             if self.adagrad:
-                tau = self.store.push_adagrad_sparse(idx, vals, cfg.lr, cfg.adagrad_eps,
+                tau = self.store.push_adagrad_sparse(idx, vals, self.lr, cfg.adagrad_eps,
                                                      base_version=self.base_version, weight=self.weight)
             else:
                 tau = self.store.push_sparse(idx, vals, base_version=self.base_version, weight=self.weight)
@@ -136,7 +165,7 @@ class DownpourWorker:
         else:
             update = self.backend.to_host(self.accrued, out=self.host)  # GPU: synchronises, then copies
             if self.adagrad:
-                tau = self.store.push_adagrad(update, cfg.lr, cfg.adagrad_eps, base_version=self.base_version,
+                tau = self.store.push_adagrad(update, self.lr, cfg.adagrad_eps, base_version=self.base_version,
                                               weight=self.weight)
             else:
                 tau = self.store.push(update, base_version=self.base_version, weight=self.weight)
@@ -160,12 +189,14 @@ class DownpourWorker:
                 "elapsed_s": elapsed, "resumed_samples": self.resumed_samples}
 
 
-def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_workers, start, samples_done=0,
-                 guard=None):
-    x, y = src.train_slice(worker, n_workers)
+def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
+                 budget=None, samples_before=0, guard=None):
+    src = split.src
+    x, y = split.share(worker, n_workers)  # never a validation row
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
     stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done))
-    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done)
+    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done,
+                             budget=budget, start=start, samples_before=samples_before)
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
     stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
@@ -193,7 +224,7 @@ def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_work
             if guard.role.kind == "server":
                 break  # this worker now hosts a dead server's shard
             worker, n_workers = guard.role.index, guard.n_workers
-            stream, stop = _take_over_share(cfg, stop_opts, src, worker, n_workers, start, samples)
+            stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
             replica.fetch()  # versions of the rebuilt store; the accrual since the last push is still pushed
             last_publish = 0.0
         if warm and replica.steps == warm:
@@ -214,19 +245,20 @@ def _worker_loop(cfg, stop_opts, net, src, backend, store, board, worker, n_work
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
 
 
-def _take_over_share(cfg, stop_opts, src, worker, n_workers, start, samples):
-    """After a worker died: this worker's slice of the training set over the survivors (they cover it all again)."""
-    x, y = src.train_slice(worker, n_workers)
+def _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples):
+    """After a worker died: this worker's share of the training rows over the survivors (they cover it all again)."""
+    x, y = split.share(worker, n_workers)  # never a validation row
     stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples))
     return stream, StopRule(stop_opts, samples_per_epoch=len(y), start=start)
 
 
-def _monitor_loop(cfg, stop_opts, eval_net, src, backend, store, board, n_workers, reporter, start, checkpointer,
-                  guard=None):
-    """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record."""
-    x_test, y_test = src.test_set()
-    evaluate = Evaluator(eval_net, x_test, y_test, backend)
-    stop = StopRule(stop_opts, samples_per_epoch=src.n_train, start=start)
+def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_workers, reporter, start, checkpointer,
+                  budget=None, samples_before=0, guard=None):
+    """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record
+    and the Evaluations (its tracker holds the best model)."""
+    evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience)
+    stop = StopRule(stop_opts, samples_per_epoch=split.n_train, start=start)
+    schedule = cfg.lr_schedule.with_lr(cfg.lr)
     last_eval = time.monotonic()
     last_samples, last_time = 0, 0.0
     record = {}
@@ -237,24 +269,39 @@ def _monitor_loop(cfg, stop_opts, eval_net, src, backend, store, board, n_worker
         stats, hist = board.rows() if guard is None else guard.rows()
         all_done = all(s["done"] for s in stats)
         if all_done or time.monotonic() - last_eval >= cfg.eval_every:
-            loss, acc = evaluate(store.read_all())
+            # the rate workers apply now: what a worker fetching the current version computes
+            lr = schedule.rate(_progress(cfg, budget, store.version(), start, samples_before))
+            snapshot = store.read_all()  # one snapshot: scored on both sets and, if best, kept
+            elapsed = stop.elapsed()
+            figures = evaluate(snapshot, time=elapsed, samples=int(sum(s["samples"] for s in stats)))
             last_eval = time.monotonic()
-            record = _record(stats, hist, stop.elapsed(), loss, acc, last_samples, last_time, eval_net.n_params)
+            record = _record(stats, hist, elapsed, figures["test_loss"], figures["test_accuracy"], last_samples,
+                             last_time, eval_net.n_params)
+            record.update(figures, lr=lr)
             last_samples, last_time = record["samples"], record["time"]
             record["fraction_done"] = stop.fraction(record["samples"],
                                                     min((s["steps"] for s in stats), default=0))
             if reporter is not None:
                 reporter.record(record)
+            acc = evaluate.deciding_accuracy
             if stop.target is not None and acc >= stop.target and time_to_target is None:
                 time_to_target = record["time"]
+                stop.reason = stop.reason or "target-accuracy"
+                board.set_flag(FLAG_STOP)
+            if evaluate.should_stop and not all_done and stop.reason is None:
+                stop.stop_early()
                 board.set_flag(FLAG_STOP)
             if all_done:
+                record["last_params"] = snapshot
                 break
         if checkpointer.due():
             _checkpoint(cfg, store, checkpointer, stats)
         time.sleep(0.05)
     record["time_to_target"] = time_to_target
-    return record, stats, hist
+    # without a target or early stop, the workers ended on their own limits
+    record["stop_reason"] = stop.reason or ("epochs" if stop_opts.epochs is not None else
+                                            "steps" if stop_opts.steps is not None else "time-limit")
+    return record, stats, hist, evaluate
 
 
 def _checkpoint(cfg, store, checkpointer, stats):
@@ -312,6 +359,9 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         # the same workers continue where they were; another worker count shares the samples done evenly
         done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
     checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": cfg.seed})
+    split = TrainingSplit(src, cfg.validation, cfg.seed)  # the same on every rank; workers read only training rows
+    # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
+    schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
     fault_tolerant = ft.resolve(cfg.fault_tolerance, cfg.optimizer)
     store = ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
                               adagrad=cfg.optimizer == "adagrad")
@@ -329,23 +379,25 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         ft_guard = guard if fault_tolerant else None
         result = None
         if rank >= n_servers:
-            _worker_loop(cfg, stop_opts, net, src, backend, store, board, rank - n_servers, n_workers, start,
-                         samples_done=int(done[rank - n_servers]), guard=ft_guard)
+            _worker_loop(cfg, stop_opts, net, split, backend, store, board, rank - n_servers, n_workers, start,
+                         samples_done=int(done[rank - n_servers]), budget=budget, samples_before=int(sum(done)),
+                         guard=ft_guard)
         elif rank == 0:
-            record, stats, hist = _monitor_loop(cfg, stop_opts, net, src, backend, store, board, n_workers, reporter, start,
-                                                checkpointer, guard=ft_guard)
+            record, stats, hist, evaluate = _monitor_loop(cfg, stop_opts, net, split, backend, store, board,
+                                                          n_workers, reporter, start, checkpointer, budget=budget,
+                                                          samples_before=int(sum(done)), guard=ft_guard)
             store = guard.store
             if checkpointer.path:
                 _checkpoint(cfg, store, checkpointer, stats)  # the final one
             wall = time.monotonic() - start
-            params = store.read_all()
+            params = record.pop("last_params")  # the final evaluation's snapshot: every worker had returned
             total_hist = hist.sum(axis=0)
-            result = {
+            result = evaluate.finish({
                 "mode": "downpour", "model": model_name, "data": src.name, "workers": n_workers,
                 "servers": n_servers, "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
                 "final_loss": record["loss"], "samples": record["samples"],
                 "samples_per_s": (record["samples"] - sum(done)) / wall, "wall_s": wall,
-                "epochs": record["samples"] / src.n_train, "steps": int(sum(s["steps"] for s in stats)),
+                "epochs": record["samples"] / split.n_train, "steps": int(sum(s["steps"] for s in stats)),
                 "pushes": record["pushes"], "push_bytes": record["push_bytes"],
                 "push_density": record["push_density"],
                 "staleness_mean": record["staleness_mean"],
@@ -357,8 +409,9 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                                                      for s in stats],
                 "time_to_target": record["time_to_target"], "n_params": int(init.n_params),
                 "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
-                "params": params, "layout": init.param_layout(),
-            }
+                "layout": init.param_layout(), "stop_reason": record["stop_reason"],
+                "lr_schedule": str(schedule), "final_lr": record["lr"],
+            }, params)
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()
             result.update(guard.summary())

@@ -8,7 +8,7 @@ import numpy
 from ..data import BatchStream
 from ..data.augment import make_augmenter
 from ..faults import fault_point
-from .common import Evaluator, StopRule, sgd_defaults
+from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
 from .resume import Checkpointer
 
 __all__ = ["run"]
@@ -22,10 +22,11 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     """
     cfg, stop_opts = sgd_defaults(cfg, stop, model_name)
     xp = backend.xp
-    x, y = src.train_slice(0, 1)
-    x_test, y_test = src.test_set()
+    split = TrainingSplit(src, cfg.validation, cfg.seed)
+    x, y = split.share(0, 1)
     # the training net evaluates its own parameters (evaluation does not touch the gradients or the momentum)
-    evaluate = Evaluator(net, x_test, y_test, backend)
+    evaluate = Evaluations(net, split, backend, patience=stop.patience)
+    schedule, budget = schedule_budget(cfg, stop_opts, n_train=len(y))
     velocity = xp.zeros_like(net.params)
     samples = steps = 0
     if resume is not None:
@@ -48,13 +49,16 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     loss_ewma = None
     accuracy = test_loss = None
     compute_s = 0.0
+    lr = schedule.lr
     for xb, yb in stream:
         t0 = time.perf_counter()
         fault_point("step")
+        if budget is not None:  # the rate at the position before this step (a resumed run continues the schedule)
+            lr = schedule.rate(budget.fraction(samples, stop.elapsed()))
         loss = net.loss_and_grad(backend.to_device(augment(xb)), backend.to_device(yb), rng=rng)
         if not numpy.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {steps}: lower --lr (now {cfg.lr})")
-        backend.sgd_update(net.params, net.grads, lr=cfg.lr, momentum=cfg.momentum, velocity=velocity)  # fused on GPU
+            raise FloatingPointError(f"loss became {loss} at step {steps}: lower --lr (now {lr:.3g}, peak {cfg.lr})")
+        backend.sgd_update(net.params, net.grads, lr=lr, momentum=cfg.momentum, velocity=velocity)  # fused on GPU
         compute_s += time.perf_counter() - t0
         steps += 1
         samples += len(yb)
@@ -64,24 +68,27 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         if checkpointer.due():
             save_checkpoint()
         if finished or epoch_end or time.monotonic() - last_eval >= cfg.eval_every:
-            test_loss, accuracy = evaluate(backend.to_host(net.params))
+            figures = evaluate(backend.to_host(net.params), time=stop.elapsed(), samples=samples, steps=steps)
+            test_loss, accuracy = figures["test_loss"], figures["test_accuracy"]
             last_eval = time.monotonic()
             if reporter is not None:
                 reporter.record({"time": stop.elapsed(), "samples": samples, "steps": steps, "epoch": stream.epoch,
-                                 "loss": loss_ewma, "test_loss": test_loss, "test_accuracy": accuracy,
+                                 "loss": loss_ewma, **figures, "lr": lr,
                                  "samples_per_s": (samples - start_samples) / max(stop.elapsed(), 1e-9),
                                  "per_worker_samples_per_s": [(samples - start_samples) / max(stop.elapsed(), 1e-9)],
                                  "fraction_done": stop.fraction(samples, steps)})
-            if finished or stop.done(samples, steps, accuracy):
+            if finished or stop.done(samples, steps, evaluate.deciding_accuracy):
+                break
+            if evaluate.should_stop and stop.stop_early():
                 break
     if checkpointer.path:
         save_checkpoint()  # the final one
     fault_point("end")
     wall = stop.elapsed()
-    return {
+    return evaluate.finish({
         "mode": "serial", "model": model_name, "data": src.name, "test_accuracy": accuracy, "test_loss": test_loss,
         "final_loss": loss_ewma, "samples": samples, "steps": steps, "samples_per_s": (samples - start_samples) / wall,
         "compute_samples_per_s": samples / max(compute_s, 1e-9), "checkpoints": checkpointer.written, "wall_s": wall, "epochs": samples / len(y),
         "stop_reason": stop.reason, "workers": 1, "servers": 0, "n_params": int(net.n_params),
-        "params": backend.to_host(net.params), "layout": net.param_layout(),
-    }
+        "layout": net.param_layout(), "lr_schedule": str(schedule), "final_lr": lr,
+    }, backend.to_host(net.params))

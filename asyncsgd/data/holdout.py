@@ -99,9 +99,10 @@ def partition_rows(rows, part: int, n_parts: int, *, strided: bool = False) -> n
     sorted by label, at the price of every worker reading blocks across the whole file.
     """
     rows = np.asarray(rows, dtype=np.int64)
-    if not (isinstance(part, (int, np.integer)) and 0 <= part < n_parts):
+    bounds = contiguous_bounds(rows.size, n_parts, what="training rows")   # validates n_parts
+    if isinstance(part, bool) or not isinstance(part, numbers.Integral) or not 0 <= part < n_parts:
         raise ValueError(f"part must be in [0, {n_parts}), got {part!r}")
-    start, stop = contiguous_bounds(rows.size, n_parts, what="rows")[part]  # validates n_parts
+    start, stop = bounds[part]
     if strided:
         return rows[part::n_parts]
     return rows[start:stop]

@@ -90,6 +90,17 @@ class DataSource:
             raise ValueError(f"part must be in [0, {n_parts}), got {part!r}")
         return self._read_train_rows(class_strided_rows(self.train_labels(), int(part), int(n_parts)))
 
+    def train_rows(self, rows):
+        """Return (x float32, y int64) of training rows ``rows`` (file indices, ascending, unique), reading only
+        the blocks that hold them (the validation split's rows, a worker's share of the training rows)."""
+        fault_point("data")
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or rows.size == 0 or np.any(np.diff(rows) <= 0):
+            raise ValueError("rows must be a non-empty 1-D array of ascending, unique training row indices")
+        if rows[0] < 0 or rows[-1] >= self.n_train:
+            raise ValueError(f"training rows must lie in [0, {self.n_train}), got {int(rows[0])}..{int(rows[-1])}")
+        return self._read_train_rows(rows)
+
     def train_labels(self):
         """Return every training label (int64 [n_train]), reading no features where the storage allows."""
         return np.concatenate([self._read_train(lo, min(lo + _STRIDE_BLOCK_ROWS, self.n_train))[1]
