@@ -16,6 +16,7 @@ import pytest
 
 from asyncsgd.mpiutil import polled_barrier
 from asyncsgd.options import ExponentialDecay, NoDecay
+from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
 
 pytestmark = pytest.mark.timeout(120, method="thread")
@@ -288,7 +289,7 @@ def test_sparse_workers_deliver_everything_they_accrued(comm, steps):
 
     The landed code's final push sent only the top 1% of accrued + residual and dropped the rest.
     """
-    cfg = Namespace(staleness=NoDecay(), optimizer="sgd", sparsity=0.01, momentum=0.0, lr=1.0,
+    cfg = Namespace(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", sparsity=0.01, momentum=0.0, lr=1.0,
                     adagrad_eps=1e-6, n_fetch=3, n_push=2)
     final, expected, worker = _downpour_workers(comm, cfg, 700, steps, seeds={r: 100 + r for r in range(comm.size)})
     failures = []
@@ -304,7 +305,7 @@ def test_sparse_workers_deliver_everything_they_accrued(comm, steps):
 @pytest.mark.ranks(2)
 def test_lone_downpour_worker_with_decay_keeps_its_updates_whole(comm):
     """A lone DownpourWorker with exp:0.9, n_fetch 4, n_push 1: every push has tau 0 and lands unscaled."""
-    cfg = Namespace(staleness=ExponentialDecay(0.9), optimizer="sgd", sparsity=1.0, momentum=0.0, lr=1.0,
+    cfg = Namespace(lr_schedule=Constant(), staleness=ExponentialDecay(0.9), optimizer="sgd", sparsity=1.0, momentum=0.0, lr=1.0,
                     adagrad_eps=1e-6, n_fetch=4, n_push=1)
     final, expected, worker = _downpour_workers(comm, cfg, 50, 12, seeds={1: 7})
     failures = []
