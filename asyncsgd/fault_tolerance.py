@@ -345,6 +345,12 @@ def kill_rank(heartbeats: Heartbeats, rank: int) -> bool:
     host this returns False (the job then relies on its safe-point timeout).
     """
     host, pid = heartbeats.where[rank]
+    return kill_local_process(host, pid)
+
+
+def kill_local_process(host: str, pid: int) -> bool:
+    """SIGKILL process ``pid`` if ``host`` is this host; return whether a signal was sent (False: elsewhere, or
+    already gone)."""
     if host != socket.gethostname():
         return False
     try:

@@ -130,12 +130,9 @@ class Watchdog(WindowOwner):
 
     def _kill(self, rank: int) -> bool:
         """Fault tolerance: SIGKILL a silent peer on this host (a stopped process is alive to MPI); say so."""
+        from .fault_tolerance import kill_local_process
         pid, host = self.peers_info[rank]
-        if host != socket.gethostname():
-            return False
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        if not kill_local_process(host, pid):
             return False
         self.stream.write(f"asyncsgd: {self.describe(rank)} stopped responding for more than {self.timeout:g} s: "
                           f"killed it; fault tolerance is on, the others continue\n")
