@@ -25,7 +25,8 @@ from slurm_cluster import SlurmCluster, slurm_unavailable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = os.path.join(REPO, "jobs")
 SMALL = ["--data", "synthetic:600", "--model", "logreg", "--steps", "20"]
-ACCURACY = re.compile(r"^final test accuracy: ([01]\.\d{4})$", re.M)
+# the last line names the model chosen by validation accuracy when there is a validation split
+ACCURACY = re.compile(r"^final test accuracy: ([01]\.\d{4})(?: \(selected model: \w+, validation [01]\.\d{4}\))?$", re.M)
 WAIT_S = 150  # for all jobs together
 
 # (name, script, sbatch options, trainer args, extra environment, text the script's banner must show)
