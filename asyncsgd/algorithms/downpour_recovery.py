@@ -90,13 +90,8 @@ class Recovery:
         if not self.enabled:
             return False
         try:
-            now = time.monotonic()
-            if now - self._last_beat >= _BEAT_S:
-                self._last_beat = now
-                self._heartbeats.beat()
-                if self._comm.rank == 0:
-                    self._watch()
-                    self._first_push()
+            if self._beat_and_watch() and self._comm.rank == 0:
+                self._first_push()
             ft.check_failures(self._comm)
         except ft.RankFailure:
             self.recover()
@@ -156,13 +151,16 @@ class Recovery:
             except ft.RankFailure:
                 self.recover()
 
-    def _beat_and_watch(self):
+    def _beat_and_watch(self) -> bool:
+        """Beat this rank's heartbeat and (rank 0) watch the others, at most every _BEAT_S; return whether it did."""
         now = time.monotonic()
-        if now - self._last_beat >= _BEAT_S:
-            self._last_beat = now
-            self._heartbeats.beat()
-            if self._comm.rank == 0:
-                self._watch()
+        if now - self._last_beat < _BEAT_S:
+            return False
+        self._last_beat = now
+        self._heartbeats.beat()
+        if self._comm.rank == 0:
+            self._watch()
+        return True
 
     # ---------------------------------------------------------------- recovery
 
