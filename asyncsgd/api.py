@@ -191,10 +191,10 @@ def _check_layout(mode, options, size):
     if mode == "downpour" and options.servers >= size:
         raise OptionError("servers", f"{options.servers} leaves no worker among {size} ranks; "
                                      f"use at most {size - 1}")
-    if mode == "downpour":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
+    if mode != "serial":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
         from .fault_tolerance import resolve
         try:
-            resolve(options.fault_tolerance, options.optimizer)
+            resolve(options.fault_tolerance, getattr(options, "optimizer", "sgd") if mode == "downpour" else "sgd")
         except ValueError as exc:
             raise OptionError("fault_tolerance", str(exc)) from None
         if any(r >= size for r in options.kill_ranks):

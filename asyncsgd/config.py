@@ -97,12 +97,12 @@ def parse_kill_ranks(spec: str, size: int | None = None):
 
 
 def validate_fault_tolerance(cfg, size: int | None = None):
-    """The fault-tolerance options: Downpour only; ``on`` needs ULFM; ``--kill-ranks`` names ranks of the job."""
+    """The fault-tolerance options: downpour, sync, sandblaster; ``on`` needs ULFM; ``--kill-ranks`` names ranks."""
     kill = parse_kill_ranks(cfg.kill_ranks, size)
-    if cfg.mode != "downpour" and (kill or cfg.fault_tolerance == "on"):
-        raise UsageError("--fault-tolerance on and --kill-ranks apply to --mode downpour only (Sandblaster and sync "
-                         "end the job when a rank dies)")
-    if cfg.mode == "downpour" and cfg.fault_tolerance == "on":
+    if cfg.mode == "serial" and (kill or cfg.fault_tolerance == "on"):
+        raise UsageError("--fault-tolerance on and --kill-ranks do not apply to --mode serial (one process); use "
+                         "--mode downpour, sync or sandblaster under mpirun --with-ft ulfm")
+    if cfg.mode != "serial" and cfg.fault_tolerance == "on":
         from .fault_tolerance import require_ulfm
         try:
             require_ulfm(cfg.optimizer)
@@ -112,7 +112,7 @@ def validate_fault_tolerance(cfg, size: int | None = None):
 
 _FT_OPTIONS = [
     (("--fault-tolerance",), dict(choices=("auto", "on", "off"), default="auto",
-                                  help="downpour: keep training when a worker or a server rank other than 0 dies; "
+                                  help="downpour, sync, sandblaster: keep training when a rank other than 0 dies; "
                                        "auto (default) = on under Open MPI's `mpirun --with-ft ulfm`")),
     (("--kill-ranks",), dict(default="", help="RANK:SECONDS[,..]: those ranks SIGKILL themselves after SECONDS of "
                                               "training, for tests and benchmarks only")),
@@ -275,7 +275,8 @@ def to_options(cfg):
             options = SandblasterOptions(
                 batch_size=cfg.batch_size, mini_shard_size=cfg.mini_shard_size, max_iter=cfg.max_iter,
                 history=cfg.history, grad_tol=cfg.grad_tol, loss_tol=cfg.loss_tol, l2=cfg.l2,
-                schedule=cfg.schedule, seed=cfg.seed, slow_ranks=parse_slow_ranks(cfg.slow_ranks))
+                schedule=cfg.schedule, seed=cfg.seed, slow_ranks=parse_slow_ranks(cfg.slow_ranks),
+                fault_tolerance=cfg.fault_tolerance, kill_ranks=parse_kill_ranks(cfg.kill_ranks))
         else:
             sgd = dict(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
                        adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every,
@@ -287,6 +288,9 @@ def to_options(cfg):
                                           warm_start_steps=cfg.warm_start_steps,
                                           fault_tolerance=cfg.fault_tolerance,
                                           kill_ranks=parse_kill_ranks(cfg.kill_ranks))
+            elif cfg.mode == "sync":
+                options = SGDOptions(**sgd, fault_tolerance=cfg.fault_tolerance,
+                                     kill_ranks=parse_kill_ranks(cfg.kill_ranks))
             else:
                 options = SGDOptions(**sgd)
     except OptionError as exc:

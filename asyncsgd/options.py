@@ -165,6 +165,16 @@ class Stop:
         return any(v is not None for v in (self.epochs, self.steps, self.time_limit, self.target_accuracy))
 
 
+def _check_fault_tolerance(options):
+    """``fault_tolerance`` auto/on/off and ``kill_ranks`` {rank: seconds >= 0} (docs/FAULT_TOLERANCE.md)."""
+    _choice(options, "fault_tolerance", FAULT_TOLERANCE)
+    if not isinstance(options.kill_ranks, Mapping) or not all(
+            isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0
+            and isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0 for r, t in options.kill_ranks.items()):
+        raise OptionError("kill_ranks", f"must map rank (int >= 0) to seconds of training (>= 0) after which "
+                                        f"that rank kills itself, got {options.kill_ranks!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SGDOptions:
     """Mini-batch SGD (``train_serial``, ``train_sync``; the base of ``DownpourOptions``).
@@ -186,8 +196,12 @@ class SGDOptions:
     eval_every: float = 5.0
     lr_schedule: object = DEFAULT_LR_SCHEDULE
     validation: float = DEFAULT_VALIDATION
+    # sync (and Downpour, which redefines them): run through a dead rank under `mpirun --with-ft ulfm`
+    fault_tolerance: str = "auto"
+    kill_ranks: Mapping = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        _check_fault_tolerance(self)
         sched = self.lr_schedule
         if isinstance(sched, str):
             try:
@@ -265,8 +279,11 @@ class SandblasterOptions:
     schedule: str = "dynamic"
     seed: int = 0
     slow_ranks: Mapping = dataclasses.field(default_factory=dict)
+    fault_tolerance: str = "auto"  # run through a dead replica under `mpirun --with-ft ulfm` (as SGDOptions)
+    kill_ranks: Mapping = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        _check_fault_tolerance(self)
         _int(self, "batch_size", 1, optional=True)
         _int(self, "mini_shard_size", 1, optional=True)
         _int(self, "max_iter", 1, optional=True)
