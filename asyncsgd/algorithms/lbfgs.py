@@ -47,14 +47,17 @@ class ShardedEvaluator:
     ``local_sums(x_full) -> (loss_sum, grad_sum, n_examples)``: this rank's share of the data, as sums over
     examples (grad_sum a float64 (n,) array; it may be overwritten).  Shares of all ranks must partition the
     examples of the objective.  ``x_full`` (n,) float64 is this rank's gathered copy of the parameters (read-only).
+    ``check`` (run-through of a dead rank): a callable run between polls of every wait, raising when a rank of the
+    job died, so a rank waiting here leaves as soon as a peer revoked the job.
     """
 
-    def __init__(self, comm, n: int, local_sums, *, l2: float = 0.0, poll: bool = True):
+    def __init__(self, comm, n: int, local_sums, *, l2: float = 0.0, poll: bool = True, check=None):
         self.comm = comm
         self.n = n
         self.local_sums = local_sums
         self.l2 = float(l2)
         self.poll = poll
+        self.check = check
         self.bounds = shard_bounds(n, comm.size)
         self.lo, self.hi = self.bounds[comm.rank]
         self.counts = [b - a for a, b in self.bounds]
@@ -64,7 +67,12 @@ class ShardedEvaluator:
 
     def _wait(self, req):
         # A rank waiting in a blocking MPICH collective spins and steals a core from ranks still computing.
-        if self.poll:
+        if self.check is not None:
+            import time
+            while not req.Test():
+                self.check()
+                time.sleep(0.001)
+        elif self.poll:
             wait(req)
         else:
             req.Wait()

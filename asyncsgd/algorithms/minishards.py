@@ -17,6 +17,12 @@ A batch ends when every flag is set.  Mini-shards deal the batch's rows round-ro
 rank 0 (the coordinator, itself a replica), which runs a progress thread while they exist: under MPICH a
 passive-target operation aimed at a busy rank otherwise waits until that rank next calls MPI (store/progress.py).
 
+Run-through of a dead replica (``check``, ``fault_tolerant``; docs/FAULT_TOLERANCE.md): the backups already finish
+the dead replica's unfinished mini-shards, but the gradients its winning copies summed died with it, so the batch
+cannot complete; ``check()`` (a failure probe) is called between mini-shards and while waiting for the last copies,
+where no collective would report the death, and raises; the trainer then shrinks, ``abandon()``s this scheduler
+and builds a new one on the survivors, where the batch's mini-shards are issued again from the start.
+
 ``slow_factor`` > 1 makes this rank a simulated straggler (tests and benchmarks only): after each mini-shard it
 sleeps (factor - 1) x the measured compute time, in short slices, and abandons the copy as soon as another copy of
 the same mini-shard has won (a cancelled straggler task; real compute can only be abandoned between mini-shards,
@@ -95,7 +101,7 @@ class MiniShardScheduler(WindowOwner):
     """
 
     def __init__(self, comm, max_mini_shards: int, *, schedule: str = "dynamic", slow_factor: float = 1.0,
-                 max_backups: int = 1):
+                 max_backups: int = 1, check=None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if max_mini_shards < 1:
@@ -110,6 +116,8 @@ class MiniShardScheduler(WindowOwner):
         self.max_mini_shards = int(max_mini_shards)
         self.slow_factor = float(slow_factor)
         self.max_backups = int(max_backups)
+        self._check = check  # None, or a callable that raises when a rank of the job died
+        self._abandoned = False
         self._progress = None
         self._counter = self._flags = None
         # RMA origin and result buffers live as attributes: MPI may read an origin buffer at any time until the
@@ -131,6 +139,9 @@ class MiniShardScheduler(WindowOwner):
         item = MPI.INT64_T.Get_size()
         self._counter = MPI.Win.Allocate(item if root else 0, item, comm=self.comm)
         self._flags = MPI.Win.Allocate(2 * self.max_mini_shards * item if root else 0, item, comm=self.comm)
+        if self._check is not None:  # run-through: an RMA error is reported (an exception), not fatal to the job
+            self._counter.Set_errhandler(MPI.ERRORS_RETURN)
+            self._flags.Set_errhandler(MPI.ERRORS_RETURN)
         self._progress_comm = self.comm.Dup()  # collective: every rank, though only rank 0 polls it
         if root:
             self._progress = ProgressThread(self._progress_comm).start()
@@ -139,7 +150,17 @@ class MiniShardScheduler(WindowOwner):
         self._flags.Lock_all()
         if root:
             self._reset(self.max_mini_shards)
-        polled_barrier(self.comm)
+        self._barrier()
+
+    def _barrier(self):
+        """A polled barrier; with ``check``, the failure probe runs between polls (a revoked job leaves it)."""
+        if self._check is None:
+            polled_barrier(self.comm)
+            return
+        request = self.comm.Ibarrier()
+        while not request.Test():
+            self._check()
+            time.sleep(_POLL)
 
     def _reset(self, n):
         """Zero the counter and the first n flags and backup counts (rank 0, through RMA inside its epoch)."""
@@ -222,6 +243,8 @@ class MiniShardScheduler(WindowOwner):
         if not 1 <= n_mini_shards <= self.max_mini_shards:
             raise ValueError(f"a batch needs 1..{self.max_mini_shards} mini-shards (the window size), "
                              f"got {n_mini_shards}")
+        if self._abandoned:
+            raise RuntimeError("MiniShardScheduler used after abandon()")
         stats = BatchStats()
         if self.schedule == "static":
             lo, hi = contiguous_bounds(n_mini_shards, self.comm.size, allow_empty=True)[self.comm.rank]
@@ -231,11 +254,13 @@ class MiniShardScheduler(WindowOwner):
         if self._counter is None:
             raise RuntimeError("MiniShardScheduler used after free()")
         # Nobody may still be reading the previous batch's flags when rank 0 clears them, nor claim before it has.
-        polled_barrier(self.comm)
+        self._barrier()
         if self.comm.rank == 0:
             self._reset(n_mini_shards)
-        polled_barrier(self.comm)
+        self._barrier()
         while True:
+            if self._check is not None:
+                self._check()
             i = self._fetch_add(self._counter, 0)
             if i >= n_mini_shards:
                 break
@@ -247,6 +272,8 @@ class MiniShardScheduler(WindowOwner):
             if unfinished.size == 0:
                 break
             open_ = unfinished[backups[unfinished] < self.max_backups]
+            if self._check is not None:
+                self._check()
             if open_.size == 0:
                 time.sleep(_POLL)
                 continue
@@ -281,3 +308,11 @@ class MiniShardScheduler(WindowOwner):
         # leaving by an exception (WindowOwner): no collective free, only rank 0's progress thread stops
         if self._progress is not None:
             self._progress.stop()
+            self._progress = None
+
+    def abandon(self):
+        """After a rank died: stop the progress thread and never touch the windows again (their free is
+        collective over a communicator that holds a dead rank); later calls raise RuntimeError."""
+        self._abandon()
+        self._counter = self._flags = None
+        self._abandoned = True

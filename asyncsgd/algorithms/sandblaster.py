@@ -31,12 +31,15 @@ import time
 import numpy
 from mpi4py import MPI
 
+from .. import fault_tolerance as ft
 from ..faults import fault_point
+from ..mpiutil import polled_barrier, wait
 from ..model.layers import Dropout
 from ..options import OptionError
 from .lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
 from .linesearch import relative_decrease
 from .minishards import BatchStats, MiniShardScheduler, mini_shard_bounds, mini_shard_rows
+from .sync_recovery import ReplicaGuard
 
 __all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator"]
 
@@ -132,10 +135,11 @@ class Replica:
         self.loss_sum, self.count = 0.0, 0
 
 
-def build_evaluator(comm, replica: Replica, sched: MiniShardScheduler, *, l2: float, on_batch=None):
+def build_evaluator(comm, replica: Replica, sched: MiniShardScheduler, *, l2: float, on_batch=None, check=None):
     """Return the ShardedEvaluator whose local sums are the replica's winning mini-shards of its current batch.
 
-    ``on_batch(stats, examples)`` receives each evaluation's BatchStats and the examples summed on this rank.
+    ``on_batch(stats, examples)`` receives each evaluation's BatchStats and the examples summed on this rank;
+    ``check`` is the failure probe of a run-through (see ``ShardedEvaluator``), or None.
     """
     def local_sums(x_full):
         replica.load(x_full)
@@ -145,7 +149,7 @@ def build_evaluator(comm, replica: Replica, sched: MiniShardScheduler, *, l2: fl
             on_batch(stats, replica.count)
         return replica.loss_sum, replica.grad_sum, replica.count
 
-    return ShardedEvaluator(comm, replica.net.n_params, local_sums, l2=l2)
+    return ShardedEvaluator(comm, replica.net.n_params, local_sums, l2=l2, check=check)
 
 
 class _Counts:
@@ -177,10 +181,26 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     Checkpoints and resuming are not supported (``checkpointer`` and ``resume`` must be None)."""
     if (checkpointer is not None and checkpointer.path is not None) or resume is not None:
         raise ValueError("sandblaster does not write or resume checkpoints; leave checkpoint options unset")
-    comm = comm.Dup()
-    result = _run(comm, net, src, cfg, stop, backend, reporter, model_name)
-    comm.Free()  # not in a `finally`: after an exception on one rank no collective may run (docs/FAILURES.md)
-    return result
+    # the Dup is the run's working communicator: a run through a dead rank replaces it, _run frees the current one
+    # (not in a `finally`: after an exception on one rank no collective may run, docs/FAILURES.md)
+    return _run(comm.Dup(), net, src, cfg, stop, backend, reporter, model_name)
+
+
+class _OnComm:
+    """What lives on the job's communicator and is built again on the survivors after a rank died: the mini-shard
+    scheduler (windows on rank 0), the sharded evaluator and L-BFGS state (shards of x and of the history), and
+    this rank's slice of the test set."""
+
+    def __init__(self, guard: ReplicaGuard, replica, counts, cfg, *, n_ms, slow, l2, test, x_full):
+        comm = guard.comm
+        check = guard.check if guard.enabled else None
+        self.comm = comm
+        self.sched = MiniShardScheduler(comm, n_ms, schedule=cfg.schedule, slow_factor=slow, check=check)
+        self.evaluate = build_evaluator(comm, replica, self.sched, l2=l2, on_batch=counts.add, check=check)
+        self.opt = ShardedLBFGS(self.evaluate, x_full[self.evaluate.lo:self.evaluate.hi], cfg.history)
+        lo, hi = shard_bounds(len(test[1]), comm.size)[comm.rank]
+        self.x_test, self.y_test = test[0][lo:hi], test[1][lo:hi]
+        self.check = check
 
 
 def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
@@ -191,69 +211,118 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
     per_batch = eff["iterations_per_batch"]
     # Any replica may be handed any mini-shard, so each holds the training set (FSDD: 28 MB).
     x_train, y_train = src.train_range(0, src.n_train)
-    x_test, y_test = src.test_set()
-    t_lo, t_hi = shard_bounds(len(y_test), size)[rank]
-    x_test, y_test = x_test[t_lo:t_hi], y_test[t_lo:t_hi]
+    test = src.test_set()
     replica = Replica(net, backend, x_train, y_train, cfg.seed)
-    n_ms = len(mini_shard_bounds(batch, ms_size))
+    n_ms = len(mini_shard_bounds(batch, ms_size))  # the same after a shrink: the mini-shard size stays
     stochastic = batch < src.n_train or replica.stochastic_masks
     batch_rng = numpy.random.default_rng(cfg.seed + 7)
     counts = _Counts()
-    with MiniShardScheduler(comm, n_ms, schedule=cfg.schedule, slow_factor=slow) as sched:
-        evaluate = build_evaluator(comm, replica, sched, l2=l2, on_batch=counts.add)
-        x0 = backend.to_host(net.params).astype(numpy.float64)
-        opt = ShardedLBFGS(evaluate, x0[evaluate.lo:evaluate.hi], cfg.history)
+    polled_barrier(comm)  # one start for every rank: --kill-ranks and the log's times agree
+    guard = ReplicaGuard(comm, enabled=ft.for_options(cfg), start=time.monotonic(), reporter=reporter,
+                         kill_ranks=cfg.kill_ranks, root_lost_hint="sandblaster writes no checkpoints, so "
+                         "--resume cannot continue it: start the run again")
+    guard.arm_kill(cfg.kill_ranks.get(rank))
+    x0 = backend.to_host(net.params).astype(numpy.float64)
+    parts = _OnComm(guard, replica, counts, cfg, n_ms=n_ms, slow=slow, l2=l2, test=test, x_full=x0)
+    # With fault tolerance every survivor keeps the whole current iterate: the dead rank's shard of x is restored
+    # from it (the shards of the history are not: see _rebuild).
+    iterate = x0.copy() if guard.enabled else None
 
-        def next_batch():
-            rows = _draw_batch(batch_rng, src.n_train, batch)
-            replica.set_batch(replica.batch_no + 1, *mini_shard_rows(rows, ms_size, y_train[rows]))
-            opt.refresh()
+    def next_batch():
+        rows = _draw_batch(batch_rng, src.n_train, batch)
+        replica.set_batch(replica.batch_no + 1, *mini_shard_rows(rows, ms_size, y_train[rows]))
+        parts.opt.refresh()
 
-        start = time.perf_counter()
-        next_batch()
-        totals = numpy.zeros(4, dtype=numpy.int64)  # launched, backups discarded, originals lost, examples
-        reason, failed, accuracy, test_loss = "max_iter", 0, None, None
-        new_batch = False
-        while opt.iterations < eff["max_iter"]:
-            if new_batch:
-                next_batch()
-            f_old = opt.f
-            ls = opt.step()
-            stepped = ls.alpha != 0
-            failed = 0 if stepped else failed + 1
-            if not stepped:  # the model holds the last rejected trial point: put the current one back
-                replica.load(evaluate.gather(opt.x))
-            test_loss, accuracy, done_per_rank, it_counts = _bookkeeping(comm, net, x_test, y_test, counts)
+    start = time.perf_counter()
+    totals = numpy.zeros(4, dtype=numpy.int64)  # launched, backups discarded, originals lost, examples
+    reason, failed, accuracy, test_loss = "max_iter", 0, None, None
+    new_batch, done, first = False, False, "batch"  # first: draw a batch, or "refresh" on the current one
+    at_iterate = (0, 0)  # (iterations, function evaluations) at ``iterate``
+    while True:
+        try:
+            if not done:
+                if first == "batch":
+                    next_batch()
+                elif first == "refresh":
+                    parts.opt.refresh()  # the objective at the restored iterate, summed by the survivors
+                    if rank == 0:
+                        guard.stepped()
+                first = None
+                opt, evaluate = parts.opt, parts.evaluate
+                while opt.iterations < eff["max_iter"]:
+                    if new_batch:
+                        next_batch()
+                    f_old = opt.f
+                    ls = opt.step()
+                    stepped = ls.alpha != 0
+                    failed = 0 if stepped else failed + 1
+                    if not stepped:  # the model holds the last rejected trial point: put the current one back
+                        replica.load(evaluate.gather(opt.x))
+                    if iterate is not None:  # the last gather was at the current point (see _rebuild)
+                        iterate[:] = evaluate.x_full
+                        at_iterate = (opt.iterations, opt.function_evaluations)
+                    test_loss, accuracy, done_per_rank, it_counts, elapsed = _bookkeeping(
+                        parts.comm, net, parts.x_test, parts.y_test, counts, time.perf_counter() - start, parts.check)
+                    counts.reset()
+                    totals += it_counts
+                    if reporter is not None and stepped:
+                        fault_point("coordinator")  # rank 0 only: the coordinator's log
+                        reporter.record({"time": elapsed, "iteration": opt.iterations, "loss": opt.f,
+                                         "grad_norm": opt.gnorm, "test_loss": test_loss, "test_accuracy": accuracy,
+                                         "step": ls.alpha, "function_evaluations": opt.function_evaluations,
+                                         "minishards_per_rank": done_per_rank, "backups_launched": int(it_counts[0]),
+                                         "backups_discarded": int(it_counts[1]),
+                                         "stragglers_beaten": int(it_counts[2]),
+                                         "samples_per_s": totals[3] / max(elapsed, 1e-9)})
+                    if not stepped and (not stochastic or failed >= _MAX_FAILED_SEARCHES):
+                        reason = "line_search"
+                        break
+                    if stepped and opt.gnorm <= cfg.grad_tol:
+                        reason = "grad_tol"
+                        break
+                    if stepped and relative_decrease(f_old, opt.f) <= cfg.loss_tol:
+                        reason = "loss_tol"
+                        break
+                    # rank 0's clock, carried in the bookkeeping reduction: every rank stops at the same iteration
+                    if stop.time_limit is not None and elapsed >= stop.time_limit:
+                        reason = "time_limit"
+                        break
+                    if stop.target_accuracy is not None and accuracy is not None and accuracy >= stop.target_accuracy:
+                        reason = "target_accuracy"
+                        break
+                    new_batch = stochastic and (opt.iterations % per_batch == 0 or not stepped)
+                done = True
+            guard.final_meet()  # with fault tolerance: a survivor still iterating may need this rank back
+            break
+        except Exception as exc:
+            if not guard.is_failure(exc):
+                parts.sched.__exit__(type(exc), exc, exc.__traceback__)  # the WindowOwner exit: no collective
+                raise
+            state = None
+            if guard.comm.rank == 0:
+                state = {"x": iterate, "at": at_iterate, "f": parts.opt.f, "gnorm": parts.opt.gnorm,
+                         "done": done, "reason": reason, "failed": failed, "accuracy": accuracy,
+                         "test_loss": test_loss, "totals": totals, "batch_rng": batch_rng.bit_generator.state,
+                         "batch": (replica.batch_no, replica.rows, replica.bounds)}
+            state = guard.recover(state)
+            parts.sched.abandon()
+            parts = _rebuild(guard, replica, counts, cfg, state, n_ms=n_ms, slow=slow, l2=l2, test=test)
+            iterate = numpy.array(state["x"], dtype=numpy.float64)
+            done, reason, failed = state["done"], state["reason"], state["failed"]
+            accuracy, test_loss, totals = state["accuracy"], state["test_loss"], numpy.array(state["totals"])
+            batch_rng.bit_generator.state = state["batch_rng"]
+            replica.set_batch(*state["batch"])
             counts.reset()
-            totals += it_counts
-            elapsed = time.perf_counter() - start
-            if reporter is not None and stepped:
-                fault_point("coordinator")  # rank 0 only: the coordinator's log
-                reporter.record({"time": elapsed, "iteration": opt.iterations, "loss": opt.f,
-                                 "grad_norm": opt.gnorm, "test_loss": test_loss, "test_accuracy": accuracy,
-                                 "step": ls.alpha, "function_evaluations": opt.function_evaluations,
-                                 "minishards_per_rank": done_per_rank, "backups_launched": int(it_counts[0]),
-                                 "backups_discarded": int(it_counts[1]), "stragglers_beaten": int(it_counts[2]),
-                                 "samples_per_s": totals[3] / max(elapsed, 1e-9)})
-            if not stepped and (not stochastic or failed >= _MAX_FAILED_SEARCHES):
-                reason = "line_search"
-                break
-            if stepped and opt.gnorm <= cfg.grad_tol:
-                reason = "grad_tol"
-                break
-            if stepped and relative_decrease(f_old, opt.f) <= cfg.loss_tol:
-                reason = "loss_tol"
-                break
-            if stop.time_limit is not None and elapsed >= stop.time_limit:
-                reason = "time_limit"
-                break
-            if stop.target_accuracy is not None and accuracy is not None and accuracy >= stop.target_accuracy:
-                reason = "target_accuracy"
-                break
-            new_batch = stochastic and (opt.iterations % per_batch == 0 or not stepped)
-        fault_point("end")
-        wall = time.perf_counter() - start
-        params = backend.to_host(net.params).copy() if rank == 0 else None
+            new_batch, first = False, "refresh"
+            rank = guard.comm.rank
+            at_iterate = state["at"]
+    fault_point("end")
+    wall = time.perf_counter() - start
+    opt = parts.opt
+    params = backend.to_host(net.params).copy() if rank == 0 else None
+    parts.sched.free()
+    summary = guard.summary()
+    guard.free()
     if rank != 0:
         return None
     return {"mode": "sandblaster", "model": model_name, "data": src.name, "iterations": opt.iterations,
@@ -263,16 +332,32 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
             "wall_s": wall, "samples": int(totals[3]), "samples_per_s": totals[3] / max(wall, 1e-9),
             "stop_reason": reason, "batch_size": batch, "mini_shard_size": ms_size, "l2": l2,
             "history": cfg.history, "schedule": cfg.schedule, "workers": size, "servers": size,
-            "n_params": int(net.n_params), "params": params, "layout": net.param_layout()}
+            "n_params": int(net.n_params), "params": params, "layout": net.param_layout(), **summary}
 
 
-def _bookkeeping(comm, net, x_test, y_test, counts: _Counts):
-    """Evaluate this rank's test slice and reduce it with the iteration's scheduler counts in one Allreduce.
+def _rebuild(guard, replica, counts, cfg, state, **kw) -> _OnComm:
+    """Build the scheduler, the evaluator and the L-BFGS state again on the survivors, at rank 0's iterate.
+
+    The parameters are re-sharded over the survivors from the full iterate every survivor holds.  The L-BFGS
+    history is restarted, not rebuilt: the dead rank held a slice of every (s, y) pair, and restoring a y slice
+    means recomputing the gradients at m past points on their batches, m function evaluations on fewer ranks,
+    which costs about what the restarted history costs to regrow (the first steps are scaled steepest descent,
+    and m iterations rebuild the curvature pairs), while the survivors' own slices alone define no pair.
+    """
+    parts = _OnComm(guard, replica, counts, cfg, x_full=numpy.asarray(state["x"], dtype=numpy.float64), **kw)
+    parts.opt.iterations, parts.opt.function_evaluations = state["at"]
+    parts.opt.f, parts.opt.gnorm = state["f"], state["gnorm"]  # the summary's when rank 0 had finished
+    return parts
+
+
+def _bookkeeping(comm, net, x_test, y_test, counts: _Counts, elapsed: float, check=None):
+    """Evaluate this rank's test slice and reduce it with the iteration's scheduler counts and rank 0's clock in one
+    Allreduce.
 
     Returns (test loss, test accuracy, mini-shards done per rank, [launched, backups discarded, originals lost,
-    examples]) on every rank; the net holds the accepted point (the line search's last evaluation).
+    examples], rank 0's elapsed seconds) on every rank; the net holds the accepted point (the line search's last
+    evaluation).  ``check``: the failure probe of a run-through, run while waiting (or None).
     """
-    from ..mpiutil import wait
     size = comm.size
     loss_sum = correct = 0.0
     if len(y_test):
@@ -280,14 +365,21 @@ def _bookkeeping(comm, net, x_test, y_test, counts: _Counts):
         mean_loss, acc = net.evaluate(x_test, y_test)
         loss_sum, correct = mean_loss * len(y_test), acc * len(y_test)
     b = counts.batch
-    send = numpy.zeros(3 + size + 4, dtype=numpy.float64)
+    send = numpy.zeros(3 + size + 5, dtype=numpy.float64)
     send[:3] = loss_sum, correct, len(y_test)
     send[3 + comm.rank] = b.done
-    send[3 + size:] = b.launched, b.backups_discarded, b.originals_lost, counts.examples
+    send[3 + size:3 + size + 4] = b.launched, b.backups_discarded, b.originals_lost, counts.examples
+    send[-1] = elapsed if comm.rank == 0 else 0.0
     out = numpy.empty_like(send)
-    wait(comm.Iallreduce(send, out, op=MPI.SUM))
+    request = comm.Iallreduce(send, out, op=MPI.SUM)
+    if check is None:
+        wait(request)
+    else:
+        while not request.Test():
+            check()
+            time.sleep(0.001)
     n_test = out[2]
     test_loss = out[0] / n_test if n_test else None
     accuracy = out[1] / n_test if n_test else None
     done = [int(round(v)) for v in out[3:3 + size]]
-    return test_loss, accuracy, done, numpy.rint(out[3 + size:]).astype(numpy.int64)
+    return test_loss, accuracy, done, numpy.rint(out[3 + size:3 + size + 4]).astype(numpy.int64), float(out[-1])
