@@ -78,7 +78,7 @@ def test_fault_tolerance_on_without_ulfm_is_a_usage_error():
 @pytest.mark.parametrize("args, words", [
     (["--kill-ranks", "3"], "RANK:SECONDS"),
     (["--kill-ranks", "1:-2"], ">= 0"),
-    (["--mode", "sync", "--kill-ranks", "1:2"], "downpour only"),
+    (["--mode", "serial", "--kill-ranks", "1:2"], "--mode serial"),
 ])
 def test_bad_kill_ranks_is_a_usage_error(args, words):
     proc = subprocess.run([sys.executable, "-m", "asyncsgd.train", "--run-dir", "none"] + args,

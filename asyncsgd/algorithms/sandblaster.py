@@ -296,6 +296,7 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
             break
         except Exception as exc:
             if not guard.is_failure(exc):
+                guard.end_if_failure(exc)
                 parts.sched.__exit__(type(exc), exc, exc.__traceback__)  # the WindowOwner exit: no collective
                 raise
             state = None

@@ -121,6 +121,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                                   version=steps, data_position={"steps": steps})
         except Exception as exc:
             if not guard.is_failure(exc):
+                guard.end_if_failure(exc)
                 raise
             state = None
             if guard.comm.rank == 0:

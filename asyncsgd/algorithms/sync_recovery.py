@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -52,6 +53,7 @@ class ReplicaGuard:
         self.lost_workers = []  # rank 0: the summary's entries
         self.recoveries = 0
         self._awaiting_step = None  # rank 0: entries waiting for the first completed step after a rebuild
+        self._where = comm.allgather((os.getpid(), socket.gethostname()))  # to name a dead rank
         if enabled:
             self.comm = ft.manage(comm)
             self._probe = ft.manage(comm.Dup())  # private: nothing but the failure probe and safe points use it
@@ -70,6 +72,18 @@ class ReplicaGuard:
         if isinstance(exc, ft.RankFailure):
             return True
         return isinstance(exc, MPI.Exception) and (ft.is_failure(self.comm, exc) or ft.is_failure(self._probe, exc))
+
+    def end_if_failure(self, exc):
+        """Fault tolerance off under ULFM (MPI reports a dead rank as an error instead of ending the job): name the
+        dead rank and end the job, as the watchdog does; return for any other exception (the caller raises it)."""
+        if self.enabled or not isinstance(exc, MPI.Exception) or not ft.is_failure(self.comm, exc):
+            return
+        dead = ", ".join(f"rank {r} (pid {self._where[r][0]} on {self._where[r][1]})"
+                         for r in ft.failed_ranks(self.comm)) or "a rank"
+        sys.stderr.write(f"asyncsgd: error: {dead} died; fault tolerance is off (--fault-tolerance), so rank "
+                         f"{self.comm.rank} is ending the job\n")
+        sys.stderr.flush()
+        self.comm.Abort(1)
 
     def check(self):
         """Raise RankFailure if this rank knows of a dead rank (or a peer revoked); cheap, no synchronisation.
