@@ -57,10 +57,11 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     samples = steps * cfg.batch_size  # this replica's, for its stop rule (epochs of its share)
     g_samples = samples * size  # the job's: every rank counts the same (batches are always full)
     start_samples = g_samples
-    # one start for every rank (rank 0 built its evaluator first): --kill-ranks and the log's times agree
-    polled_barrier(comm)
     replica = _Replica(split, cfg, stop_opts, comm.rank, size, steps)
     stop = replica.stop
+    # one start for every rank (rank 0 built its evaluator first): --kill-ranks and the log's times agree
+    polled_barrier(comm)
+    stop.start = time.monotonic()
     guard = ReplicaGuard(comm, enabled=ft.for_options(cfg), start=stop.start, reporter=reporter,
                          kill_ranks=cfg.kill_ranks, root_lost_hint=_resume_hint(checkpointer.path))
     guard.arm_kill(cfg.kill_ranks.get(comm.rank))
