@@ -46,7 +46,7 @@ def _train(tmp_path, n, args, *, with_ft=True):
     return proc.returncode, proc.stdout, json.loads(summary.read_text()) if summary.exists() else None, records
 
 
-def _check_run_through(rc, out, summary, records, lost_rank, n):
+def _check_run_through(rc, out, summary, records, lost_rank, n, *, steps_after=True):
     assert rc == 0, out[-4000:]
     assert summary is not None and summary["fault_tolerance"] is True, out[-4000:]
     (lost,) = summary["lost_workers"]
@@ -56,7 +56,8 @@ def _check_run_through(rc, out, summary, records, lost_rank, n):
     assert f"lost worker {lost_rank} (rank {lost_rank}) at" in out  # the CLI's closing lines
     assert any(rec.get("event") == "lost_worker" and rec["rank"] == lost_rank for rec in records)
     assert summary["workers"] == n and summary["workers_at_end"] == n - 1
-    assert lost["recovery_s"] > 0  # a step (sync) or an evaluation (sandblaster) completed on the survivors
+    if steps_after:  # a step (sync) or an evaluation (sandblaster) completed on the survivors
+        assert lost["recovery_s"] > 0, lost
     return lost
 
 
@@ -92,6 +93,26 @@ def test_sync_rank_killed_mid_run(tmp_path):
     assert lost["killed_at"] == 2.0 and lost["time"] >= 1.5  # the ranks' clocks start together, give or take
     assert summary["stop_reason"] == "epochs" and summary["epochs"] >= 12 * 0.99, summary
     assert summary["test_accuracy"] >= 0.75, summary["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_sync_two_ranks_killed(tmp_path):
+    """Two recoveries in one run: 4 then 3 replicas."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 5, SYNC + ["--epochs", "16", "--kill-ranks", "3:2,4:4"])
+    assert rc == 0, out[-4000:]
+    assert sorted(e["rank"] for e in summary["lost_workers"]) == [3, 4], summary["lost_workers"]
+    assert sorted(e["workers"] for e in summary["lost_workers"]) == [3, 4] and summary["workers_at_end"] == 3
+    assert summary["stop_reason"] == "epochs" and summary["test_accuracy"] >= 0.75, summary
+
+
+@pytest.mark.slow
+def test_sync_rank_killed_at_the_end(tmp_path):
+    """The death falls in the last steps or while the others meet at the end: they recover there and finish."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 4, SYNC + ["--time-limit", "5", "--kill-ranks", "3:4.9"])
+    _check_run_through(rc, out, summary, records, 3, 4, steps_after=False)  # the run may have been over
+    assert summary["stop_reason"] == "time-limit", summary
 
 
 @pytest.mark.slow
