@@ -138,6 +138,19 @@ def test_sandblaster_coordinator_killed_ends_the_job(tmp_path):
     assert "rank 0 lost at" in out and "start the run again" in out, out[-4000:]
 
 
+@pytest.mark.slow
+def test_sync_rank_0_killed_ends_the_job_and_says_how_to_resume(tmp_path):
+    _require_ulfm()
+    ckpt = tmp_path / "ckpt.h5"
+    start = time.monotonic()
+    rc, out, summary, _ = _train(tmp_path, 4, SYNC + ["--time-limit", "60", "--checkpoint", str(ckpt),
+                                                      "--checkpoint-every", "1", "--kill-ranks", "0:4"])
+    assert rc != 0 and summary is None, out[-4000:]
+    assert time.monotonic() - start < 90
+    assert "rank 0 lost at" in out and f"--resume {ckpt}" in out, out[-4000:]
+    assert ckpt.exists()  # the last complete checkpoint stays
+
+
 # ---------------------------------------------------------------- MPICH (and fault tolerance off): the job ends
 
 @pytest.mark.slow
