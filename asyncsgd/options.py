@@ -223,6 +223,8 @@ class DownpourOptions(SGDOptions):
     n_push: int = 1
     staleness: object = dataclasses.field(default_factory=NoDecay)
     sparsity: float = 1.0
+    sparse_block: int = 1  # sparse pushes choose whole blocks of this many consecutive entries (1: single entries)
+    overlap: bool = False  # push and fetch in a communication thread while computing (asyncsgd.algorithms.overlap)
     warm_start_steps: int = 0
     # -- fault tolerance (docs/FAULT_TOLERANCE.md): 'auto' runs through a dead rank exactly when the job runs under
     # Open MPI's `mpirun --with-ft ulfm`; ``kill_ranks`` {rank: seconds >= 0} makes those ranks SIGKILL themselves
@@ -239,6 +241,9 @@ class DownpourOptions(SGDOptions):
             raise OptionError("staleness", f"must be a callable tau -> factor such as ExponentialDecay(0.9), "
                                            f"got {self.staleness!r}")
         _real(self, "sparsity", lo=0, lo_open=True, hi=1)
+        _int(self, "sparse_block", 1)
+        if not isinstance(self.overlap, bool):
+            raise OptionError("overlap", f"must be True or False, got {self.overlap!r}")
         _int(self, "warm_start_steps", 0)
         _choice(self, "fault_tolerance", FAULT_TOLERANCE)
         if not isinstance(self.kill_ranks, Mapping) or not all(

@@ -48,7 +48,20 @@ def _reps(nbytes: int, budget_s: float, per_byte_s: float) -> int:
     return max(3, min(20, int(budget_s / max(nbytes * per_byte_s, 1e-6))))
 
 
-def rank_program(sizes: list, budget_s: float):
+def _sparse_indices(rng, n: int, density: float, block: int):
+    """Indices as the trainer's selection gives them: top-k of a random vector, single entries or whole blocks."""
+    import numpy as np
+
+    from asyncsgd.sparse import select_topk_blocks
+
+    if block == 1:
+        return rng.choice(n, max(1, int(density * n)), replace=False)  # unsorted, as top-k gives them
+    accrued = rng.standard_normal(n).astype(np.float32)
+    idx, _ = select_topk_blocks(accrued, density, np.zeros(n, np.float32), block)
+    return idx
+
+
+def rank_program(sizes: list, budget_s: float, blocks: list):
     """Rank 0 serves the whole vector; rank 1 times fetch, dense and sparse pushes; rank 1 prints RESULT json."""
     import numpy as np
     from mpi4py import MPI
@@ -74,21 +87,25 @@ def rank_program(sizes: list, budget_s: float):
                        "fetch_s": _median_time(lambda: store.fetch(out), reps),
                        "push_s": _median_time(lambda: store.push(delta, base_version=0), reps)}
                 for density in DENSITIES:
-                    k = max(1, int(density * n))
-                    idx = rng.choice(n, k, replace=False)                # unsorted, as top-k gives them
-                    vals = delta[idx]
-                    row[f"sparse_{density:g}_s"] = _median_time(
-                        lambda: store.push_sparse(idx, vals, base_version=0), reps)
+                    for block in blocks:
+                        idx = _sparse_indices(rng, n, density, block)
+                        vals = delta[idx]
+                        row[_key(density, block)] = _median_time(
+                            lambda: store.push_sparse(idx, vals, base_version=0), reps)
                 results.append(row)
             polled_barrier(comm)
     if comm.rank == 1:
         print("RESULT " + json.dumps(results), flush=True)
 
 
-def measure(hosts, rate, delay, sizes, python, budget_s: float) -> list:
+def _key(density: float, block: int) -> str:
+    return f"sparse_{density:g}_s" if block == 1 else f"sparse_{density:g}_b{block}_s"
+
+
+def measure(hosts, rate, delay, sizes, python, budget_s: float, blocks: list) -> list:
     hosts.set_links(rate=rate, delay=delay)
     argv = ["{python}", os.path.abspath(__file__), "--rank-program", "--budget", str(budget_s),
-            "--sizes", *map(str, sizes)]
+            "--sizes", *map(str, sizes), "--blocks", *map(str, blocks)]
     out = hosts.run_mpi([0, 1], argv, timeout=900, python=python)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -129,11 +146,13 @@ def main(argv=None):
                         help="vector sizes: a model name or a parameter count")
     parser.add_argument("--python", default=None, help="interpreter whose MPI to use (default: this one)")
     parser.add_argument("--budget", type=float, default=4.0, help="seconds per measured operation, roughly")
+    parser.add_argument("--blocks", nargs="+", type=int, default=[1, 32],
+                        help="sparse selections timed: 1 = single entries, B = whole blocks of B entries")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--rank-program", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank_program:
-        rank_program([int(s) for s in args.sizes], args.budget)
+        rank_program([int(s) for s in args.sizes], args.budget, args.blocks)
         return 0
 
     from hosts import Hosts, mpi_flavour_of, netem_available, unavailable
@@ -155,7 +174,7 @@ def main(argv=None):
     started = time.monotonic()
     with Hosts(2) as hosts:
         for rate in [None] + args.rates:
-            got = measure(hosts, rate, delay if rate else None, sizes, python, args.budget)
+            got = measure(hosts, rate, delay if rate else None, sizes, python, args.budget, args.blocks)
             for row in got:
                 row["link"] = "unlimited" if rate is None else rate.replace("gbit", " Gbit/s").replace(
                     "mbit", " Mbit/s")
