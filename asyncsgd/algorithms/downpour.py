@@ -60,6 +60,9 @@ from .resume import Checkpointer
 __all__ = ["run", "DownpourWorker"]
 
 _FLAG_POLL_S = 0.01
+# Under --overlap the store tests the thread's transfers this often instead of spinning in a blocking Flush:
+# at 1 Gbit/s a socket drains about 60 KB in that time, far less than its buffer.
+_COMM_POLL_S = 0.0005
 
 
 def _progress(cfg, budget, version: int, start: float, samples_before: int) -> float:
@@ -119,6 +122,7 @@ class DownpourWorker:
             why = overlap_refusal()
             if why is None:
                 self.comm_thread = CommThread()
+                store.poll_s = _COMM_POLL_S  # the thread sleeps while its data travels, leaving the CPU to compute
                 self.fetch_buf = backend.staging_buffer(net.n_params, numpy.float32)  # the thread's fetches
                 self.since_fetch = self.xp.zeros_like(net.params)  # own local steps since the pending fetch left
                 self._fetching = None  # Future of the fetch submitted at the last fetch point
