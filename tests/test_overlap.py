@@ -179,3 +179,19 @@ def test_cli_downpour_with_overlap_converges(tmp_path):
     assert s["pushes"] == 2 * (80 + 1)  # 80 sparse pushes each, then the dense final one
     assert sum(s["staleness_hist"]) == s["pushes"]
     assert s["test_accuracy"] >= 0.85, s["test_accuracy"]
+
+
+def test_bad_overlap_and_block_options_are_refused():
+    import subprocess
+
+    from asyncsgd.options import DownpourOptions, OptionError
+
+    with pytest.raises(OptionError, match="overlap"):
+        DownpourOptions(overlap="yes")
+    with pytest.raises(OptionError, match="sparse_block"):
+        DownpourOptions(sparse_block=0)
+    proc = subprocess.run([sys.executable, "-m", "asyncsgd.train", "--sparse-block", "0"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["asyncsgd: error: argument --sparse-block: must be a positive "
+                                                "integer, got 0"]
