@@ -167,8 +167,9 @@ _OPTIONS = [
     (("--sparse-block",), dict(type=_positive_int, default=1,
                                help="sparse pushes choose whole blocks of B consecutive entries (cheap across a "
                                     "network); 1 = single entries")),
-    (("--overlap",), dict(action=argparse.BooleanOptionalAction, default=False,
-                          help="push and fetch in a communication thread while the worker computes")),
+    (("--overlap",), dict(nargs="?", const="push", default="off", choices=("off", "push", "all"),
+                          help="communicate in a thread while the worker computes: off, push (the push travels; "
+                               "the default of a bare --overlap) or all (the next fetch too, one interval older)")),
     (("--augment",), dict(default="auto",
                           help="training-time augmentation: auto (time shifts of up to 6 frames on log-mel data), "
                                "none, or shift:N")),

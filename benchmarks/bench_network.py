@@ -13,7 +13,8 @@ so every byte crosses a limited link, and measures, for each link rate:
   as element top-k gives them), B = whole blocks of B entries (``select_topk_blocks`` of a random vector, as
   ``--sparse-block B`` gives them); and the same with no link limit (veth at memory speed) as the yardstick;
 - ``step``: a ``speech_cnn`` DownpourWorker's step (batch 32) without communication, with fetch + push inline every
-  step, and with ``--overlap`` (dense and sparse 1% of blocks), as ratios to the step without communication.
+  step, and with ``--overlap push`` / ``all`` (dense; sparse 1% of blocks), as ratios to the step without
+  communication.
 
 Sizes: ``speech_cnn`` (its parameter count, about 0.66M) and a synthetic 25M-parameter vector.  Latency is added
 with netem (``--delay``, one-way, on what each host sends) when the kernel has it; without netem the table says
@@ -107,7 +108,7 @@ _POLL_S = 0.0005  # asyncsgd.algorithms.downpour's _COMM_POLL_S
 
 def step_program(steps: int, reps: int, sparse_block: int):
     """Rank 0 serves speech_cnn; rank 1 is a DownpourWorker timing its step without communication, with fetch +
-    push inline every step, and with them overlapped (dense, and sparse 1% of blocks); prints RESULT json.
+    push inline every step, and with ``--overlap push`` and ``all`` (dense; sparse 1% of blocks); prints RESULT json.
 
     The variants alternate ``reps`` times so drifting load hits them alike; each variant's ratio is the median over
     the repetitions of its mean step over the mean step without communication measured just before it.
@@ -136,12 +137,11 @@ def step_program(steps: int, reps: int, sparse_block: int):
                          adagrad_eps=1e-6, n_fetch=1, n_push=1, **kw)
 
     variants = {"compute": None,
-                "inline": cfg(sparsity=1.0, overlap=False),
-                "overlap": cfg(sparsity=1.0, overlap=True),
-                "overlap_spin": cfg(sparsity=1.0, overlap=True),
-
-                "inline_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap=False),
-                "overlap_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap=True)}
+                "inline": cfg(sparsity=1.0, overlap="off"),
+                "overlap_push": cfg(sparsity=1.0, overlap="push"),
+                "overlap_all": cfg(sparsity=1.0, overlap="all"),
+                "inline_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap="off"),
+                "overlap_push_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap="push")}
     with ShardedParameters(comm, net.n_params, n_servers=1, initial=net.params) as store:
         polled_barrier(comm)
         if comm.rank == 1:
@@ -153,7 +153,7 @@ def step_program(steps: int, reps: int, sparse_block: int):
             for _ in range(reps):
                 for name, worker in workers.items():
                     # one store serves every variant: polling only where the worker's thread would set it
-                    store.poll_s = _POLL_S if worker.comm_thread is not None and name != "overlap_spin" else None
+                    store.poll_s = _POLL_S if worker.comm_thread is not None else None
                     start = time.perf_counter()
                     for _ in range(steps):
                         if name != "compute":
@@ -188,12 +188,12 @@ def measure_steps(hosts, rate, python, steps: int, reps: int, sparse_block: int)
 
 def step_table(rows: list, sparse_block: int) -> str:
     """Return the markdown table of the Downpour step times (ratios to the step without communication)."""
-    lines = ["| link | step, no communication | fetch + push inline | with `--overlap` | `--overlap`, blocking Flush | "
-             f"sparse 1% (blocks of {sparse_block}) inline | sparse 1% with `--overlap` |", "|" + "---|" * 7]
+    lines = ["| link | step, no communication | fetch + push inline | `--overlap push` | `--overlap all` | "
+             f"sparse 1% (blocks of {sparse_block}) inline | sparse 1% with `--overlap push` |", "|" + "---|" * 7]
     for r in rows:
         c = r["compute"]
         cells = [f"{_ms(r[k])} ({r[k + '_ratio']:.2f})"
-                 for k in ("inline", "overlap", "overlap_spin", "inline_sparse", "overlap_sparse")]
+                 for k in ("inline", "overlap_push", "overlap_all", "inline_sparse", "overlap_push_sparse")]
         lines.append(f"| {r['link']} | {_ms(c)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

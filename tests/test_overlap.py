@@ -56,7 +56,7 @@ class _IntegerNet:
 
 def _cfg(**kw):
     base = dict(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", sparsity=1.0, momentum=0.0, lr=1.0,
-                adagrad_eps=1e-6, n_fetch=1, n_push=1, overlap=True, sparse_block=1)
+                adagrad_eps=1e-6, n_fetch=1, n_push=1, overlap="push", sparse_block=1)
     base.update(kw)
     return Namespace(**base)
 
@@ -91,11 +91,12 @@ def _run_workers(comm, cfg, n, steps, n_servers=1):
 
 @pytest.mark.mpi(min_size=3)
 @pytest.mark.ranks(3, 6)
+@pytest.mark.parametrize("mode", ["push", "all"])
 @pytest.mark.parametrize("sparsity,block,n_fetch,n_push", [(1.0, 1, 1, 1), (1.0, 1, 3, 2), (0.05, 8, 1, 1),
                                                            (0.05, 1, 2, 3)])
-def test_overlapped_workers_lose_no_update(comm, sparsity, block, n_fetch, n_push):
+def test_overlapped_workers_lose_no_update(comm, sparsity, block, n_fetch, n_push, mode):
     """Every worker's pushes travel in its thread; the store ends at the exact sum of everything accrued."""
-    cfg = _cfg(sparsity=sparsity, sparse_block=block, n_fetch=n_fetch, n_push=n_push)
+    cfg = _cfg(sparsity=sparsity, sparse_block=block, n_fetch=n_fetch, n_push=n_push, overlap=mode)
     final, expected, worker, version, started = _run_workers(comm, cfg, 300, 31, n_servers=2)
     failures = []
     if not np.array_equal(final, expected.astype(F32)):
@@ -116,9 +117,13 @@ def test_overlapped_workers_lose_no_update(comm, sparsity, block, n_fetch, n_pus
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.ranks(2, 3)
-def test_a_lone_overlapped_worker_sees_tau_zero_and_its_own_steps(comm):
-    """Own pushes never count, though each is based on a fetch one step old; the replica keeps its own steps."""
-    cfg = _cfg(n_fetch=1, n_push=1)
+@pytest.mark.parametrize("mode", ["push", "all"])
+def test_a_lone_overlapped_worker_sees_tau_zero_and_its_own_steps(comm, mode):
+    """Own pushes never count; the replica keeps its own steps; the fetch applied before step s holds every push
+    but the last one ('push': that push travels behind the fetch; 'all': the fetch left during step s-1, behind
+    the push of step s-2), which the replica adds itself."""
+    lag = 1
+    cfg = _cfg(n_fetch=1, n_push=1, overlap=mode)
     from asyncsgd.algorithms.downpour import DownpourWorker
     from asyncsgd.backend import select_backend
 
@@ -132,6 +137,8 @@ def test_a_lone_overlapped_worker_sees_tau_zero_and_its_own_steps(comm):
                 worker.fetch()
                 if step > 0 and not np.array_equal(net.params, -net.total_grad.astype(F32)):
                     failures.append(f"step {step}: the replica lost its own steps")
+                if worker.base_version != max(0, step - lag):
+                    failures.append(f"step {step}: fetched version {worker.base_version}, expected {step - lag}")
                 worker.step(None, None)
                 worker.steps += 1
                 worker.push()
@@ -175,7 +182,7 @@ def test_cli_downpour_with_overlap_converges(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "--overlap is off" not in proc.stdout
     s = json.loads(summary.read_text())
-    assert s["overlap"] is True
+    assert s["overlap"] == "push"  # what a bare --overlap means
     assert s["pushes"] == 2 * (80 + 1)  # 80 sparse pushes each, then the dense final one
     assert sum(s["staleness_hist"]) == s["pushes"]
     assert s["test_accuracy"] >= 0.85, s["test_accuracy"]
@@ -186,7 +193,7 @@ def test_bad_overlap_and_block_options_are_refused():
 
     from asyncsgd.options import DownpourOptions, OptionError
 
-    with pytest.raises(OptionError, match="overlap"):
+    with pytest.raises(OptionError, match="overlap must be one of off, push, all"):
         DownpourOptions(overlap="yes")
     with pytest.raises(OptionError, match="sparse_block"):
         DownpourOptions(sparse_block=0)

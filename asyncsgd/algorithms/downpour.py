@@ -28,13 +28,17 @@ last fetch began (``ShardedParameters.push`` states the bound); a worker's own p
 store then sends a few long runs instead of scattered indices, which is what makes a sparse push cheap across a
 network (docs/NETWORK.md).
 
-``--overlap`` (DistBelief's fetch and push threads): a worker's push and its next fetch run in a communication
-thread (``overlap.CommThread``, calls in submission order) while it computes.  At a fetch point the worker applies
-the fetch it submitted at the previous fetch point and submits the next one, so the parameters it computes on are
-one fetch interval older, plus its own local steps taken since that fetch was submitted (``since_fetch``: the fetch
-holds every push submitted before it, and none after).  A push's base version is the version of the fetch applied
-before its steps, and its ticket is taken when the thread starts it, so tau keeps its bound; the final push is made
-inline after everything submitted has landed, so the store's final state is the same sum as without overlap.
+``--overlap push|all`` (DistBelief's fetch and push threads): a worker's store calls run in a communication thread
+(``overlap.CommThread``, calls in submission order) while it computes.
+- ``push``: the push travels while the next steps compute.  A fetch is submitted at its fetch point ahead of the
+  push just prepared and waited for, so the parameters are as fresh as inline and tau as small.
+- ``all``: the fetch too: at a fetch point the worker applies the fetch it submitted at the previous fetch point and
+  submits the next one, so nothing waits for the network but the parameters are one fetch interval older (tau
+  grows by about the pushes of one interval).
+Either way the replica computes on the fetched parameters plus its own local steps that the fetch cannot hold
+(``since_fetch``: those after the last push queued ahead of the fetch).  A push's base version is the version of
+the fetch applied before its steps and its ticket is taken when the thread starts it, so tau keeps its bound; the
+final push is made inline after everything submitted has landed, so the store ends at the same sum as inline.
 """
 from __future__ import annotations
 
@@ -54,7 +58,7 @@ from ..store import ShardedParameters
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
 from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
 from .downpour_recovery import Recovery
-from .overlap import CommThread, overlap_refusal
+from .overlap import CommThread, overlap_mode, overlap_refusal
 from .resume import Checkpointer
 
 __all__ = ["run", "DownpourWorker"]
@@ -81,8 +85,8 @@ class DownpourWorker:
         """``cfg`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
         a constant rate); ``start`` the job's shared clock origin (time.monotonic() after the start barrier);
         ``samples_before`` samples done before a resume (the store's version restarts at 0); ``overlap``
-        communicate in a thread while computing (None: ``cfg.overlap``; off, with a warning, where MPI's thread
-        level does not allow it)."""
+        'off', 'push' or 'all' (None: ``cfg.overlap``; off, with a warning, where MPI's thread level does not
+        allow it)."""
         self.cfg = cfg
         self.schedule = cfg.lr_schedule.with_lr(cfg.lr)
         self.budget = budget
@@ -118,7 +122,8 @@ class DownpourWorker:
         self._warned = False
         self.sparse_block = int(getattr(cfg, "sparse_block", 1))
         self.comm_thread = None
-        if getattr(cfg, "overlap", False) if overlap is None else overlap:
+        self.overlap = overlap_mode(getattr(cfg, "overlap", "off") if overlap is None else overlap)
+        if self.overlap != "off":
             why = overlap_refusal()
             if why is None:
                 self.comm_thread = CommThread()
@@ -127,7 +132,9 @@ class DownpourWorker:
                 self.since_fetch = self.xp.zeros_like(net.params)  # own local steps since the pending fetch left
                 self._fetching = None  # Future of the fetch submitted at the last fetch point
                 self._pushing = None  # Future of the last push submitted
+                self._held = None  # 'push': a push prepared just before a fetch point, queued behind that fetch
             else:
+                self.overlap = "off"
                 warnings.warn(f"--overlap is off: {why}", RuntimeWarning, stacklevel=2)
 
     def progress(self, version: int) -> float:
@@ -138,7 +145,7 @@ class DownpourWorker:
         """Copy the store's parameters into the replica (DistBelief's 'fetch'); set the rate from the version."""
         fault_point("fetch")
         if self.comm_thread is not None:
-            self._apply_prefetch()
+            (self._apply_prefetch if self.overlap == "all" else self._fetch_ahead_of_push)()
         elif self.params_on_host:
             self.base_version = self.store.fetch(self.net.params)
         else:
@@ -146,6 +153,19 @@ class DownpourWorker:
             self.net.params[...] = self.backend.to_device(self.host)
         if self.budget is not None:
             self.lr = self.schedule.rate(self.progress(self.base_version))
+
+    def _fetch_ahead_of_push(self):
+        """Overlap 'push': fetch now, ahead of the push held at the last push point (which then travels while the
+        next steps compute); the replica adds its steps since the last push queued before this fetch."""
+        fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
+        held, self._held = self._held, None
+        if held is not None:
+            self._pushing = self.comm_thread.submit(held)
+        version = fetching.result()
+        self.xp.add(self.backend.to_device(self.fetch_buf), self.since_fetch, out=self.net.params)
+        self.base_version = version
+        if held is not None:
+            self.since_fetch[...] = 0  # the held push's steps are behind this fetch in the queue, now in params
 
     def _apply_prefetch(self):
         """Overlap: take the fetch submitted at the last fetch point (the first one is waited for at once), add the
@@ -235,8 +255,12 @@ class DownpourWorker:
             self.pushed_entries += update.size
         if inline:
             self._count_tau(call())
+        elif self.overlap == "push" and self.steps % cfg.n_fetch == 0:
+            self._held = call  # a fetch comes next: it goes first (fresh parameters), this push right behind it
         else:
             self._pushing = self.comm_thread.submit(call)
+            if self.overlap == "push":
+                self.since_fetch[...] = 0  # the next fetch will hold these steps
         self.accrued[...] = 0
         self.pushes += 1
 
@@ -251,9 +275,13 @@ class DownpourWorker:
             self._count_tau(pushing.result())
 
     def drain(self):
-        """Overlap: wait until every submitted push has landed and the pending fetch has ended (no-op inline)."""
+        """Overlap: wait until every push (held ones too) has landed and the pending fetch has ended (no-op inline)."""
         if self.comm_thread is None:
             return
+        held, self._held = self._held, None
+        if held is not None:
+            self._collect_push()
+            self._pushing = self.comm_thread.submit(held)
         self._collect_push()
         if self._fetching is not None:
             fetching, self._fetching = self._fetching, None
@@ -289,10 +317,10 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
     x, y = split.share(worker, n_workers)  # never a validation row
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
     stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done))
-    overlap = getattr(cfg, "overlap", False)
-    if overlap and guard is not None:
+    overlap = overlap_mode(getattr(cfg, "overlap", "off"))
+    if overlap != "off" and guard is not None:
         warnings.warn(f"--overlap is off: {overlap_refusal(fault_tolerant=True)}", RuntimeWarning, stacklevel=2)
-        overlap = False
+        overlap = "off"
     replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done,
                              budget=budget, start=start, samples_before=samples_before, overlap=overlap)
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
@@ -509,8 +537,8 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
                 "layout": init.param_layout(), "stop_reason": record["stop_reason"],
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
-                "overlap": bool(getattr(cfg, "overlap", False))
-                and overlap_refusal(fault_tolerant=fault_tolerant) is None, "sparse_block": int(getattr(cfg, "sparse_block", 1)),
+                "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
+                            if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"), "sparse_block": int(getattr(cfg, "sparse_block", 1)),
             }, params)
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()

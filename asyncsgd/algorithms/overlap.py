@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["CommThread", "overlap_refusal"]
+__all__ = ["CommThread", "OVERLAP", "overlap_mode", "overlap_refusal"]
+
+OVERLAP = ("off", "push", "all")  # what travels while the worker computes: nothing, its pushes, pushes and fetches
+
+
+def overlap_mode(value) -> str:
+    """Return the overlap mode of ``value``: one of OVERLAP, or a bool (True = 'all', False = 'off')."""
+    if isinstance(value, bool):
+        return "all" if value else "off"
+    if value not in OVERLAP:
+        raise ValueError(f"overlap must be one of {', '.join(OVERLAP)}, got {value!r}")
+    return value
 
 
 def overlap_refusal(*, fault_tolerant: bool = False) -> str | None:
