@@ -538,7 +538,8 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "layout": init.param_layout(), "stop_reason": record["stop_reason"],
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
                 "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
-                            if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"), "sparse_block": int(getattr(cfg, "sparse_block", 1)),
+                            if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
+                "sparse_block": int(getattr(cfg, "sparse_block", 1)),
             }, params)
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()

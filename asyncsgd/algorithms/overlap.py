@@ -1,4 +1,5 @@
-"""A Downpour worker's communication thread: its pushes and fetches travel while it computes (``--overlap``).
+"""A Downpour worker's communication thread: its pushes (``--overlap push``) and fetches (``all``) travel while it
+computes; ``asyncsgd.algorithms.downpour`` says when each is submitted and waited for.
 
 DistBelief runs a replica's fetch and push in threads weakly synchronised with its compute; this is the same with
 one thread per worker, so the store object still serves one thread (``ShardedParameters``).  Calls run in the
