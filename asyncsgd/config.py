@@ -164,6 +164,12 @@ _OPTIONS = [
     (("--staleness-decay",), dict(default="none", help="scale each push by none, inverse (1/tau) or exp:LAMBDA")),
     (("--sparsity",), dict(type=float, default=1.0,
                            help="fraction of the accrued gradient pushed (largest magnitudes; 1.0 = dense)")),
+    (("--sparse-block",), dict(type=_positive_int, default=1,
+                               help="sparse pushes choose whole blocks of B consecutive entries (cheap across a "
+                                    "network); 1 = single entries")),
+    (("--overlap",), dict(nargs="?", const="push", default="off", choices=("off", "push", "all"),
+                          help="communicate in a thread while the worker computes: off, push (the push travels; "
+                               "the default of a bare --overlap) or all (the next fetch too, one interval older)")),
     (("--augment",), dict(default="auto",
                           help="training-time augmentation: auto (time shifts of up to 6 frames on log-mel data), "
                                "none, or shift:N")),
@@ -285,6 +291,7 @@ def to_options(cfg):
             if cfg.mode == "downpour":
                 options = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
                                           staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,
+                                          sparse_block=cfg.sparse_block, overlap=cfg.overlap,
                                           warm_start_steps=cfg.warm_start_steps,
                                           fault_tolerance=cfg.fault_tolerance,
                                           kill_ranks=parse_kill_ranks(cfg.kill_ranks))

@@ -29,6 +29,7 @@ __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterO
 
 OPTIMIZERS = ("sgd", "adagrad")
 SCHEDULES = ("dynamic", "static")
+OVERLAP = ("off", "push", "all")  # asyncsgd.algorithms.overlap
 FAULT_TOLERANCE = ("auto", "on", "off")  # Downpour's run-through of a dead rank (docs/FAULT_TOLERANCE.md)
 # The SGD modes' defaults (README, "Benchmarks": five seeds each): a 5% warm-up then a cosine decay to 0, so a run
 # ends at a low rate instead of wherever a constant rate's oscillation lands; and a tenth of the training set held
@@ -237,6 +238,8 @@ class DownpourOptions(SGDOptions):
     n_push: int = 1
     staleness: object = dataclasses.field(default_factory=NoDecay)
     sparsity: float = 1.0
+    sparse_block: int = 1  # sparse pushes choose whole blocks of this many consecutive entries (1: single entries)
+    overlap: str = "off"  # what travels in a communication thread while computing: off, push, all (pushes + fetches)
     warm_start_steps: int = 0
     # -- fault tolerance (docs/FAULT_TOLERANCE.md): 'auto' runs through a dead rank exactly when the job runs under
     # Open MPI's `mpirun --with-ft ulfm`; ``kill_ranks`` {rank: seconds >= 0} makes those ranks SIGKILL themselves
@@ -253,6 +256,8 @@ class DownpourOptions(SGDOptions):
             raise OptionError("staleness", f"must be a callable tau -> factor such as ExponentialDecay(0.9), "
                                            f"got {self.staleness!r}")
         _real(self, "sparsity", lo=0, lo_open=True, hi=1)
+        _int(self, "sparse_block", 1)
+        _choice(self, "overlap", OVERLAP)
         _int(self, "warm_start_steps", 0)
         _choice(self, "fault_tolerance", FAULT_TOLERANCE)
         if not isinstance(self.kill_ranks, Mapping) or not all(

@@ -11,6 +11,10 @@ Contracts (all arrays 1-D and C-contiguous, float32 or float64; ``n`` = vector l
 - ``select_topk(accrued, fraction, residual) -> (idx, values)``: ``idx`` int64 ``(k,)`` sorted ascending,
   ``values`` ``(k,)`` of residual's dtype.  ``residual`` becomes ``v = accrued + residual`` with the chosen entries
   zeroed, so ``residual_after[idx] + values == v`` exactly and ``residual_after + scatter(values) == v`` bit for bit.
+- ``select_topk_blocks(accrued, fraction, residual, block) -> (idx, values)``: the same contract, but whole blocks
+  of ``block`` consecutive entries are chosen (the ``ceil(k / block)`` of largest L2 norm), so a push's indices
+  form a few long runs: the store sends them as one MPI datatype of ``block``-long pieces, which costs the sender
+  and the target ``block`` times fewer entries than scattered indices (docs/NETWORK.md).  numpy or CuPy arrays.
 - ``scatter_add(dense, idx, values)``: ``dense[idx] += values`` in place; repeated indices are summed.
 - ``fused_update(params, grad, lr=..., ...)``: one local step of a replica (momentum, Adagrad, staleness weight).
 - ``adagrad_step(grad, old_sum_sq, lr, eps, weight) -> step``: the step a worker pushes after ``Get_accumulate``
@@ -22,7 +26,7 @@ import math
 
 import numpy
 
-__all__ = ["topk_count", "select_topk", "scatter_add", "fused_update", "adagrad_step"]
+__all__ = ["topk_count", "select_topk", "select_topk_blocks", "scatter_add", "fused_update", "adagrad_step"]
 
 # Above this size select_topk estimates the threshold from a sample and partitions only the candidates above it.
 _SAMPLE_MIN_N = 1 << 16
@@ -81,6 +85,63 @@ def select_topk(accrued, fraction: float, residual, *, rng=None):
     values = v[idx]
     v[idx] = 0
     return idx, values
+
+
+def select_topk_blocks(accrued, fraction: float, residual, block: int, *, rng=None):
+    """Choose whole blocks of ``accrued + residual``; keep the rest in ``residual`` (``select_topk``'s contract).
+
+    The vector is cut into blocks of ``block`` consecutive entries (the last one may be shorter); the
+    ``ceil(topk_count(n, fraction) / block)`` blocks of largest sum of squares are chosen whole (NaN counts as the
+    largest).  Returns ``(idx, values)``: idx int64 sorted ascending, the entries of the chosen blocks (about
+    ``fraction * n``, rounded up to whole blocks), values = v[idx]; ``residual`` becomes ``v`` with them zeroed, so
+    ``residual_after + scatter(values) == v`` bit for bit and nothing is lost.  ``block=1`` is ``select_topk``.
+    Works on numpy arrays and, with the same code, on CuPy arrays (GPU ranks select where the accrual lives).
+    """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1 (entries per block), got {block!r}")
+    xp = _array_module(accrued)
+    if xp is numpy:
+        _check_vector("accrued", accrued)
+        _check_vector("residual", residual, accrued.dtype)
+        _check_same_length("residual", residual, accrued.shape[0])
+    if block == 1 and xp is numpy:
+        return select_topk(accrued, fraction, residual, rng=rng)
+    n = accrued.shape[0]
+    k = topk_count(n, fraction)
+    n_blocks = -(-n // block)
+    kb = min(n_blocks, -(-k // block))
+    xp.add(residual, accrued, out=residual)
+    v = residual
+    if kb == n_blocks:
+        idx = xp.arange(n, dtype=xp.int64)
+    else:
+        full = n // block
+        scores = xp.empty(n_blocks, dtype=v.dtype)
+        body = v[:full * block].reshape(full, block)
+        # einsum: the row sums of squares without a temporary of the whole vector
+        scores[:full] = xp.einsum("ij,ij->i", body, body)
+        if full < n_blocks:
+            tail = v[full * block:]
+            scores[full] = xp.dot(tail, tail)
+        if xp is numpy:
+            chosen = _largest_k(scores, kb, rng)
+        else:
+            chosen = xp.sort(xp.argpartition(scores, n_blocks - kb)[n_blocks - kb:])
+        idx = (chosen[:, None] * block + xp.arange(block, dtype=xp.int64)[None, :]).ravel()
+        if full < n_blocks and int(chosen[-1]) == full:
+            idx = idx[idx < n]  # the short last block
+        idx = idx.astype(xp.int64, copy=False)
+    values = v[idx]
+    v[idx] = 0
+    return idx, values
+
+
+def _array_module(a):
+    """numpy for numpy arrays, else the array's own module (CuPy) found without importing it here."""
+    if isinstance(a, numpy.ndarray):
+        return numpy
+    import importlib
+    return importlib.import_module(type(a).__module__.split(".")[0])
 
 
 def _largest_k(mag, k, rng):

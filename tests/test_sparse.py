@@ -4,7 +4,7 @@ import math
 import numpy
 import pytest
 
-from asyncsgd.sparse import adagrad_step, fused_update, scatter_add, select_topk, topk_count
+from asyncsgd.sparse import adagrad_step, fused_update, scatter_add, select_topk, select_topk_blocks, topk_count
 
 DTYPES = [numpy.float32, numpy.float64]
 
@@ -198,3 +198,54 @@ def test_select_topk_recovers_from_a_sample_that_overshoots():
     idx, values = select_topk(accrued, 0.01, residual, rng=_MisleadingSample(int(numpy.argmax(numpy.abs(accrued)))))
     assert numpy.array_equal(idx, want)
     assert numpy.array_equal(values, accrued[want])
+
+
+@pytest.mark.parametrize("n,fraction,block", [(1000, 0.01, 8), (1003, 0.05, 16), (70_001, 0.01, 32),
+                                              (100, 0.5, 7), (10, 0.01, 64), (300_000, 0.001, 4)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_topk_blocks_chooses_whole_blocks_of_largest_norm(n, fraction, block, dtype):
+    accrued, residual = _vectors(n, dtype, seed=n + block)
+    v = accrued + residual
+    idx, values = select_topk_blocks(accrued, fraction, residual, block)
+    n_blocks = -(-n // block)
+    kb = min(n_blocks, -(-max(1, math.ceil(fraction * n)) // block))
+    chosen = numpy.unique(idx // block)
+    assert idx.dtype == numpy.int64 and values.dtype == dtype
+    assert numpy.all(numpy.diff(idx) > 0), "indices must be unique and sorted"
+    assert chosen.size == kb
+    whole = numpy.concatenate([numpy.arange(b * block, min(n, (b + 1) * block)) for b in chosen])
+    assert numpy.array_equal(idx, whole), "every chosen block is pushed whole, the short last one included"
+    scores = numpy.array([numpy.dot(v[b * block:(b + 1) * block], v[b * block:(b + 1) * block])
+                          for b in range(n_blocks)])
+    others = numpy.setdiff1d(numpy.arange(n_blocks), chosen)
+    if others.size:
+        assert scores[chosen].min() >= scores[others].max() * (1 - 1e-5)
+    assert numpy.array_equal(values, v[idx])
+    rebuilt = residual.copy()
+    rebuilt[idx] += values
+    assert numpy.array_equal(rebuilt, v), "error feedback: residual + pushed == accrued + old residual, bit for bit"
+
+
+def test_select_topk_blocks_of_one_is_select_topk_and_rejects_bad_blocks():
+    accrued, residual = _vectors(5000, numpy.float32, seed=9)
+    r1, r2 = residual.copy(), residual.copy()
+    i1, v1 = select_topk(accrued, 0.02, r1)
+    i2, v2 = select_topk_blocks(accrued, 0.02, r2, 1)
+    assert numpy.array_equal(i1, i2) and numpy.array_equal(v1, v2) and numpy.array_equal(r1, r2)
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="block must be an int >= 1"):
+            select_topk_blocks(accrued, 0.02, residual, bad)
+
+
+def test_select_topk_blocks_accumulates_residual_over_pushes():
+    n = 5000
+    rng = numpy.random.default_rng(4)
+    residual = numpy.zeros(n, numpy.float64)
+    pushed = numpy.zeros(n, numpy.float64)
+    total = numpy.zeros(n, numpy.float64)
+    for _ in range(20):
+        g = rng.standard_normal(n)
+        total += g
+        idx, values = select_topk_blocks(g, 0.05, residual, 16)
+        scatter_add(pushed, idx, values)
+    numpy.testing.assert_allclose(pushed + residual, total, rtol=1e-12, atol=1e-12)

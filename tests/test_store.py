@@ -479,3 +479,40 @@ def test_transfers_split_into_chunks_give_the_same_result(comm, monkeypatch):
         _check(failures, np.allclose(store.read_all(), ref_p, rtol=1e-5, atol=1e-6), "chunked Adagrad params")
         _check(failures, np.allclose(store.adagrad_sums(), ref_s, rtol=1e-5), "chunked Adagrad sums")
     _agree(comm, failures)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_polled_transfers_lose_no_update(comm):
+    """With ``poll_s`` (request-based operations tested between sleeps, as under --overlap), concurrent dense and
+    block-sparse pushes from every worker still sum exactly, and a fetch reads every landed push whole."""
+    n, n_pushes = 301, 200
+    n_servers = min(3, comm.size)
+    workers = list(range(1, comm.size)) or [0]
+    rng = np.random.default_rng(50 + comm.rank)
+    failures = []
+    with ShardedParameters(comm, n, n_servers=n_servers) as store:
+        store.poll_s = 0.0001
+        total = np.zeros(n, F32)
+        polled_barrier(comm)
+        if comm.rank in workers:
+            out = np.empty(n, F32)
+            for i in range(n_pushes):
+                base = store.fetch(out)
+                _check(failures, np.array_equal(out, np.round(out)), f"torn read {out}")
+                if i % 2:
+                    delta = rng.integers(-3, 4, n).astype(F32)
+                    store.push(delta, base_version=base)
+                    total += delta
+                else:
+                    idx = np.concatenate([np.arange(b * 8, min(n, b * 8 + 8)) for b in rng.choice(38, 5, False)])
+                    vals = rng.integers(-3, 4, idx.size).astype(F32)
+                    store.push_sparse(idx, vals, base_version=base)
+                    np.add.at(total, idx, vals)
+        expected = np.zeros(n, F32)
+        comm.Allreduce(total, expected)
+        polled_barrier(comm)
+        got = np.empty(n, F32)
+        version = store.fetch(got)
+        _check(failures, np.array_equal(got, expected), f"lost updates at {np.flatnonzero(got != expected)[:10]}")
+        _check(failures, version == n_pushes * len(workers), f"version {version}")
+    _agree(comm, failures)

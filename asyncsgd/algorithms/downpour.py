@@ -23,6 +23,22 @@ the same rate.
 
 Staleness tau of a push: the other workers' pushes that started before it and had not landed when this worker's
 last fetch began (``ShardedParameters.push`` states the bound); a worker's own pushes never count.
+
+``--sparse-block B`` makes sparse pushes choose whole blocks of B consecutive entries (``select_topk_blocks``): the
+store then sends a few long runs instead of scattered indices, which is what makes a sparse push cheap across a
+network (docs/NETWORK.md).
+
+``--overlap push|all`` (DistBelief's fetch and push threads): a worker's store calls run in a communication thread
+(``overlap.CommThread``, calls in submission order) while it computes.
+- ``push``: the push travels while the next steps compute.  A fetch is submitted at its fetch point ahead of the
+  push just prepared and waited for, so the parameters are as fresh as inline and tau as small.
+- ``all``: the fetch too: at a fetch point the worker applies the fetch it submitted at the previous fetch point and
+  submits the next one, so nothing waits for the network but the parameters are one fetch interval older (tau
+  grows by about the pushes of one interval).
+Either way the replica computes on the fetched parameters plus its own local steps that the fetch cannot hold
+(``since_fetch``: those after the last push queued ahead of the fetch).  A push's base version is the version of
+the fetch applied before its steps and its ticket is taken when the thread starts it, so tau keeps its bound; the
+final push is made inline after everything submitted has landed, so the store ends at the same sum as inline.
 """
 from __future__ import annotations
 
@@ -37,15 +53,20 @@ from .. import fault_tolerance as ft
 from ..faults import fault_point
 from ..mpiutil import polled_barrier
 from ..schedule import global_progress
+from ..sparse import select_topk_blocks
 from ..store import ShardedParameters
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
 from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
 from .downpour_recovery import Recovery
+from .overlap import CommThread, overlap_mode, overlap_refusal
 from .resume import Checkpointer
 
 __all__ = ["run", "DownpourWorker"]
 
 _FLAG_POLL_S = 0.01
+# Under --overlap the store tests the thread's transfers this often instead of spinning in a blocking Flush:
+# at 1 Gbit/s a socket drains about 60 KB in that time, far less than its buffer.
+_COMM_POLL_S = 0.0005
 
 
 def _progress(cfg, budget, version: int, start: float, samples_before: int) -> float:
@@ -60,10 +81,12 @@ class DownpourWorker:
     """One model replica: local steps on its data, fetches and pushes against the store."""
 
     def __init__(self, cfg, net, store: ShardedParameters, backend, *, seed: int, budget=None, start=None,
-                 samples_before: int = 0):
+                 samples_before: int = 0, overlap=None):
         """``cfg`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
         a constant rate); ``start`` the job's shared clock origin (time.monotonic() after the start barrier);
-        ``samples_before`` samples done before a resume (the store's version restarts at 0)."""
+        ``samples_before`` samples done before a resume (the store's version restarts at 0); ``overlap``
+        'off', 'push' or 'all' (None: ``cfg.overlap``; off, with a warning, where MPI's thread level does not
+        allow it)."""
         self.cfg = cfg
         self.schedule = cfg.lr_schedule.with_lr(cfg.lr)
         self.budget = budget
@@ -97,6 +120,22 @@ class DownpourWorker:
         self.loss_ewma = None
         self.resumed_samples = 0  # samples done before a resume: counted in budgets, not in rates
         self._warned = False
+        self.sparse_block = int(getattr(cfg, "sparse_block", 1))
+        self.comm_thread = None
+        self.overlap = overlap_mode(getattr(cfg, "overlap", "off") if overlap is None else overlap)
+        if self.overlap != "off":
+            why = overlap_refusal()
+            if why is None:
+                self.comm_thread = CommThread()
+                store.poll_s = _COMM_POLL_S  # the thread sleeps while its data travels, leaving the CPU to compute
+                self.fetch_buf = backend.staging_buffer(net.n_params, numpy.float32)  # the thread's fetches
+                self.since_fetch = self.xp.zeros_like(net.params)  # own local steps since the pending fetch left
+                self._fetching = None  # Future of the fetch submitted at the last fetch point
+                self._pushing = None  # Future of the last push submitted
+                self._held = None  # 'push': a push prepared just before a fetch point, queued behind that fetch
+            else:
+                self.overlap = "off"
+                warnings.warn(f"--overlap is off: {why}", RuntimeWarning, stacklevel=2)
 
     def progress(self, version: int) -> float:
         """The run's global progress after ``version`` pushes by all workers (0 without a budget)."""
@@ -105,13 +144,41 @@ class DownpourWorker:
     def fetch(self):
         """Copy the store's parameters into the replica (DistBelief's 'fetch'); set the rate from the version."""
         fault_point("fetch")
-        if self.params_on_host:
+        if self.comm_thread is not None:
+            (self._apply_prefetch if self.overlap == "all" else self._fetch_ahead_of_push)()
+        elif self.params_on_host:
             self.base_version = self.store.fetch(self.net.params)
         else:
             self.base_version = self.store.fetch(self.host)
             self.net.params[...] = self.backend.to_device(self.host)
         if self.budget is not None:
             self.lr = self.schedule.rate(self.progress(self.base_version))
+
+    def _fetch_ahead_of_push(self):
+        """Overlap 'push': fetch now, ahead of the push held at the last push point (which then travels while the
+        next steps compute); the replica adds its steps since the last push queued before this fetch."""
+        fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
+        held, self._held = self._held, None
+        if held is not None:
+            self._pushing = self.comm_thread.submit(held)
+        version = fetching.result()
+        self.xp.add(self.backend.to_device(self.fetch_buf), self.since_fetch, out=self.net.params)
+        self.base_version = version
+        if held is not None:
+            self.since_fetch[...] = 0  # the held push's steps are behind this fetch in the queue, now in params
+
+    def _apply_prefetch(self):
+        """Overlap: take the fetch submitted at the last fetch point (the first one is waited for at once), add the
+        local steps taken since it left, and submit the next one behind any push already submitted."""
+        if self._fetching is None:
+            self.since_fetch[...] = 0
+            self._fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
+        version = self._fetching.result()
+        self._fetching = None
+        self.xp.add(self.backend.to_device(self.fetch_buf), self.since_fetch, out=self.net.params)
+        self.base_version = version
+        self.since_fetch[...] = 0
+        self._fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
 
     def step(self, xb, yb) -> bool:
         """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
@@ -133,6 +200,8 @@ class DownpourWorker:
                                 accrued=self.accrued if self.adagrad else None)
         if not self.adagrad:
             self.accrued -= self.lr * self.velocity
+        if self.comm_thread is not None:
+            self.since_fetch -= self.lr * self.velocity  # the local step just taken (sgd_update's params -= lr*v)
         self.compute_s += time.perf_counter() - t0
         self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
         return True
@@ -145,41 +214,94 @@ class DownpourWorker:
         """
         fault_point("push")
         cfg = self.cfg
+        inline = self.comm_thread is None or final
+        if self.comm_thread is not None:
+            self._collect_push()  # its buffers are free again, its tau counted
+            if final:
+                self.drain()
         if final and self.residual is not None:
             self.accrued += self.residual
             self.residual[...] = 0
+        base, weight = self.base_version, self.weight
         if self.residual is not None and not final:
-            idx_dev, vals = self.backend.select_topk(self.accrued, cfg.sparsity, self.residual)
+            if self.sparse_block > 1:
+                idx_dev, vals = select_topk_blocks(self.accrued, cfg.sparsity, self.residual, self.sparse_block)
+            else:
+                idx_dev, vals = self.backend.select_topk(self.accrued, cfg.sparsity, self.residual)
             # momentum factor masking (Deep Gradient Compression): the velocity of coordinates just pushed is
             # cleared, so their delayed update is not pushed again through the momentum of later steps; without
             # it, sparse pushes with momentum 0.9 diverged in about one run in four on synthetic data
             self.velocity[idx_dev] = 0
-            idx, vals = self.backend.to_host(idx_dev), self.backend.to_host(vals)
+            idx, vals = self.backend.to_host(idx_dev), self.backend.to_host(vals)  # fresh arrays every push
             if self.adagrad:
-                tau = self.store.push_adagrad_sparse(idx, vals, self.lr, cfg.adagrad_eps,
-                                                     base_version=self.base_version, weight=self.weight)
+                def call(lr=self.lr):
+                    return self.store.push_adagrad_sparse(idx, vals, lr, cfg.adagrad_eps, base_version=base,
+                                                          weight=weight)
             else:
-                tau = self.store.push_sparse(idx, vals, base_version=self.base_version, weight=self.weight)
+                def call():
+                    return self.store.push_sparse(idx, vals, base_version=base, weight=weight)
             self.push_bytes += idx.nbytes + vals.nbytes
             self.pushed_entries += idx.size
         else:
-            update = self.backend.to_host(self.accrued, out=self.host)  # GPU: synchronises, then copies
+            # GPU: synchronises, then copies; the host buffer is the pushes' alone under overlap (fetch_buf fetches)
+            update = self.backend.to_host(self.accrued, out=self.host)
             if self.adagrad:
-                tau = self.store.push_adagrad(update, self.lr, cfg.adagrad_eps, base_version=self.base_version,
-                                              weight=self.weight)
+                def call(lr=self.lr):
+                    return self.store.push_adagrad(update, lr, cfg.adagrad_eps, base_version=base, weight=weight)
             else:
-                tau = self.store.push(update, base_version=self.base_version, weight=self.weight)
+                def call():
+                    return self.store.push(update, base_version=base, weight=weight)
             self.push_bytes += update.nbytes
             self.pushed_entries += update.size
+        if inline:
+            self._count_tau(call())
+        elif self.overlap == "push" and self.steps % cfg.n_fetch == 0:
+            self._held = call  # a fetch comes next: it goes first (fresh parameters), this push right behind it
+        else:
+            self._pushing = self.comm_thread.submit(call)
+            if self.overlap == "push":
+                self.since_fetch[...] = 0  # the next fetch will hold these steps
         self.accrued[...] = 0
         self.pushes += 1
+
+    def _count_tau(self, tau: int):
         self.staleness_sum += tau
         self.hist[min(tau, HIST_BINS - 1)] += 1
 
+    def _collect_push(self):
+        """Overlap: wait for the push in flight (re-raising its error) and count its staleness."""
+        if self._pushing is not None:
+            pushing, self._pushing = self._pushing, None
+            self._count_tau(pushing.result())
+
+    def drain(self):
+        """Overlap: wait until every push (held ones too) has landed and the pending fetch has ended (no-op inline)."""
+        if self.comm_thread is None:
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            self._collect_push()
+            self._pushing = self.comm_thread.submit(held)
+        self._collect_push()
+        if self._fetching is not None:
+            fetching, self._fetching = self._fetching, None
+            fetching.result()
+
     def finish(self):
-        """Push what is left when the worker stops: the accrual since the last push and, sparse, the residual."""
+        """Push what is left when the worker stops: the accrual since the last push and, sparse, the residual.
+
+        Overlap: everything submitted lands first and the final push is made inline; the thread ends."""
         if self.steps % self.cfg.n_push != 0 or self.residual is not None:
             self.push(final=True)
+        self.close()
+
+    def close(self):
+        """Overlap: wait for what was submitted and end the communication thread (idempotent; no-op inline)."""
+        if self.comm_thread is not None:
+            try:
+                self.drain()
+            finally:
+                self.comm_thread.close()
 
     def stats(self, samples: int, elapsed: float, done: bool = False) -> dict:
         return {"steps": self.steps, "samples": samples, "pushes": self.pushes, "push_bytes": self.push_bytes,
@@ -195,8 +317,12 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
     x, y = split.share(worker, n_workers)  # never a validation row
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
     stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done))
+    overlap = overlap_mode(getattr(cfg, "overlap", "off"))
+    if overlap != "off" and guard is not None:
+        warnings.warn(f"--overlap is off: {overlap_refusal(fault_tolerant=True)}", RuntimeWarning, stacklevel=2)
+        overlap = "off"
     replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done,
-                             budget=budget, start=start, samples_before=samples_before)
+                             budget=budget, start=start, samples_before=samples_before, overlap=overlap)
     augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
     stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
@@ -411,6 +537,9 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
                 "layout": init.param_layout(), "stop_reason": record["stop_reason"],
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
+                "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
+                            if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
+                "sparse_block": int(getattr(cfg, "sparse_block", 1)),
             }, params)
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()

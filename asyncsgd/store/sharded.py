@@ -14,6 +14,11 @@ Every rank opens one shared passive epoch per window (``Lock_all``) at construct
 each operation ends with ``Flush``, because within an epoch a ``Get`` issued after an ``Accumulate`` is unordered
 with it.  Hosting ranks run a ``ProgressThread`` (see progress.py for the measurements behind it).
 
+``poll_s`` (None by default): when set, ``fetch``, ``push`` and ``push_sparse`` issue request-based operations
+(``Rget``/``Raccumulate``) and test them every ``poll_s`` seconds, sleeping in between, before the ``Flush``: MPICH
+spins a core inside a blocking ``Flush`` for as long as the data travels, which a worker's communication thread
+(``--overlap``) would take from the compute beside it.
+
 Staleness (``push`` states it exactly): tau counts the other workers' pushes that started before this push and had
 not landed when this worker's fetch began, measured with two counters on rank 0 (``VersionCounter``): ``started``
 (taken before a push's data moves, so the staleness weight is known before the data moves) and ``landed`` (bumped
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import time
 from array import array
 from bisect import bisect_left
 
@@ -151,6 +157,7 @@ class ShardedParameters(WindowOwner):
         self._own_landed = array("q")  # where each of this rank's pushes fell in the landed count, increasing
         self._own_floor = 0  # bases below this are older than the remembered pushes
         self._fetch_overlap = 0
+        self.poll_s = None  # seconds between tests of request-based transfers; None: blocking Flush
         self.pushes = 0
         self.push_bytes = 0
         self.fetches = 0
@@ -278,9 +285,15 @@ class ShardedParameters(WindowOwner):
         tau, scale = self._start_push(base_version, weight)
         update = delta if scale == 1.0 else numpy.multiply(delta, DTYPE.type(scale), out=self._scratch(1)[0])
         win = self._params
+        requests = []
         for rank, (start, stop) in enumerate(self._bounds):
             for lo, hi in _chunks(start, stop):
-                win.Accumulate([update[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE), MPI.SUM)
+                target = (lo - start, hi - lo, _MPI_DTYPE)
+                if self.poll_s is None:
+                    win.Accumulate([update[lo:hi], _MPI_DTYPE], rank, target, MPI.SUM)
+                else:
+                    requests.append(win.Raccumulate([update[lo:hi], _MPI_DTYPE], rank, target, MPI.SUM))
+        self._sleep_until_done(requests)
         self._flush(win)  # ``update`` (possibly scratch) is referenced until here
         self._land_push()
         self.pushes += 1
@@ -299,12 +312,17 @@ class ShardedParameters(WindowOwner):
             vals = vals * DTYPE.type(scale)  # ``vals`` stays referenced until the flushes below
         win = self._params
         issued = []  # (rank, datatype): every shard's transfer is issued before any is waited for
+        requests = []
         for rank, disp, part in self._split(idx, vals):
             for lo, hi in _chunks(0, disp.size):
                 dtype, desc_bytes = _indexed_type(disp[lo:hi])
-                win.Accumulate([part[lo:hi], _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM)
+                if self.poll_s is None:
+                    win.Accumulate([part[lo:hi], _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM)
+                else:
+                    requests.append(win.Raccumulate([part[lo:hi], _MPI_DTYPE], rank, (0, 1, dtype), MPI.SUM))
                 issued.append((rank, dtype))
                 self.push_bytes += part[lo:hi].nbytes + desc_bytes
+        self._sleep_until_done(requests)
         for rank, dtype in issued:
             win.Flush(rank)  # complete before the datatype goes
             dtype.Free()
@@ -477,11 +495,25 @@ class ShardedParameters(WindowOwner):
         win.Unlock(rank)
 
     def _get_all(self, win, out: numpy.ndarray) -> numpy.ndarray:
+        if self.poll_s is not None:
+            self._sleep_until_done([win.Rget([out[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE))
+                                    for rank, (start, stop) in enumerate(self._bounds)
+                                    for lo, hi in _chunks(start, stop)])
         for rank, (start, stop) in enumerate(self._bounds):
-            for lo, hi in _chunks(start, stop):
-                win.Get([out[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE))
+            if self.poll_s is None:
+                for lo, hi in _chunks(start, stop):
+                    win.Get([out[lo:hi], _MPI_DTYPE], rank, (lo - start, hi - lo, _MPI_DTYPE))
             win.Flush(rank)
         return out
+
+    def _sleep_until_done(self, requests):
+        """Test ``requests`` every ``poll_s`` seconds, sleeping in between (each test also drives MPI progress).
+
+        A completed ``Rget`` has its data; a completed ``Raccumulate`` only frees its origin buffer: the ``Flush``
+        that follows completes it at the target.
+        """
+        while requests and not MPI.Request.Testall(requests):
+            time.sleep(self.poll_s)
 
     def _flush(self, win):
         for rank in range(len(self._bounds)):
