@@ -197,7 +197,9 @@ class SGDOptions:
     eval_every: float = 5.0
     lr_schedule: object = DEFAULT_LR_SCHEDULE
     validation: float = DEFAULT_VALIDATION
-    # sync (and Downpour, which redefines them): run through a dead rank under `mpirun --with-ft ulfm`
+    # fault tolerance (docs/FAULT_TOLERANCE.md): 'auto' runs through a dead rank exactly when the job runs under
+    # Open MPI's `mpirun --with-ft ulfm`; ``kill_ranks`` {rank: seconds >= 0} makes those ranks SIGKILL themselves
+    # that long after training starts (a test and benchmark tool, like ``slow_ranks``)
     fault_tolerance: str = "auto"
     kill_ranks: Mapping = dataclasses.field(default_factory=dict)
 
@@ -241,11 +243,6 @@ class DownpourOptions(SGDOptions):
     sparse_block: int = 1  # sparse pushes choose whole blocks of this many consecutive entries (1: single entries)
     overlap: str = "off"  # what travels in a communication thread while computing: off, push, all (pushes + fetches)
     warm_start_steps: int = 0
-    # -- fault tolerance (docs/FAULT_TOLERANCE.md): 'auto' runs through a dead rank exactly when the job runs under
-    # Open MPI's `mpirun --with-ft ulfm`; ``kill_ranks`` {rank: seconds >= 0} makes those ranks SIGKILL themselves
-    # that long after training starts (a test and benchmark tool, like ``slow_ranks``)
-    fault_tolerance: str = "auto"
-    kill_ranks: Mapping = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         super().__post_init__()
@@ -259,13 +256,6 @@ class DownpourOptions(SGDOptions):
         _int(self, "sparse_block", 1)
         _choice(self, "overlap", OVERLAP)
         _int(self, "warm_start_steps", 0)
-        _choice(self, "fault_tolerance", FAULT_TOLERANCE)
-        if not isinstance(self.kill_ranks, Mapping) or not all(
-                isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 0
-                and isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0
-                for r, t in self.kill_ranks.items()):
-            raise OptionError("kill_ranks", f"must map rank (int >= 0) to seconds of training (>= 0) after which "
-                                            f"that rank kills itself, got {self.kill_ranks!r}")
 
 
 @dataclasses.dataclass(frozen=True)
