@@ -35,7 +35,8 @@ clock while they evaluate.  Every run evaluates every ``--eval-every`` seconds o
 single-process also at each epoch's end, as serial mode does).
 
 Every run stops once it has reached the highest target or trained ``--limit`` seconds; a run that does not end within
-``--limit`` plus a start-up allowance is killed with its whole process group.  Prints a table of medians, the ratio of
+``--limit`` plus ``--startup`` seconds of wall time is killed with its whole process group (every process of a run
+is in one group; the bench kills that group also when it stops a run at its target).  Prints a table of medians, the ratio of
 each median to the best PyTorch configuration's, the machine's load average at start and end; ``--json-out`` writes
 every run.  Exit status 0 when every run ran (a target not reached is a result), 1 when one failed, 2 on bad arguments.
 """
@@ -61,7 +62,6 @@ TARGETS = (0.95, 0.98)
 KINDS = ("downpour", "serial", "torch", "torch-ddp")
 SEED, VALIDATION, BATCH, PEAK_LR, MOMENTUM, EPOCHS = 0, 0.1, 32, 0.01, 0.9, 30   # serial mode's defaults
 SCHEDULE = "warmup:0.05+cosine"
-STARTUP_S = 60        # allowance per run for MPI start-up, imports and data loading on a loaded machine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,13 +215,14 @@ def run_monitored(cmds, log, *, stop_at, limit, timeout, env):
     before the bench stopped it.
     """
     outs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]
+    # the first process leads a new process group, the others join it: one killpg ends the whole run
     procs = [subprocess.Popen(cmds[0], stdout=outs[0], stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                              start_new_session=True)]
-    for cmd, out in zip(cmds[1:], outs[1:]):
-        procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
-                                      preexec_fn=lambda pgid=procs[0].pid: os.setpgid(0, pgid)))
+                              preexec_fn=lambda: os.setpgid(0, 0))]
     start, stopped, why = time.monotonic(), False, None
     try:
+        for cmd, out in zip(cmds[1:], outs[1:]):
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                          preexec_fn=lambda pgid=procs[0].pid: os.setpgid(0, pgid)))
         while True:
             records = read_records(log)
             if records and (records[-1]["test_accuracy"] >= stop_at or training_time(records[-1]) >= limit):
@@ -386,6 +387,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="3,4", help="Downpour rank counts besides the default 6 (default 3,4)")
     ap.add_argument("--limit", type=float, default=150.0, help="seconds of training before a run gives up")
     ap.add_argument("--eval-every", type=float, default=2.0, help="seconds of training between evaluations")
+    ap.add_argument("--startup", type=float, default=120.0,
+                    help="seconds allowed per run beyond --limit for start-up (imports, MPI, data); then it is killed")
     ap.add_argument("--ddp-procs", type=int, default=os.cpu_count() or 1, help="DDP processes (default: cores)")
     ap.add_argument("--only", default=",".join(KINDS), help=f"comma-separated kinds to run, of {','.join(KINDS)}")
     ap.add_argument("--quick", action="store_true",
@@ -451,7 +454,7 @@ def main(argv=None) -> int:
                     continue
                 t0 = time.monotonic()
                 status, records, tail = run_monitored(cmds, log, stop_at=max(TARGETS), limit=args.limit,
-                                                      timeout=args.limit + STARTUP_S, env=env)
+                                                      timeout=args.limit + args.startup, env=env)
                 run.update(status=status, wall_s=time.monotonic() - t0, evaluations=len(records),
                            final_test_accuracy=records[-1]["test_accuracy"] if records else None,
                            trained_s=training_time(records[-1]) if records else None)
@@ -461,19 +464,26 @@ def main(argv=None) -> int:
                 if status != "ok":
                     failed = True
                     run["output_tail"] = tail
-                    print(f"{name} #{rep}: {status}; last output:\n{tail}", flush=True)
+                    print(f"run {name} #{rep}: {status}; last output:\n{tail}", flush=True)
                 else:
-                    print(f"{name} #{rep}: to 95% {run['time_to']['0.95']}, to 98% {run['time_to']['0.98']} "
+                    print(f"run {name} #{rep}: to 95% {run['time_to']['0.95']}, to 98% {run['time_to']['0.98']} "
                           f"(accuracy {run['final_test_accuracy']:.3f} after {run['trained_s']:.1f} s of training, "
                           f"{run['wall_s']:.0f} s wall)", flush=True)
                 record["runs"].append(run)
+                save(record, configs, args)  # after every run, so a run cut short keeps what it measured
+    save(record, configs, args)
+    print_table(record, configs)
+    return 1 if failed else 0
+
+
+def save(record, configs, args):
+    """Recompute the summary and rewrite --json-out (the load average at the last save is the one at the end)."""
     record["load_end"] = load_text()
     summarize(record, configs, args)
-    print_table(record, configs)
     if args.json_out:
-        with open(args.json_out, "w") as f:
+        with open(args.json_out + ".tmp", "w") as f:
             json.dump(record, f, indent=1)
-    return 1 if failed else 0
+        os.replace(args.json_out + ".tmp", args.json_out)
 
 
 if __name__ == "__main__":
