@@ -211,14 +211,14 @@ def run_monitored(cmds, log, *, stop_at, limit, timeout, env):
     """Start ``cmds`` (one process group), watch the metrics log ``log`` and stop the run once a record reaches
     ``stop_at`` test accuracy or ``limit`` seconds of training, or after ``timeout`` s of wall time.
 
-    Returns (status, records, output tail); status "ok" when the log holds at least one record and no process failed
-    before the bench stopped it.
+    Returns (status, records, output tail, note); status "ok" when the log holds at least one record and no process
+    failed before the bench stopped it (a run stopped at the wall-time allowance is a result, the note says so).
     """
     outs = [tempfile.TemporaryFile(mode="w+") for _ in cmds]
     # the first process leads a new process group, the others join it: one killpg ends the whole run
     procs = [subprocess.Popen(cmds[0], stdout=outs[0], stderr=subprocess.STDOUT, cwd=REPO, env=env,
                               preexec_fn=lambda: os.setpgid(0, 0))]
-    start, stopped, why = time.monotonic(), False, None
+    start, stopped, why, note = time.monotonic(), False, None, None
     try:
         for cmd, out in zip(cmds[1:], outs[1:]):
             procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env,
@@ -234,7 +234,7 @@ def run_monitored(cmds, log, *, stop_at, limit, timeout, env):
                 why = "exit status " + ",".join(str(p.poll()) for p in procs if p.poll() not in (None, 0))
                 break
             if time.monotonic() - start > timeout:
-                why = f"timed out after {timeout:.0f} s"
+                stopped, note = True, f"stopped at the wall-time allowance, {timeout:.0f} s"
                 break
             time.sleep(0.25)
     finally:
@@ -251,8 +251,8 @@ def run_monitored(cmds, log, *, stop_at, limit, timeout, env):
     if why is None and not stopped and any(p.returncode != 0 for p in procs):
         why = "exit status " + ",".join(str(p.returncode) for p in procs)
     if why is None and not records:
-        why = "no evaluation logged"
-    return ("ok" if why is None else f"failed ({why})"), records, tail
+        why = "no evaluation logged" + (f" ({note})" if note else "")
+    return ("ok" if why is None else f"failed ({why})"), records, tail, note
 
 
 def free_port() -> int:
@@ -319,6 +319,9 @@ def summarize(record, configs, args):
             times = [r["time_to"][f"{t:g}"] for r in ok]
             entry[f"median_{t:g}"] = median_or_none(times, len(runs)) if ok else None
             entry[f"reached_{t:g}"] = sum(x is not None for x in times)
+            # a run that did not reach the target took longer than it trained: the median is at least this
+            bounds = [x if x is not None else r["trained_s"] for x, r in zip(times, ok)]
+            entry[f"median_lower_bound_{t:g}"] = statistics.median(bounds) if len(ok) == len(runs) and ok else None
         summary[name] = entry
     record["summary"] = summary
 
@@ -334,7 +337,14 @@ def summarize(record, configs, args):
     goal = None
     if record["best_torch"] and summary.get("downpour-6", {}).get("ok"):
         ours, theirs = summary["downpour-6"]["median_0.98"], summary[record["best_torch"]]["median_0.98"]
-        goal = theirs is None and ours is not None or (ours is not None and theirs is not None and ours < theirs)
+        bound = summary[record["best_torch"]]["median_lower_bound_0.98"]
+        if ours is not None and theirs is not None:
+            goal = ours < theirs
+        elif ours is not None and bound is not None and ours < bound:
+            goal = True    # PyTorch's median run had not reached 98% when it stopped, later than ours did
+        elif ours is None and theirs is not None:
+            goal = False
+    # None: undecided (neither reached it, or PyTorch's runs stopped before our time)
     record["goal_default_beats_best_torch_to_98"] = goal
 
 
@@ -343,7 +353,8 @@ def print_table(record, configs):
     print(f"\nmachine: {record['machine']['cpus']} CPUs, {record['machine']['platform']}; {record['date']}; "
           f"load average (1, 5, 15 min) {record['load_start']} at start, {record['load_end']} at end")
     print(f"seconds of training to the first evaluation at or above the target test accuracy, median of "
-          f"{record['repeats']} run(s) (n/r: the median run did not reach it in {record['limit']:g} s); "
+          f"{record['repeats']} run(s) (n/r: the median run did not reach it; per run >T: not reached after T s of "
+          f"training, when the run stopped at --limit {record['limit']:g} s or at its wall-time allowance); "
           f"ratio = median / median of the best PyTorch configuration ({best or 'none measured'})")
     head = f"{'configuration':<16} {'command':<44} {'95%':>7} {'98%':>7} {'x95':>5} {'x98':>5}  per run (95% / 98%)"
     print(head)
@@ -364,17 +375,22 @@ def print_table(record, configs):
             ours = e[f"median_{t:g}"]
             ratios.append(ours / ref if ours is not None and ref else None)
         runs = [r for r in record["runs"] if r["config"] == name]
-        per = " ".join(("/".join(f"{r['time_to'][f'{t:g}']:.1f}" if r["status"] == "ok" and
-                                  r["time_to"][f"{t:g}"] is not None else "-" for t in TARGETS))
-                       for r in runs)
+        def one(r, t):
+            if r["status"] != "ok":
+                return "fail"
+            got = r["time_to"][f"{t:g}"]
+            return f"{got:.1f}" if got is not None else f">{r['trained_s']:.0f}"
+
+        per = " ".join("/".join(one(r, t) for t in TARGETS) for r in runs)
         print(f"{label:<16} {e['command']:<44} {fmt(e['median_0.95'])} {fmt(e['median_0.98'])} "
               f"{fmt(ratios[0], 5, '.2f')} {fmt(ratios[1], 5, '.2f')}  {per}")
     if record.get("best_ranks"):
         print(f"* best Downpour rank count of {', '.join(str(r) for r in record['ranks'])}: {record['best_ranks']} "
               f"(lowest median time to 98%, then 95%, in this run)")
     goal = record.get("goal_default_beats_best_torch_to_98")
-    if goal is not None:
-        print(f"goal: the default command (downpour-6) reaches 98% sooner than {best}: {'met' if goal else 'NOT met'}")
+    if best and s.get("downpour-6", {}).get("ok"):
+        verdict = {True: "met", False: "NOT met", None: "undecided (neither median is known)"}[goal]
+        print(f"goal: the default command (downpour-6) reaches 98% sooner than {best}: {verdict}")
 
 
 def main(argv=None) -> int:
@@ -394,6 +410,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 1 repetition, Downpour at 6 ranks and the first of --ranks, 2 s of training per run")
     ap.add_argument("--json-out", help="write every run and the summary here")
+    ap.add_argument("--table-from", metavar="JSON", help="print the table of a --json-out file again, run nothing")
     ap.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -402,6 +419,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--stop-at", type=float, default=max(TARGETS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.table_from:
+        return reprint(args.table_from)
     if args.torch_worker:
         torch_worker(args)
         return 0
@@ -453,9 +472,9 @@ def main(argv=None) -> int:
                     record["runs"].append(run)
                     continue
                 t0 = time.monotonic()
-                status, records, tail = run_monitored(cmds, log, stop_at=max(TARGETS), limit=args.limit,
+                status, records, tail, note = run_monitored(cmds, log, stop_at=max(TARGETS), limit=args.limit,
                                                       timeout=args.limit + args.startup, env=env)
-                run.update(status=status, wall_s=time.monotonic() - t0, evaluations=len(records),
+                run.update(status=status, note=note, wall_s=time.monotonic() - t0, evaluations=len(records),
                            final_test_accuracy=records[-1]["test_accuracy"] if records else None,
                            trained_s=training_time(records[-1]) if records else None)
                 for t in TARGETS:
@@ -474,6 +493,22 @@ def main(argv=None) -> int:
     save(record, configs, args)
     print_table(record, configs)
     return 1 if failed else 0
+
+
+def reprint(path) -> int:
+    """Print the table of a saved record (an older record's wall-time cut-offs, then called failures, count as
+    results when the run logged evaluations)."""
+    with open(path) as f:
+        record = json.load(f)
+    configs = list(dict.fromkeys((r["config"], r["kind"], r["n"]) for r in record["runs"]))
+    for run in record["runs"]:
+        if run["status"].startswith("failed (timed out") and run.get("evaluations"):
+            run["note"] = "stopped at the wall-time allowance, " + run["status"].split("after ")[1].rstrip(")")
+            run["status"] = "ok"
+    summarize(record, configs, argparse.Namespace(ranks=record["ranks"]))
+    record.setdefault("load_end", "not recorded")
+    print_table(record, configs)
+    return 0
 
 
 def save(record, configs, args):
