@@ -356,7 +356,7 @@ def print_table(record, configs):
           f"{record['repeats']} run(s) (n/r: the median run did not reach it; per run >T: not reached after T s of "
           f"training, when the run stopped at --limit {record['limit']:g} s or at its wall-time allowance); "
           f"ratio = median / median of the best PyTorch configuration ({best or 'none measured'})")
-    head = f"{'configuration':<16} {'command':<44} {'95%':>7} {'98%':>7} {'x95':>5} {'x98':>5}  per run (95% / 98%)"
+    head = f"{'configuration':<16} {'command':<48} {'95%':>7} {'98%':>7} {'x95':>5} {'x98':>5}  per run (95% / 98%)"
     print(head)
     print("-" * len(head))
 
@@ -367,7 +367,7 @@ def print_table(record, configs):
         e = s[name]
         label = name + (" *" if name == record.get("best_ranks") else "")
         if e["ok"] == 0:
-            print(f"{label:<16} {e['command'] or '':<44} {e['status']}")
+            print(f"{label:<16} {e['command'] or '':<48} {e['status']}")
             continue
         ratios = []
         for t in TARGETS:
@@ -382,7 +382,7 @@ def print_table(record, configs):
             return f"{got:.1f}" if got is not None else f">{r['trained_s']:.0f}"
 
         per = " ".join("/".join(one(r, t) for t in TARGETS) for r in runs)
-        print(f"{label:<16} {e['command']:<44} {fmt(e['median_0.95'])} {fmt(e['median_0.98'])} "
+        print(f"{label:<16} {e['command']:<48} {fmt(e['median_0.95'])} {fmt(e['median_0.98'])} "
               f"{fmt(ratios[0], 5, '.2f')} {fmt(ratios[1], 5, '.2f')}  {per}")
     if record.get("best_ranks"):
         print(f"* best Downpour rank count of {', '.join(str(r) for r in record['ranks'])}: {record['best_ranks']} "
