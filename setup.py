@@ -27,6 +27,8 @@ setup(
         # matplotlib so that the suite also draws a real plot (asyncsgd.plot) rather than skipping it
         "test": ["pytest>=7", "pytest-mpi>=0.6", "pytest-timeout>=2.1", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],
+        # benchmarks/bench_conv.py and bench_peers.py compare against PyTorch; never needed by the tests
+        "bench": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["asyncsgd-train=asyncsgd.train:main"]},
 )
