@@ -369,6 +369,9 @@ class Hosts:
         if flavour == "openmpi":
             env.setdefault("OMPI_MCA_pml", "ob1")
             env.setdefault("OMPI_MCA_btl", "self,sm,tcp")
+            # Open MPI's one-sided operations over TCP are software-emulated (an Accumulate is lock + get + add +
+            # put + unlock across the network): the parameter store uses messages served by a thread instead.
+            env.setdefault("ASYNCSGD_STORE", "messages")
             cmd = [mpiexec, "--timeout", job_timeout,
                    "--mca", "plm_rsh_agent", self.launcher,
                    "--mca", "btl_tcp_if_include", DEVICE, "--mca", "oob_tcp_if_include", DEVICE]
