@@ -25,7 +25,7 @@ import numpy
 from mpi4py import MPI
 
 from ..mpiutil import polled_barrier
-from .sharded import DTYPE, ShardedParameters, _as_count, _chunks, shard_bounds
+from .sharded import _OWN_HISTORY, DTYPE, ShardedParameters, _as_count, _chunks, shard_bounds
 
 __all__ = ["ServedParameters", "open_store", "TRANSPORTS", "STORE_ENV"]
 
@@ -201,6 +201,7 @@ class ServedParameters(ShardedParameters):
         self._fetch_overlap = 0
         self.pushes = self.push_bytes = self.fetches = 0
         self._params = self._sums = None
+        self._deferred = []                 # (MPI request, callback) of replies collected later (_defer)
 
         self._comm = comm.Dup()
         self._own(self._comm)
@@ -234,7 +235,8 @@ class ServedParameters(ShardedParameters):
         One round trip for all the shards instead of one per shard.  A rank has at most one request in flight
         per server, and every buffer stays referenced (``keep``) until ``Waitall`` has completed it.
         """
-        pending, keep = [], []
+        pending, keep = [r for r, _ in self._deferred], []
+        done, self._deferred = [f for _, f in self._deferred], []
         for server, header, payloads, reply in requests:
             if reply is None:
                 reply = numpy.zeros(1, numpy.int64)
@@ -246,6 +248,24 @@ class ServedParameters(ShardedParameters):
             for buf in payloads:
                 pending.append(self._requests.Isend(buf, dest=server, tag=_PAYLOAD))
         MPI.Request.Waitall(pending)
+        for finish in done:
+            finish()
+
+    def _defer(self, server: int, header, finish):
+        """Send a request whose reply is needed later: ``finish(reply value)`` runs when the next exchange (or
+        ``_settle``) has it.  Replies from one server arrive in request order, so the next exchange with that
+        server completes this one in the same round trip.
+        """
+        reply = numpy.zeros(1, numpy.int64)
+        head = numpy.array(header, numpy.int64)
+        recv = self._replies.Irecv([reply, MPI.INT64_T], source=server, tag=_REPLY)
+        send = self._requests.Isend([head, MPI.INT64_T], dest=server, tag=_REQUEST)
+        self._deferred += [(recv, lambda: finish(int(reply[0]))), (send, lambda: head)]
+
+    def _settle(self):
+        """Wait for every deferred reply."""
+        if self._deferred:
+            self._exchange([])
 
     def _get_all(self, win, out: numpy.ndarray) -> numpy.ndarray:
         # ``win`` is the RMA store's window argument (unused here): fetch and read_all are inherited.
@@ -267,6 +287,40 @@ class ServedParameters(ShardedParameters):
             else:
                 rounds.append([req])
         return rounds
+
+    # ---------------------------------------------------------------- deferred counter replies
+
+    def fetch(self, out: numpy.ndarray) -> int:
+        self._check_alive()
+        out = self._buffer(out, "out", writeable=True)
+        version = self._counter.landed()
+        self._get_all(None, out)
+        # ``started`` after the reads, as ShardedParameters.fetch; its reply is only needed for fetch_overlap.
+        self._defer(0, (_COUNTER, _STARTED, 0, 0), lambda started: setattr(self, "_fetch_overlap", started - version))
+        self.fetches += 1
+        return version
+
+    fetch.__doc__ = ShardedParameters.fetch.__doc__
+
+    @property
+    def fetch_overlap(self) -> int:
+        self._settle()
+        return self._fetch_overlap
+
+    def _land_push(self):
+        # As ShardedParameters._land_push (the data is applied at every server), but the position the push fell at
+        # is collected with the next request to rank 0: a push costs two round trips instead of three.
+        self._defer(0, (_COUNTER, _LANDED, 1, 0), self._remember_landed)
+
+    def _remember_landed(self, position: int):
+        self._own_landed.append(position)
+        if len(self._own_landed) > 2 * _OWN_HISTORY:
+            self._own_floor = self._own_landed[_OWN_HISTORY - 1] + 1
+            del self._own_landed[:_OWN_HISTORY]
+
+    def version(self) -> int:
+        self._check_alive()
+        return self._counter.landed()      # ordered after this rank's deferred land (same server, same tag)
 
     # ---------------------------------------------------------------- pushes
 
@@ -340,6 +394,7 @@ class ServedParameters(ShardedParameters):
         """Stop the server threads and free the communicators (collective over the store's ranks); idempotent."""
         if self._freed:
             return
+        self._settle()
         self._freed = True
         self._work = []
         polled_barrier(self._comm)          # every rank's requests have been answered
