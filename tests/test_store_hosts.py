@@ -61,7 +61,12 @@ def run_program(python, program: str, n_ranks: int, *, timeout: float = 150, rat
 
 
 def test_passive_target_progress_across_hosts(python):
-    """Servers compute for 2 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly."""
+    """Servers compute for 4 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly.
+
+    Without progress an operation waits until its servers are done (up to 4 s); with it, each takes a few round
+    trips: 0.13-0.17 s under MPICH (RMA), 0.6-1.0 s under Open MPI (served store) on the loaded 2-core machine.
+    Half the computation separates the two whatever the load.
+    """
     result = run_program(python, "progress", 6)
     assert result["store"] == [TRANSPORT[mpi_flavour_of(python)]] * 6
     assert result["failures"] == [], "\n".join(result["failures"])
@@ -69,17 +74,23 @@ def test_passive_target_progress_across_hosts(python):
     slowest = max(result["op_seconds"])
     print(f"slowest fetch/push to busy servers across hosts: {slowest * 1e3:.1f} ms "
           f"(servers busy {result['busy_s'][0]} s)")
-    assert slowest < 0.5, result["op_seconds"]      # without progress an operation waits out the 2 s computation
+    assert slowest < result["busy_s"][0] / 2, result["op_seconds"]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(560)
 def test_concurrent_pushes_across_hosts_lose_no_update(python):
-    """5 workers on 3 hosts push 2,000 integer deltas each; the 3 shards (one per host) hold the exact sum."""
-    result = run_program(python, "lost-update", N_HOSTS + 5)
+    """5 workers on 3 hosts push 2,000 integer deltas each; the 3 shards (one per host) hold the exact sum.
+
+    MPICH (RMA) takes 10-40 s; Open MPI (served store, 2 round trips per push through Python threads) 3-5 min on
+    the loaded 2-core machine, hence its longer bound.
+    """
+    openmpi = mpi_flavour_of(python) == "openmpi"
+    result = run_program(python, "lost-update", N_HOSTS + 5, timeout=480 if openmpi else 150)
     assert result["store"] == [TRANSPORT[mpi_flavour_of(python)]] * (N_HOSTS + 5)
     assert result["failures"] == [], "\n".join(result["failures"])
     assert result["hosts"] == [f"host{h}" for h in spread(N_HOSTS + 5)]
-    print(f"5 x {N_PUSHES} pushes across 3 hosts: {result['elapsed_s'][0]:.1f} s")
+    print(f"5 x {N_PUSHES} pushes across 3 hosts ({result['store'][0]}): {result['elapsed_s'][0]:.1f} s")
     assert result["version"] == [5 * N_PUSHES]
 
 
@@ -139,7 +150,7 @@ def _progress_program(comm):
     from asyncsgd.mpiutil import polled_barrier
     from asyncsgd.store import open_store
 
-    busy_s, n = 2.0, 30_000
+    busy_s, n = 4.0, 30_000
     failures, times = [], []
     workers = comm.size - N_HOSTS
     with open_store(comm, n, n_servers=N_HOSTS) as store:
@@ -152,7 +163,7 @@ def _progress_program(comm):
         else:
             out = np.empty(n, np.float32)
             time.sleep(0.2)                     # the servers are computing now
-            for _ in range(10):
+            for _ in range(10):             # about 1-2 s of operations, all while the servers compute
                 start = time.monotonic()
                 v = store.fetch(out)
                 store.push(np.ones(n, np.float32), base_version=v)
