@@ -109,7 +109,8 @@ def test_downpour_fsdd_across_three_hosts(python, tmp_path):
         took = time.monotonic() - start
     assert out.returncode == 0, out.stdout[-3000:]
     s = json.loads(summary.read_text())
-    print(f"FSDD across 3 hosts: test accuracy {s['test_accuracy']:.3f} in {took:.0f} s")
+    print(f"FSDD across 3 hosts: test accuracy {s['test_accuracy']:.3f}, {s['steps']} steps, {s['samples']} samples "
+          f"in {took:.0f} s")
     assert s["servers"] == 3 and s["workers"] == 3
     if mpi_flavour_of(python) == "openmpi":
         # Every store operation between hosts takes 40-80 ms under Open MPI (see OPENMPI_RMA), so 25 s train far
