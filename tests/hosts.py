@@ -357,7 +357,9 @@ class Hosts:
 
         Between hosts MPI must use TCP on the hosts' interface, never shared memory (all hosts share one kernel,
         and UCX, MPICH's default netmod in the PyPI build, finds and uses shared memory across namespaces): MPICH
-        gets libfabric's tcp provider, Open MPI its ob1 messaging over the tcp and sm transports.
+        gets libfabric's tcp provider, Open MPI its ob1 messaging over the tcp and sm transports.  Open MPI jobs
+        also get ``ASYNCSGD_STORE=messages`` (unless ``env`` names one): its RMA over TCP is emulated in software,
+        so the parameter store is served by threads over messages instead (docs/NETWORK.md).
         """
         placement = self._placement(placement)
         python = python or sys.executable
