@@ -41,6 +41,7 @@ _HEADER = 4                             # int64 words of a header: kind, a, b, c
 # of the thread gives the GIL up and must get it back from a main thread that may be busy in Python, so each step of
 # a request waited up to 5 ms: a fetch + push (10 requests) against servers busy in pure Python took 0.7 s.
 _SWITCH_INTERVAL = 0.0005
+_JOIN_TIMEOUT = 10.0                    # s to wait for a stopping server thread
 _STARTED, _LANDED = 0, 1                # the two counters (as in counter.py)
 
 
@@ -122,7 +123,8 @@ class _ShardServer:
         """Stop serving and join the thread; idempotent."""
         self._stopping.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            # Bounded: abandoned after an exception, the thread may be blocked sending to a rank that died.
+            self._thread.join(timeout=_JOIN_TIMEOUT)
         if self._saved_switch is not None:
             sys.setswitchinterval(self._saved_switch)
             self._saved_switch = None
@@ -232,8 +234,9 @@ class ServedParameters(ShardedParameters):
     def _exchange(self, requests):
         """Send every ``(server, header, payloads, reply buffer or None)`` at once and wait for all the replies.
 
-        One round trip for all the shards instead of one per shard.  A rank has at most one request in flight
-        per server, and every buffer stays referenced (``keep``) until ``Waitall`` has completed it.
+        One round trip for all the shards instead of one per shard.  A rank has at most one request with a payload
+        in flight per server (a server reads a request's payload right after its header), replies from one server
+        arrive in request order, and every buffer stays referenced (``keep``) until ``Waitall`` has completed it.
         """
         pending, keep = [r for r, _ in self._deferred], []
         done, self._deferred = [f for _, f in self._deferred], []
@@ -296,7 +299,8 @@ class ServedParameters(ShardedParameters):
         version = self._counter.landed()
         self._get_all(None, out)
         # ``started`` after the reads, as ShardedParameters.fetch; its reply is only needed for fetch_overlap.
-        self._defer(0, (_COUNTER, _STARTED, 0, 0), lambda started: setattr(self, "_fetch_overlap", started - version))
+        self._defer(0, (_COUNTER, _STARTED, 0, 0),
+                    lambda started: setattr(self, "_fetch_overlap", started - version))
         self.fetches += 1
         return version
 
