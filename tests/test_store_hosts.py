@@ -113,9 +113,9 @@ def test_downpour_fsdd_across_three_hosts(python, tmp_path):
           f"in {took:.0f} s")
     assert s["servers"] == 3 and s["workers"] == 3
     if mpi_flavour_of(python) == "openmpi":
-        # Every store operation between hosts takes 40-80 ms under Open MPI (see OPENMPI_RMA), so 25 s train far
-        # fewer steps: 0.63 on a quiet machine, 0.17 (half an epoch) in a loaded CI run.  Ask only that it trained
-        # and ended cleanly; the transport's failures are the xfail cases above.
+        # Every store round trip between hosts costs several times MPICH's under Open MPI (see TRANSPORT), so 25 s
+        # train far fewer steps: accuracy 0.16 at a load average of 50 (the RMA store: 0.63 on a quieter machine,
+        # 0.17 loaded).  Ask that it trained and ended cleanly; no lost update is the lost-update test's job.
         assert s["steps"] > 0 and s["samples"] > 0, s
     else:
         assert s["test_accuracy"] >= 0.8, s  # MPICH: 0.92 measured; chance is 0.1
