@@ -95,15 +95,20 @@ def test_concurrent_pushes_across_hosts_lose_no_update(python):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(280)
 def test_downpour_fsdd_across_three_hosts(python, tmp_path):
-    """`python -m asyncsgd.train --servers 3` on 6 ranks over 3 hosts, 1 Gbit/s links: exit 0, FSDD learnt."""
+    """`python -m asyncsgd.train --servers 3` on 6 ranks over 3 hosts, 1 Gbit/s links: exit 0, FSDD learnt.
+
+    Training stops at 0.85 validation accuracy or after 100 s (MPICH reached 0.92 in 25 s on a quieter machine;
+    a fixed 25 s reached only 0.60 under MPICH at a load average of 40, 85 steps).
+    """
     summary = tmp_path / "summary.json"
-    argv = ["{python}", "-m", "asyncsgd.train", "--servers", "3", "--time-limit", "25", "--progress", "none",
-            "--summary-json", str(summary)]
+    argv = ["{python}", "-m", "asyncsgd.train", "--servers", "3", "--time-limit", "100", "--target-accuracy", "0.85",
+            "--progress", "none", "--summary-json", str(summary)]
     with Hosts(N_HOSTS, rate="1gbit") as hosts:
         start = time.monotonic()
         try:
-            out = hosts.run_mpi(spread(6), argv, timeout=150, python=python)
+            out = hosts.run_mpi(spread(6), argv, timeout=200, python=python)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"training across hosts did not end:\n{(exc.output or '')[-3000:]}")
         took = time.monotonic() - start
@@ -112,13 +117,10 @@ def test_downpour_fsdd_across_three_hosts(python, tmp_path):
     print(f"FSDD across 3 hosts: test accuracy {s['test_accuracy']:.3f}, {s['steps']} steps, {s['samples']} samples "
           f"in {took:.0f} s")
     assert s["servers"] == 3 and s["workers"] == 3
-    if mpi_flavour_of(python) == "openmpi":
-        # Every store round trip between hosts costs several times MPICH's under Open MPI (see TRANSPORT), so 25 s
-        # train far fewer steps: accuracy 0.16 at a load average of 50 (the RMA store: 0.63 on a quieter machine,
-        # 0.17 loaded).  Ask that it trained and ended cleanly; no lost update is the lost-update test's job.
-        assert s["steps"] > 0 and s["samples"] > 0, s
-    else:
-        assert s["test_accuracy"] >= 0.8, s  # MPICH: 0.92 measured; chance is 0.1
+    # 0.89 under both MPIs at a load average of 30-40 (MPICH: 364 steps, RMA store; Open MPI: 191 steps, served
+    # store, whose round trips cost several times MPICH's); chance is 0.1.
+    assert s["steps"] > 0 and s["samples"] > 0, s
+    assert s["test_accuracy"] >= 0.8, s
 
 
 # ---------------------------------------------------------------------------------------------- rank programs
