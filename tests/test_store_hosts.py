@@ -63,9 +63,10 @@ def run_program(python, program: str, n_ranks: int, *, timeout: float = 150, rat
 def test_passive_target_progress_across_hosts(python):
     """Servers compute for 4 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly.
 
-    Without progress an operation waits until its servers are done (up to 4 s); with it, each takes a few round
-    trips: 0.13-0.17 s under MPICH (RMA), 0.6-1.0 s under Open MPI (served store) on the loaded 2-core machine.
-    Half the computation separates the two whatever the load.
+    Without progress an operation waits until its servers are done (the workers start 0.2 s into the servers' 4 s,
+    so at least 3.8 s); with it, each takes a few round trips: 0.13-0.50 s under MPICH (RMA), 0.6-1.0 s under Open
+    MPI (served store) on the 2-core machine at a load average of 30-50, 2.4 s once with a benchmark running beside.
+    Three quarters of the computation (3 s) separates the two.
     """
     result = run_program(python, "progress", 6)
     assert result["store"] == [TRANSPORT[mpi_flavour_of(python)]] * 6
@@ -74,7 +75,7 @@ def test_passive_target_progress_across_hosts(python):
     slowest = max(result["op_seconds"])
     print(f"slowest fetch/push to busy servers across hosts: {slowest * 1e3:.1f} ms "
           f"(servers busy {result['busy_s'][0]} s)")
-    assert slowest < result["busy_s"][0] / 2, result["op_seconds"]
+    assert slowest < 0.75 * result["busy_s"][0], result["op_seconds"]
 
 
 @pytest.mark.slow
