@@ -72,12 +72,12 @@ def rank_program(sizes: list, budget_s: float, blocks: list):
     from mpi4py import MPI
 
     from asyncsgd.mpiutil import polled_barrier
-    from asyncsgd.store import ShardedParameters
+    from asyncsgd.store import open_store  # ASYNCSGD_STORE (tests/hosts.py: messages under Open MPI)
 
     comm = MPI.COMM_WORLD
     results = []
     for n in sizes:
-        with ShardedParameters(comm, n, n_servers=1) as store:
+        with open_store(comm, n, n_servers=1) as store:
             polled_barrier(comm)
             if comm.rank == 1:
                 rng = np.random.default_rng(0)

@@ -357,7 +357,9 @@ class Hosts:
 
         Between hosts MPI must use TCP on the hosts' interface, never shared memory (all hosts share one kernel,
         and UCX, MPICH's default netmod in the PyPI build, finds and uses shared memory across namespaces): MPICH
-        gets libfabric's tcp provider, Open MPI its ob1 messaging over the tcp and sm transports.
+        gets libfabric's tcp provider, Open MPI its ob1 messaging over the tcp and sm transports.  Open MPI jobs
+        also get ``ASYNCSGD_STORE=messages`` (unless ``env`` names one): its RMA over TCP is emulated in software,
+        so the parameter store is served by threads over messages instead (docs/NETWORK.md).
         """
         placement = self._placement(placement)
         python = python or sys.executable
@@ -369,6 +371,9 @@ class Hosts:
         if flavour == "openmpi":
             env.setdefault("OMPI_MCA_pml", "ob1")
             env.setdefault("OMPI_MCA_btl", "self,sm,tcp")
+            # Open MPI's one-sided operations over TCP are software-emulated (an Accumulate is lock + get + add +
+            # put + unlock across the network): the parameter store uses messages served by a thread instead.
+            env.setdefault("ASYNCSGD_STORE", "messages")
             cmd = [mpiexec, "--timeout", job_timeout,
                    "--mca", "plm_rsh_agent", self.launcher,
                    "--mca", "btl_tcp_if_include", DEVICE, "--mca", "oob_tcp_if_include", DEVICE]

@@ -104,8 +104,9 @@ def test_link_limit_slows_transfers_between_hosts_but_not_within_one(python):
     # the link limit governs the transfer between hosts: MPI really goes over the network
     assert limited["seconds"][2] >= 0.8 * at_rate
     assert limited["seconds"][2] >= 5 * free["seconds"][2]
-    # ranks on one host still use shared memory: the limit does not touch them
-    assert limited["seconds"][1] <= limited["seconds"][2] / 5
+    # ranks on one host still use shared memory: the limit does not touch them (1-7 ms on a quiet machine, 70 ms
+    # at a load average of 40, where a link-limited transfer takes at least 0.8 x 340 ms)
+    assert limited["seconds"][1] <= at_rate / 3
     assert leftovers(os.getpid()) == []
 
 

@@ -25,11 +25,12 @@ pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=f"no hosts he
 
 N_HOSTS = 3
 N_PUSHES = 2000                 # per worker, as in tests/test_store.py
-# Open MPI 5.0.11 (PyPI) between hosts: its one-sided operations go through osc/rdma emulated over btl/tcp, where
-# each fetch + push takes 40-80 ms even with an idle target (MPICH: ~6 ms), does not progress while the target
-# computes (the store's progress thread does not help), and 5 workers x 2,000 pushes did not finish in 280 s.
-OPENMPI_RMA = ("Open MPI's osc/rdma over btl/tcp between hosts: passive-target operations wait for a computing "
-               "target and take 40-80 ms each (docs/NETWORK.md)")
+# The store's transport in each job (tests/hosts.py sets it): MPICH moves the parameters with RMA over libfabric's
+# tcp provider; under Open MPI 5.0.11 (PyPI) one-sided operations between hosts are emulated in software (an
+# Accumulate is lock + get + add + put + unlock across the network: 5 workers x 2,000 pushes did not finish in
+# 280 s), so jobs there use the store served by a thread on each server rank (ASYNCSGD_STORE=messages,
+# asyncsgd/store/served.py).  docs/NETWORK.md has the measurements.
+TRANSPORT = {"mpich": "rma", "openmpi": "messages"}
 
 
 def spread(n_ranks: int) -> list:
@@ -59,55 +60,68 @@ def run_program(python, program: str, n_ranks: int, *, timeout: float = 150, rat
     raise AssertionError(f"{program} printed no result (exit {out.returncode}):\n{out.stdout[-3000:]}")
 
 
-def test_passive_target_progress_across_hosts(python, request):
-    """Servers compute for 2 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly."""
-    if mpi_flavour_of(python) == "openmpi":
-        request.applymarker(pytest.mark.xfail(reason=OPENMPI_RMA, strict=True))
+def test_passive_target_progress_across_hosts(python):
+    """Servers compute for 6 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly.
+
+    Without progress an operation waits until its servers are done (the workers start 0.2 s into the servers' 6 s,
+    so at least 5.8 s); with it, each takes a few round trips: slowest 0.13-0.50 s under MPICH (RMA), 0.27-2.9 s
+    under Open MPI (served store) on the shared 2-core machine at load averages of 15-50.  Three quarters of the
+    computation (4.5 s) separates the two.
+    """
     result = run_program(python, "progress", 6)
+    assert result["store"] == [TRANSPORT[mpi_flavour_of(python)]] * 6
     assert result["failures"] == [], "\n".join(result["failures"])
     assert result["hosts"] == ["host0", "host1", "host2"] * 2
     slowest = max(result["op_seconds"])
     print(f"slowest fetch/push to busy servers across hosts: {slowest * 1e3:.1f} ms "
           f"(servers busy {result['busy_s'][0]} s)")
-    assert slowest < 0.5, result["op_seconds"]      # without progress an operation waits out the 2 s computation
+    assert slowest < 0.75 * result["busy_s"][0], result["op_seconds"]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(560)
 def test_concurrent_pushes_across_hosts_lose_no_update(python):
-    """5 workers on 3 hosts push 2,000 integer deltas each; the 3 shards (one per host) hold the exact sum."""
-    if mpi_flavour_of(python) == "openmpi":
-        pytest.xfail(f"not run (would end only at the job timeout): {OPENMPI_RMA}")
-    result = run_program(python, "lost-update", N_HOSTS + 5)
+    """5 workers on 3 hosts push 2,000 integer deltas each; the 3 shards (one per host) hold the exact sum.
+
+    MPICH (RMA) takes 10-40 s; Open MPI (served store, 2 round trips per push through Python threads) 3-5 min on
+    the loaded 2-core machine, hence its longer bound.
+    """
+    openmpi = mpi_flavour_of(python) == "openmpi"
+    result = run_program(python, "lost-update", N_HOSTS + 5, timeout=480 if openmpi else 150)
+    assert result["store"] == [TRANSPORT[mpi_flavour_of(python)]] * (N_HOSTS + 5)
     assert result["failures"] == [], "\n".join(result["failures"])
     assert result["hosts"] == [f"host{h}" for h in spread(N_HOSTS + 5)]
-    print(f"5 x {N_PUSHES} pushes across 3 hosts: {result['elapsed_s'][0]:.1f} s")
+    print(f"5 x {N_PUSHES} pushes across 3 hosts ({result['store'][0]}): {result['elapsed_s'][0]:.1f} s")
     assert result["version"] == [5 * N_PUSHES]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(280)
 def test_downpour_fsdd_across_three_hosts(python, tmp_path):
-    """`python -m asyncsgd.train --servers 3` on 6 ranks over 3 hosts, 1 Gbit/s links: exit 0, FSDD learnt."""
+    """`python -m asyncsgd.train --servers 3` on 6 ranks over 3 hosts, 1 Gbit/s links: exit 0, FSDD learnt.
+
+    Training stops at 0.85 validation accuracy or after 100 s (MPICH reached 0.92 in 25 s on a quieter machine;
+    a fixed 25 s reached only 0.60 under MPICH at a load average of 40, 85 steps).
+    """
     summary = tmp_path / "summary.json"
-    argv = ["{python}", "-m", "asyncsgd.train", "--servers", "3", "--time-limit", "25", "--progress", "none",
-            "--summary-json", str(summary)]
+    argv = ["{python}", "-m", "asyncsgd.train", "--servers", "3", "--time-limit", "100", "--target-accuracy", "0.85",
+            "--progress", "none", "--summary-json", str(summary)]
     with Hosts(N_HOSTS, rate="1gbit") as hosts:
         start = time.monotonic()
         try:
-            out = hosts.run_mpi(spread(6), argv, timeout=150, python=python)
+            out = hosts.run_mpi(spread(6), argv, timeout=200, python=python)
         except subprocess.TimeoutExpired as exc:
             pytest.fail(f"training across hosts did not end:\n{(exc.output or '')[-3000:]}")
         took = time.monotonic() - start
     assert out.returncode == 0, out.stdout[-3000:]
     s = json.loads(summary.read_text())
-    print(f"FSDD across 3 hosts: test accuracy {s['test_accuracy']:.3f} in {took:.0f} s")
+    print(f"FSDD across 3 hosts: test accuracy {s['test_accuracy']:.3f}, {s['steps']} steps, {s['samples']} samples "
+          f"in {took:.0f} s")
     assert s["servers"] == 3 and s["workers"] == 3
-    if mpi_flavour_of(python) == "openmpi":
-        # Every store operation between hosts takes 40-80 ms under Open MPI (see OPENMPI_RMA), so 25 s train far
-        # fewer steps: 0.63 on a quiet machine, 0.17 (half an epoch) in a loaded CI run.  Ask only that it trained
-        # and ended cleanly; the transport's failures are the xfail cases above.
-        assert s["steps"] > 0 and s["samples"] > 0, s
-    else:
-        assert s["test_accuracy"] >= 0.8, s  # MPICH: 0.92 measured; chance is 0.1
+    # 0.89 under both MPIs at a load average of 30-40 (MPICH: 364 steps, RMA store; Open MPI: 191 steps, served
+    # store, whose round trips cost several times MPICH's); chance is 0.1.
+    assert s["steps"] > 0 and s["samples"] > 0, s
+    assert s["test_accuracy"] >= 0.8, s
 
 
 # ---------------------------------------------------------------------------------------------- rank programs
@@ -128,17 +142,22 @@ def _finish(comm, failures: list, **measured):
         print("RESULT " + json.dumps(result), flush=True)
 
 
+def _transport(store) -> str:
+    from asyncsgd.store import ServedParameters
+    return "messages" if isinstance(store, ServedParameters) else "rma"
+
+
 def _progress_program(comm):
     """Ranks 0-2 serve and compute for BUSY_S without MPI; each worker fetches and pushes 10 times meanwhile."""
     import numpy as np
 
     from asyncsgd.mpiutil import polled_barrier
-    from asyncsgd.store import ShardedParameters
+    from asyncsgd.store import open_store
 
-    busy_s, n = 2.0, 30_000
+    busy_s, n = 6.0, 30_000
     failures, times = [], []
     workers = comm.size - N_HOSTS
-    with ShardedParameters(comm, n, n_servers=N_HOSTS) as store:
+    with open_store(comm, n, n_servers=N_HOSTS) as store:
         polled_barrier(comm)
         if store.is_server:
             end = time.monotonic() + busy_s
@@ -148,7 +167,7 @@ def _progress_program(comm):
         else:
             out = np.empty(n, np.float32)
             time.sleep(0.2)                     # the servers are computing now
-            for _ in range(10):
+            for _ in range(10):             # about 1-2 s of operations, all while the servers compute
                 start = time.monotonic()
                 v = store.fetch(out)
                 store.push(np.ones(n, np.float32), base_version=v)
@@ -157,7 +176,8 @@ def _progress_program(comm):
         got = store.read_all()
         if not np.array_equal(got, np.full(n, 10 * workers, np.float32)):
             failures.append(f"store holds {np.unique(got)}, expected {10 * workers} everywhere")
-    _finish(comm, failures, op_seconds=max(times) if times else None, busy_s=busy_s if comm.rank == 0 else None)
+    _finish(comm, failures, op_seconds=max(times) if times else None, busy_s=busy_s if comm.rank == 0 else None,
+            store=_transport(store))
 
 
 def _lost_update_program(comm):
@@ -165,7 +185,7 @@ def _lost_update_program(comm):
     import numpy as np
 
     from asyncsgd.mpiutil import polled_barrier
-    from asyncsgd.store import ShardedParameters
+    from asyncsgd.store import open_store
 
     n = 37
     workers = list(range(N_HOSTS, comm.size))
@@ -174,7 +194,7 @@ def _lost_update_program(comm):
     initial = np.random.default_rng(7).integers(-50, 50, size=n).astype(np.float32)
     expected = initial + sum(d.sum(axis=0) for d in deltas.values())
     failures = []
-    with ShardedParameters(comm, n, n_servers=N_HOSTS, initial=initial) as store:
+    with open_store(comm, n, n_servers=N_HOSTS, initial=initial) as store:
         polled_barrier(comm)
         start = time.monotonic()
         if comm.rank in workers:
@@ -201,7 +221,7 @@ def _lost_update_program(comm):
             failures.append(f"lost updates: {got - expected}")
         version = store.version()
     _finish(comm, failures, elapsed_s=elapsed if comm.rank == 0 else None,
-            version=version if comm.rank == 0 else None)
+            version=version if comm.rank == 0 else None, store=_transport(store))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from ..faults import fault_point
 from ..mpiutil import polled_barrier
 from ..schedule import global_progress
 from ..sparse import select_topk_blocks
-from ..store import ShardedParameters
+from ..store import ShardedParameters, open_store
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
 from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
 from .downpour_recovery import Recovery
@@ -489,8 +489,8 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
     schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
     fault_tolerant = ft.resolve(cfg.fault_tolerance, cfg.optimizer)
-    store = ShardedParameters(comm, init.n_params, n_servers=n_servers, initial=initial,
-                              adagrad=cfg.optimizer == "adagrad")
+    store = open_store(comm, init.n_params, n_servers=n_servers, initial=initial,  # ASYNCSGD_STORE picks
+                       adagrad=cfg.optimizer == "adagrad")
     board = JobBoard(comm, n_workers)
     # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
     # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.

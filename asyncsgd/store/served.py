@@ -1,0 +1,413 @@
+"""The parameter store served by a thread on each server rank, with two-sided messages instead of RMA windows.
+
+Why it exists (docs/NETWORK.md): between hosts, Open MPI 5.0 (PyPI) has no RMA transport over TCP that does not
+emulate one-sided operations in software.  osc/rdma over btl/tcp (and osc/ucx over UCX's tcp transport) turn every
+``MPI_Accumulate`` into lock + get + add + put + unlock, each step an active message that waits for the target's
+progress engine, and workers pushing concurrently spin on that lock across the network: 5 workers x 2,000 pushes
+did not finish in 280 s.  Here each server rank runs a thread that receives requests (fetch a shard, add a delta,
+add a sparse delta, replace, bump or read a version counter) on a private communicator and applies them to its
+shard itself: one request and one reply per shard per operation, whatever the MPI.  The thread applies requests one
+at a time, so a push is atomic per shard (as ``Accumulate`` is per element) and no update is lost.
+
+``ServedParameters`` has the interface of ``ShardedParameters`` (the staleness bookkeeping is inherited unchanged;
+only the data movement differs) except Adagrad, which needs the RMA store.  ``open_store`` picks the store:
+``transport="messages"`` (or the environment's ``ASYNCSGD_STORE=messages``) for this one, else the RMA store.
+Needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default, granted by both PyPI MPIs).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+
+import numpy
+from mpi4py import MPI
+
+from ..mpiutil import polled_barrier
+from .sharded import _OWN_HISTORY, DTYPE, ShardedParameters, _as_count, _chunks, shard_bounds
+
+__all__ = ["ServedParameters", "open_store", "TRANSPORTS", "STORE_ENV"]
+
+TRANSPORTS = ("rma", "messages")
+STORE_ENV = "ASYNCSGD_STORE"            # the transport used when a caller names none
+
+# Request kinds (the first int64 of a request header) and the tags of the private communicators.
+_FETCH, _ADD, _ADD_SPARSE, _REPLACE, _COUNTER = range(5)
+_REQUEST, _PAYLOAD = 1, 2              # on the request communicator: headers, then their payloads
+_REPLY = 3                              # on the reply communicator
+_HEADER = 4                             # int64 words of a header: kind, a, b, c
+# While a server thread runs, Python hands the GIL over at least this often (the default is 5 ms).  Every MPI call
+# of the thread gives the GIL up and must get it back from a main thread that may be busy in Python, so each step of
+# a request waited up to 5 ms: a fetch + push (10 requests) against servers busy in pure Python took 0.7 s.
+_SWITCH_INTERVAL = 0.0005
+_JOIN_TIMEOUT = 10.0                    # s to wait for a stopping server thread
+_STARTED, _LANDED = 0, 1                # the two counters (as in counter.py)
+
+
+def open_store(comm, n_params: int, *, transport: str | None = None, **kwargs):
+    """Return a ``ShardedParameters`` (``transport="rma"``) or a ``ServedParameters`` (``"messages"``).
+
+    ``transport=None`` reads ``ASYNCSGD_STORE`` (unset: "rma").  Every rank of ``comm`` must pick the same one.
+    The other keyword arguments are those of ``ShardedParameters``.
+    """
+    chosen = transport if transport is not None else (os.environ.get(STORE_ENV) or "rma")
+    if chosen not in TRANSPORTS:
+        origin = "transport" if transport is not None else STORE_ENV
+        raise ValueError(f"{origin}={chosen!r} is not a store transport: use one of {', '.join(TRANSPORTS)}")
+    cls = ServedParameters if chosen == "messages" else ShardedParameters
+    return cls(comm, n_params, **kwargs)
+
+
+class _Counters:
+    """The ``VersionCounter`` interface (``start``, ``land``, ``started``, ``landed``) served by rank ``root``."""
+
+    def __init__(self, client: "ServedParameters", root: int = 0):
+        self._client = client
+        self._root = root
+
+    def _op(self, slot: int, add: int) -> int:
+        reply = numpy.zeros(1, numpy.int64)
+        self._client._request(self._root, (_COUNTER, slot, add, 0), reply=reply)
+        return int(reply[0])
+
+    def start(self) -> int:
+        return self._op(_STARTED, 1)
+
+    def land(self) -> int:
+        return self._op(_LANDED, 1)
+
+    def started(self) -> int:
+        return self._op(_STARTED, 0)
+
+    def landed(self) -> int:
+        return self._op(_LANDED, 0)
+
+    def read(self) -> int:
+        return self.landed()
+
+
+class _ShardServer:
+    """The thread of a server rank: applies the requests of every rank to this rank's shard, one at a time.
+
+    Polls with ``Iprobe`` every ``interval`` seconds while idle (as ``ProgressThread``), drains every waiting
+    request before sleeping again, and ends on ``stop()``.
+    """
+
+    def __init__(self, requests, replies, shard: numpy.ndarray, counters, *, interval: float = 0.001):
+        self._requests, self._replies = requests, replies
+        self.shard = shard
+        self.counters = counters            # numpy int64 [2] on the counters' rank, else None
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="asyncsgd-shard-server", daemon=True)
+        self.served = 0
+        self._saved_switch = None
+        self.failed = None                  # the exception that ended the thread, if any
+
+    def start(self) -> "_ShardServer":
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise RuntimeError("the served store needs MPI_THREAD_MULTIPLE; leave mpi4py.rc.thread_level at its "
+                               "default ('multiple')")
+        self._saved_switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._saved_switch, _SWITCH_INTERVAL))
+        self._thread.start()
+        atexit.register(self.stop)          # before mpi4py's own exit hook finalizes MPI
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self):
+        """Stop serving and join the thread; idempotent."""
+        self._stopping.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            # Bounded: abandoned after an exception, the thread may be blocked sending to a rank that died.
+            self._thread.join(timeout=_JOIN_TIMEOUT)
+        if self._saved_switch is not None:
+            sys.setswitchinterval(self._saved_switch)
+            self._saved_switch = None
+        atexit.unregister(self.stop)
+
+    def _run(self):
+        status = MPI.Status()
+        header = numpy.zeros(_HEADER, numpy.int64)
+        try:
+            while not self._stopping.is_set():
+                if not self._requests.Iprobe(MPI.ANY_SOURCE, _REQUEST, status):
+                    self._stopping.wait(self._interval)
+                    continue
+                source = status.Get_source()
+                self._requests.Recv([header, MPI.INT64_T], source=source, tag=_REQUEST)
+                self._serve(source, *(int(v) for v in header))
+                self.served += 1
+        except Exception as exc:  # noqa: BLE001 - a rank died (ULFM) or a bug: say so, the clients cannot know
+            self.failed = exc
+            sys.stderr.write(f"asyncsgd: shard server thread stopped: {exc!r}\n")
+
+    def _serve(self, source: int, kind: int, a: int, b: int, c: int):
+        shard, requests = self.shard, self._requests
+        if kind == _FETCH:                  # [a, b) of the shard
+            self._replies.Send([shard[a:b], MPI.FLOAT], dest=source, tag=_REPLY)
+            return
+        if kind == _COUNTER:                # slot a, add b; reply the value before
+            before = self.counters[a:a + 1].copy()
+            self.counters[a] += b
+            self._replies.Send([before, MPI.INT64_T], dest=source, tag=_REPLY)
+            return
+        if kind in (_ADD, _REPLACE):        # a dense piece for [a, b)
+            piece = numpy.empty(b - a, DTYPE)
+            requests.Recv([piece, MPI.FLOAT], source=source, tag=_PAYLOAD)
+            if kind == _ADD:
+                shard[a:b] += piece
+            else:
+                shard[a:b] = piece
+        elif kind == _ADD_SPARSE:           # a unique shard-local indices (int64), then a values
+            idx = numpy.empty(a, numpy.int64)
+            vals = numpy.empty(a, DTYPE)
+            requests.Recv([idx, MPI.INT64_T], source=source, tag=_PAYLOAD)
+            requests.Recv([vals, MPI.FLOAT], source=source, tag=_PAYLOAD)
+            shard[idx] += vals              # indices are unique (the client deduplicates): no lost entry
+        self._replies.Send([numpy.zeros(1, numpy.int64), MPI.INT64_T], dest=source, tag=_REPLY)  # applied
+
+
+class ServedParameters(ShardedParameters):
+    """``ShardedParameters`` with the shards kept in server ranks' memory and served by a thread (see module).
+
+    Same constructor (``adagrad=True`` is refused: use the RMA store), same methods and staleness statement.
+    Collective over ``comm``: construction, ``free()`` and leaving the ``with`` block.
+    """
+
+    def __init__(self, comm, n_params: int, *, n_servers: int = 1, initial=None, adagrad: bool = False,
+                 version: int = 0):
+        n_params = _as_count(n_params, "n_params", minimum=1)
+        n_servers = _as_count(n_servers, "n_servers", minimum=1)
+        if adagrad:
+            raise ValueError("adagrad=True needs the RMA store: use transport='rma' (ASYNCSGD_STORE=rma)")
+        if n_servers > comm.size:
+            raise ValueError(f"n_servers={n_servers} exceeds the communicator's {comm.size} ranks: host the "
+                             f"shards on at most {comm.size} ranks")
+        if isinstance(version, bool) or not isinstance(version, (int, numpy.integer)) or version < 0:
+            raise ValueError(f"version must be a non-negative int (the version to start from), got {version!r}")
+        bounds = shard_bounds(n_params, n_servers)
+        if initial is not None:
+            initial = self._float_vector(initial, "initial", n_params)
+        # The fields ShardedParameters' inherited methods use (statistics, staleness history, scratch).
+        self._n_params, self._bounds, self._adagrad = n_params, bounds, False
+        self._freed = False
+        self._work = []
+        from array import array
+        self._own_landed = array("q")
+        self._own_floor = 0
+        self._fetch_overlap = 0
+        self.pushes = self.push_bytes = self.fetches = 0
+        self._params = self._sums = None
+        self._deferred = []                 # (MPI request, callback) of replies collected later (_defer)
+
+        self._comm = comm.Dup()
+        self._own(self._comm)
+        self._requests = self._comm.Dup()
+        self._replies = self._comm.Dup()
+        self._progress_comm = None
+        rank = self._comm.rank
+        self._is_server = rank < n_servers
+        self._progress = None               # this rank's _ShardServer (named as the RMA store's thread)
+        if self._is_server:
+            start, stop = bounds[rank]
+            shard = (numpy.zeros(stop - start, DTYPE) if initial is None
+                     else numpy.array(initial[start:stop], DTYPE))
+            counters = numpy.full(2, int(version), numpy.int64) if rank == 0 else None
+            self._progress = _ShardServer(self._requests, self._replies, shard, counters).start()
+        self._counter = _Counters(self)
+        polled_barrier(self._comm)          # every server listens before anyone asks
+
+    # ---------------------------------------------------------------- transport
+
+    def _request(self, server: int, header, *, payloads=(), reply=None):
+        """Send one request (header, then payload buffers) to ``server`` and wait for its reply; return the reply."""
+        if reply is None:
+            reply = numpy.zeros(1, numpy.int64)
+        self._exchange([(server, header, payloads, reply)])
+        return reply
+
+    def _exchange(self, requests):
+        """Send every ``(server, header, payloads, reply buffer or None)`` at once and wait for all the replies.
+
+        One round trip for all the shards instead of one per shard.  A rank has at most one request with a payload
+        in flight per server (a server reads a request's payload right after its header), replies from one server
+        arrive in request order, and every buffer stays referenced (``keep``) until ``Waitall`` has completed it.
+        """
+        pending, keep = [r for r, _ in self._deferred], []
+        done, self._deferred = [f for _, f in self._deferred], []
+        for server, header, payloads, reply in requests:
+            if reply is None:
+                reply = numpy.zeros(1, numpy.int64)
+            pending.append(self._replies.Irecv(reply if isinstance(reply, list) else [reply, MPI.INT64_T],
+                                               source=server, tag=_REPLY))
+            head = numpy.array(header, numpy.int64)
+            keep.append(head)
+            pending.append(self._requests.Isend([head, MPI.INT64_T], dest=server, tag=_REQUEST))
+            for buf in payloads:
+                pending.append(self._requests.Isend(buf, dest=server, tag=_PAYLOAD))
+        MPI.Request.Waitall(pending)
+        for finish in done:
+            finish()
+
+    def _defer(self, server: int, header, finish):
+        """Send a request whose reply is needed later: ``finish(reply value)`` runs when the next exchange (or
+        ``_settle``) has it.  Replies from one server arrive in request order, so the next exchange with that
+        server completes this one in the same round trip.
+        """
+        reply = numpy.zeros(1, numpy.int64)
+        head = numpy.array(header, numpy.int64)
+        recv = self._replies.Irecv([reply, MPI.INT64_T], source=server, tag=_REPLY)
+        send = self._requests.Isend([head, MPI.INT64_T], dest=server, tag=_REQUEST)
+        self._deferred += [(recv, lambda: finish(int(reply[0]))), (send, lambda: head)]
+
+    def _settle(self):
+        """Wait for every deferred reply."""
+        if self._deferred:
+            self._exchange([])
+
+    def _get_all(self, win, out: numpy.ndarray) -> numpy.ndarray:
+        # ``win`` is the RMA store's window argument (unused here): fetch and read_all are inherited.
+        for piece in self._rounds([(rank, (_FETCH, lo - start, hi - start, 0), (), [out[lo:hi], MPI.FLOAT])
+                                   for rank, (start, stop) in enumerate(self._bounds)
+                                   for lo, hi in _chunks(start, stop)]):
+            self._exchange(piece)
+        return out
+
+    @staticmethod
+    def _rounds(requests):
+        """Split requests into rounds with at most one request per server (replies match by source and tag)."""
+        rounds = []
+        for req in requests:
+            for r in rounds:
+                if all(other[0] != req[0] for other in r):
+                    r.append(req)
+                    break
+            else:
+                rounds.append([req])
+        return rounds
+
+    # ---------------------------------------------------------------- deferred counter replies
+
+    def fetch(self, out: numpy.ndarray) -> int:
+        self._check_alive()
+        out = self._buffer(out, "out", writeable=True)
+        version = self._counter.landed()
+        self._get_all(None, out)
+        # ``started`` after the reads, as ShardedParameters.fetch; its reply is only needed for fetch_overlap.
+        self._defer(0, (_COUNTER, _STARTED, 0, 0),
+                    lambda started: setattr(self, "_fetch_overlap", started - version))
+        self.fetches += 1
+        return version
+
+    fetch.__doc__ = ShardedParameters.fetch.__doc__
+
+    @property
+    def fetch_overlap(self) -> int:
+        self._settle()
+        return self._fetch_overlap
+
+    def _land_push(self):
+        # As ShardedParameters._land_push (the data is applied at every server), but the position the push fell at
+        # is collected with the next request to rank 0: a push costs two round trips instead of three.
+        self._defer(0, (_COUNTER, _LANDED, 1, 0), self._remember_landed)
+
+    def _remember_landed(self, position: int):
+        self._own_landed.append(position)
+        if len(self._own_landed) > 2 * _OWN_HISTORY:
+            self._own_floor = self._own_landed[_OWN_HISTORY - 1] + 1
+            del self._own_landed[:_OWN_HISTORY]
+
+    def version(self) -> int:
+        self._check_alive()
+        return self._counter.landed()      # ordered after this rank's deferred land (same server, same tag)
+
+    # ---------------------------------------------------------------- pushes
+
+    def push(self, delta: numpy.ndarray, *, base_version: int, weight=None) -> int:
+        self._check_alive()
+        delta = self._buffer(delta, "delta")
+        tau, scale = self._start_push(base_version, weight)
+        update = delta if scale == 1.0 else numpy.multiply(delta, DTYPE.type(scale), out=self._scratch(1)[0])
+        self._send_dense(_ADD, update)
+        self._land_push()
+        self.pushes += 1
+        self.push_bytes += update.nbytes
+        return tau
+
+    push.__doc__ = ShardedParameters.push.__doc__
+
+    def push_sparse(self, idx: numpy.ndarray, vals: numpy.ndarray, *, base_version: int, weight=None) -> int:
+        self._check_alive()
+        idx, vals = self._sparse(idx, vals)
+        tau, scale = self._start_push(base_version, weight)
+        if scale != 1.0:
+            vals = vals * DTYPE.type(scale)
+        requests = []
+        for rank, disp, part in self._split(idx, vals):
+            for lo, hi in _chunks(0, disp.size):
+                d = numpy.ascontiguousarray(disp[lo:hi], numpy.int64)
+                v = numpy.ascontiguousarray(part[lo:hi])
+                requests.append((rank, (_ADD_SPARSE, hi - lo, 0, 0), ([d, MPI.INT64_T], [v, MPI.FLOAT]), None))
+                self.push_bytes += v.nbytes + d.nbytes
+        for piece in self._rounds(requests):
+            self._exchange(piece)
+        self._land_push()
+        self.pushes += 1
+        return tau
+
+    push_sparse.__doc__ = ShardedParameters.push_sparse.__doc__
+
+    def load(self, params: numpy.ndarray, adagrad_sums: numpy.ndarray | None = None):
+        """Overwrite the parameters (float [n_params]); called by one rank while no rank pushes."""
+        self._check_alive()
+        params = self._float_vector(params, "params", self._n_params)
+        if adagrad_sums is not None:
+            self._need_adagrad("load(adagrad_sums=...)")
+        self._send_dense(_REPLACE, params)
+
+    def _send_dense(self, kind: int, values: numpy.ndarray):
+        for piece in self._rounds([(rank, (kind, lo - start, hi - start, 0), ([values[lo:hi], MPI.FLOAT],), None)
+                                   for rank, (start, stop) in enumerate(self._bounds)
+                                   for lo, hi in _chunks(start, stop)]):
+            self._exchange(piece)
+
+    def local_shard(self) -> numpy.ndarray:
+        """Return a copy of the shard this rank hosts (float32; empty on a rank that hosts none)."""
+        self._check_alive()
+        if not self._is_server:
+            return numpy.empty(0, DTYPE)
+        start, stop = self._bounds[self._comm.rank]
+        out = numpy.empty(stop - start, DTYPE)
+        for lo, hi in _chunks(0, stop - start):     # through the server thread: ordered after every applied push
+            self._request(self._comm.rank, (_FETCH, lo, hi, 0), reply=[out[lo:hi], MPI.FLOAT])
+        return out
+
+    @property
+    def served(self) -> int:
+        """Requests this rank's server thread has applied (0 on a rank that hosts no shard)."""
+        return self._progress.served if self._progress is not None else 0
+
+    # ---------------------------------------------------------------- lifetime
+
+    def free(self):
+        """Stop the server threads and free the communicators (collective over the store's ranks); idempotent."""
+        if self._freed:
+            return
+        self._settle()
+        self._freed = True
+        self._work = []
+        polled_barrier(self._comm)          # every rank's requests have been answered
+        if self._progress is not None:
+            self._progress.stop()
+        polled_barrier(self._comm)          # no thread uses the communicators any more
+        for c in (self._requests, self._replies, self._comm):
+            c.Free()
+
+    def __repr__(self):
+        state = "freed" if self._freed else f"version={self._counter.landed()}"
+        return f"ServedParameters(n_params={self._n_params}, n_servers={self.n_servers}, {state})"
