@@ -315,10 +315,12 @@ class NumpyOps:
         """
         xp = self.xp
         f, k, p = w.shape[0], col.shape[0] - 1, dy2.shape[1]
-        dwb = cached_buffer(ws, "dwb", (f, k + 1), dy2.dtype, xp)
-        xp.matmul(dy2, col.T, out=dwb)
-        dw[...] = dwb[:, :k].reshape(dw.shape)
-        db[...] = dwb[:, k]
+        # (dy2 @ col.T).T computed as col @ dy2.T: the same products and sums, and 17-30% faster with OpenBLAS for
+        # these long, thin GEMMs (measured on the speech_cnn convolutions, one thread).
+        dwbt = cached_buffer(ws, "dwbt", (k + 1, f), dy2.dtype, xp)
+        xp.matmul(col, dy2.T, out=dwbt)
+        dw[...] = dwbt[:k].T.reshape(dw.shape)
+        db[...] = dwbt[k]
         if not need_dx:
             return None
         dcol = cached_buffer(ws, "dcol", (k, p), dy2.dtype, xp)
