@@ -5,6 +5,8 @@
 Each thread count runs in its own subprocess with OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS set (the
 BLAS thread pools read them at import) and torch.set_num_threads; inside it the two frameworks are timed in
 alternating rounds and the best round counts, so load from other processes on the machine hurts both alike.
+asyncsgd's NumpyOps reads the same variables: at n threads each convolution runs its batch in n parts at once, each
+part's GEMMs on one BLAS thread (asyncsgd/model/parallel.py); the "parts" column shows the count it used.
 Prints samples/s and the ratio asyncsgd/torch per thread count, and the fraction of numpy's own float32 GEMM FLOP/s
 (a GEMM of the conv2 forward's shape) that asyncsgd's two convolutions (forward + backward) reach.
 PyTorch is needed only here: pip install torch.
@@ -154,7 +156,7 @@ def worker(args):
     rate_conv, rate_gemm = best_rate(conv_only, args.batch, args.rounds, args.seconds / 2, others=[(gemm, [])])
     gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * rate_gemm / args.batch
     conv_flops_s = conv_flops(net, args.batch) * rate_conv / args.batch
-    print(json.dumps({"threads": args.threads, "ours": rate_ours, "torch": rate_torch,
+    print(json.dumps({"threads": args.threads, "parts": net.ops.threads, "ours": rate_ours, "torch": rate_torch,
                       "torch_version": torch.__version__,
                       "conv_gflops": conv_flops_s / 1e9, "gemm_gflops": gemm_flops / 1e9}))
 
@@ -191,10 +193,10 @@ def main():
           f"{args.rounds} rounds; torch {rows[0]['torch_version']} twin checked identical (logits, loss, gradients)")
     print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
           f"after (timings are only meaningful when it is below the CPU count)")
-    print(f"{'threads':>7} {'asyncsgd/s':>11} {'torch/s':>9} {'ratio':>6} {'conv GF/s':>10} {'gemm GF/s':>10} "
+    print(f"{'threads':>7} {'parts':>5} {'asyncsgd/s':>11} {'torch/s':>9} {'ratio':>6} {'conv GF/s':>10} {'gemm GF/s':>10} "
           f"{'conv/gemm':>9}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['ours']:>11.0f} {r['torch']:>9.0f} {r['ours'] / r['torch']:>6.2f} "
+        print(f"{r['threads']:>7} {r['parts']:>5} {r['ours']:>11.0f} {r['torch']:>9.0f} {r['ours'] / r['torch']:>6.2f} "
               f"{r['conv_gflops']:>10.1f} {r['gemm_gflops']:>10.1f} {r['conv_gflops'] / r['gemm_gflops']:>9.2f}")
 
 

@@ -99,3 +99,73 @@ def test_a_network_runs_on_the_rank_ops(ops):
         net.loss_and_grad(ops.to_device(x), ops.to_device(y))
         ops.sgd_update(net.params, net.grads, lr=0.1, momentum=0.9, velocity=velocity)
     assert net.loss(ops.to_device(x), ops.to_device(y)) < 0.7 * first
+
+
+# ---- intra-op threads ----------------------------------------------------------------------------------------------
+
+def test_intra_op_threads_follow_the_blas_environment(monkeypatch):
+    from asyncsgd.model import parallel
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.intra_op_threads() == 1                 # nothing asked: one thread per rank
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert parallel.intra_op_threads() == 3
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")         # OpenBLAS reads its own variable first
+    assert parallel.intra_op_threads() == 2
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "lots")      # not a count: the next variable decides
+    assert parallel.intra_op_threads() == 3
+    if parallel.blas_pinnable():
+        assert NumpyOps().threads == 3
+    assert NumpyOps(threads=1).threads == 1
+
+
+def test_numpy_ops_threads_validated():
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        NumpyOps(threads=0)
+    with pytest.raises(TypeError, match="threads must be an int"):
+        NumpyOps(threads=2.5)
+
+
+def test_split_batch_covers_every_row_once():
+    from asyncsgd.model.parallel import split_batch
+    assert split_batch(64, 2) == [(0, 32), (32, 64)]
+    assert split_batch(7, 3) == [(0, 3), (3, 5), (5, 7)]
+    assert split_batch(2, 5) == [(0, 1), (1, 2)]
+
+
+def test_single_thread_blas_pins_and_restores():
+    """OpenBLAS runs on one thread inside the section (nested sections too) and gets its count back after."""
+    from asyncsgd.model import parallel
+    funcs = parallel._openblas()
+    if funcs is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS whose thread count can be set")
+    setter, getter = funcs
+    before = getter()
+    setter(2)
+    try:
+        with parallel.single_thread_blas():
+            assert getter() == 1
+            with parallel.single_thread_blas():
+                assert getter() == 1
+            assert getter() == 1
+        assert getter() == 2
+    finally:
+        setter(before)
+
+
+def test_part_runner_waits_for_every_part_and_raises():
+    from asyncsgd.model.parallel import PartRunner
+    runner = PartRunner(3)
+    done = []
+
+    def work(i):
+        if i == 0:
+            raise RuntimeError("part 0 failed")
+        done.append(i)
+        return i
+
+    with pytest.raises(RuntimeError, match="part 0 failed"):
+        runner.run(work, 3)
+    assert sorted(done) == [1, 2]                           # the other parts finished before the error surfaced
+    assert runner.run(lambda i: i * i, 4) == [0, 1, 4, 9]
+    runner.close()

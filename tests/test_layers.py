@@ -286,6 +286,72 @@ def test_fusion_only_for_unmodified_ops():
     assert FusedKernelOps().fuses_conv_pool
 
 
+@pytest.mark.parametrize("c,n,h,w,f,kernel,pad", FUSED_CASES + [(3, 7, 9, 8, 4, 3, 1)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_conv_pool_batch_parts_equal_one_thread(c, n, h, w, f, kernel, pad, relu):
+    """With threads > 1 the batch runs in parts (uneven ones, more threads than rows too): same values, dx and
+    weight gradients (summed over the parts) as one thread; ``relu=True`` equals relu_* after the fused pair."""
+    rng = np.random.default_rng(21)
+    x = cnhw(rng, c, n, h, w)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    wt, b = rng.standard_normal((f, c, kh, kw)), rng.standard_normal(f)
+    one = NumpyOps(threads=1)
+    y1, c1 = one.conv2d_maxpool_forward(x, wt, b, pad, ws={})
+    dy = rng.standard_normal(y1.shape)
+    if relu:
+        r = one.relu_forward(y1)
+        y1, dy1 = r, one.relu_backward(dy, r)
+    else:
+        dy1 = dy
+    dw1, db1 = np.empty_like(wt), np.empty_like(b)
+    dx1 = one.conv2d_maxpool_backward(dy1, c1, wt, dw1, db1, ws={})
+    for threads in (2, 3, n + 1):
+        ops = NumpyOps(threads=threads)
+        assert ops.threads == threads
+        ws = {}
+        for _ in range(2):                              # the second call reuses every buffer
+            y, cache = ops.conv2d_maxpool_forward(x, wt, b, pad, ws=ws, relu=relu)
+            dw, db = np.full_like(wt, np.nan), np.full_like(b, np.nan)
+            dx = ops.conv2d_maxpool_backward(dy, cache, wt, dw, db, ws=ws)
+            np.testing.assert_allclose(y, y1, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(dx, dx1, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(dw, dw1, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(db, db1, rtol=1e-12, atol=1e-12)
+        assert ops.conv2d_maxpool_backward(dy, cache, wt, dw, db, need_dx=False, ws=ws) is None
+        np.testing.assert_allclose(dw, dw1, rtol=1e-12, atol=1e-12)
+
+
+def test_network_fuses_conv_pool_relu_and_threads_keep_results():
+    """speech_cnn fuses conv -> pool -> ReLU; loss and gradients equal the unfused network at 1 and 3 threads."""
+    from asyncsgd.model import Network, speech_cnn
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((11, 1, 12, 16)).astype(np.float32)
+    y = rng.integers(0, 10, 11)
+    plain = speech_cnn((1, 12, 16), 10, ops=NumpyOps(threads=1), seed=4, dtype=np.float64)
+    plain = Network.from_spec("plain", plain.spec(), (1, 12, 16), 10, ops=NumpyOps(threads=1), dtype=np.float64,
+                              seed=4, fuse=False)
+    want = plain.loss_and_grad(x, y, rng=np.random.default_rng(5))
+    for threads in (1, 3):
+        net = speech_cnn((1, 12, 16), 10, ops=NumpyOps(threads=threads), seed=4, dtype=np.float64)
+        fused = [layer.kind for layer in net.layers if getattr(layer, "fused", False)]
+        assert fused == ["pool", "relu", "pool", "relu"]
+        assert net.loss_and_grad(x, y, rng=np.random.default_rng(5)) == pytest.approx(want, rel=1e-12)
+        np.testing.assert_allclose(net.grads, plain.grads, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(net.forward(x), plain.forward(x), rtol=1e-10, atol=1e-12)
+
+
+def test_relu_fusion_only_with_numpy_fused_pair():
+    """A subclass that overrides the fused pair (its own kernels, no ``relu``) keeps its ReLU layers unfused."""
+    class FusedKernelOps(NumpyOps):
+        def conv2d_maxpool_forward(self, x, w, b, pad, ws=None):
+            return super().conv2d_maxpool_forward(x, w, b, pad, ws)
+
+    assert NumpyOps().fuses_conv_pool_relu and not FusedKernelOps().fuses_conv_pool_relu
+    from asyncsgd.model import speech_cnn
+    net = speech_cnn((1, 8, 8), 10, ops=FusedKernelOps(threads=1))
+    assert [layer.kind for layer in net.layers if getattr(layer, "fused", False)] == ["pool", "pool"]
+
+
 # ---- rectangular windows, average pooling, tanh and sigmoid --------------------------------------------------------
 
 def window_reference(x, size, stride, reduce):

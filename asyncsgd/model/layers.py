@@ -142,20 +142,24 @@ class Conv2D(Layer):
         self.stride = _positive_pair(stride, "stride", "Conv2D")
         self.pad = _positive_pair(pad, "pad", "Conv2D", minimum=0)
         self.fused_pool = None
+        self.fused_relu = None
 
     def config(self):
         return {"filters": self.filters, "kernel": [self.kh, self.kw], "stride": list(self.stride),
                 "pad": list(self.pad)}
 
-    def fuse_pool(self, pool):
-        """Compute ``pool`` (a following 2x2/2 MaxPool2D) inside this layer with ``ops.conv2d_maxpool_*``.
+    def fuse_pool(self, pool, relu=None):
+        """Compute ``pool`` (a following 2x2/2 MaxPool2D) inside this layer with ``ops.conv2d_maxpool_*``, and
+        ``relu`` (a ReLU right after the pool, or None) too where the ops can (``ops.fuses_conv_pool_relu``).
 
-        Returns True when fused; the pool layer then passes values and gradients through unchanged.
+        Returns True when the pool is fused; the fused layers then pass values and gradients through unchanged.
         """
         if (self.stride != (1, 1) or not isinstance(pool, MaxPool2D) or pool.size != (2, 2)
                 or pool.stride != (2, 2) or not self.ops.fuses_conv_pool):
             return False
         self.fused_pool, pool.fused = pool, True
+        if isinstance(relu, ReLU) and getattr(self.ops, "fuses_conv_pool_relu", False):
+            self.fused_relu, relu.fused = relu, True
         return True
 
     def param_specs(self, in_shape):
@@ -176,7 +180,10 @@ class Conv2D(Layer):
     def forward(self, x, train, rng):
         w, b = self.params["w"], self.params["b"]
         if self.fused_pool is not None:
-            y, self._cache = self.ops.conv2d_maxpool_forward(x, w, b, self.pad, ws=self._ws)
+            if self.fused_relu is not None:
+                y, self._cache = self.ops.conv2d_maxpool_forward(x, w, b, self.pad, ws=self._ws, relu=True)
+            else:
+                y, self._cache = self.ops.conv2d_maxpool_forward(x, w, b, self.pad, ws=self._ws)
         else:
             y, self._cache = self.ops.conv2d_forward(x, w, b, self.stride, self.pad, ws=self._ws)
         return y
@@ -272,6 +279,15 @@ class ReLU(_Activation):
     """max(x, 0), any shape."""
 
     kind = "relu"
+    fused = False               # set by Conv2D.fuse_pool: the conv before it already applied it
+
+    def forward(self, x, train, rng):
+        return x if self.fused else super().forward(x, train, rng)
+
+    def backward(self, dy, need_dx=True):
+        if self.fused:
+            return dy if need_dx else None
+        return super().backward(dy, need_dx)
 
 
 @register_layer

@@ -19,7 +19,8 @@ class Network:
 
     Inputs ``x`` are ``(N, C, H, W)`` (or ``(N, D)`` for a flat ``input_shape``) in the backend's memory, of the
     network's dtype (other float dtypes are converted); labels ``y`` are integer ``(N,)`` in ``[0, n_classes)``.
-    ``fuse`` lets a stride-1 Conv2D compute the 2x2 MaxPool2D after it in one step (same values, less memory traffic).
+    ``fuse`` lets a stride-1 Conv2D compute the 2x2 MaxPool2D after it, and a ReLU after that, in one step (same
+    values, less memory traffic).
 
     ``spec()`` describes the architecture as JSON-able data and ``Network.from_spec`` rebuilds it, which is how a
     saved model (``asyncsgd.model.save_model``/``load_model``) is rebuilt without the code that first built it.
@@ -68,9 +69,10 @@ class Network:
                     gv[suffix] = self.grads[off:off + size].reshape(pshape)
             layer.bind(ops, pv, gv)
         if fuse:
-            for conv, pool in zip(self.layers, self.layers[1:]):
+            after = self.layers[2:] + [None]
+            for conv, pool, relu in zip(self.layers, self.layers[1:], after):
                 if isinstance(conv, Conv2D) and isinstance(pool, MaxPool2D):
-                    conv.fuse_pool(pool)
+                    conv.fuse_pool(pool, relu)
         with_params = [i for i, layer in enumerate(self.layers) if layer.params]
         self._first_param_layer = with_params[0] if with_params else len(self.layers)
         self.initialize(self.seed)
