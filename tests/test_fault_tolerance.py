@@ -252,6 +252,69 @@ def test_rank_0_killed_ends_the_job_and_says_how_to_resume(tmp_path):
     assert ckpt.exists()  # the last complete checkpoint stays
 
 
+def _resume_from(tmp_path, ckpt, n=4):
+    """Continue a run from ``ckpt`` for a few seconds; return its summary (the checkpoint is whole and usable)."""
+    again = tmp_path / "resumed"
+    again.mkdir()
+    rc, out, summary, _ = _train(again, n, ["--time-limit", "3", "--resume", str(ckpt)])
+    assert rc == 0 and summary is not None, out[-4000:]
+    assert summary["resumed_samples"] > 0, summary
+    return summary
+
+
+@pytest.mark.slow
+def test_worker_killed_during_a_checkpoint_write(tmp_path):
+    """Rank 0 SIGKILLs worker rank 3 as it starts writing its 3rd checkpoint and stays 1 s inside the write: the
+    run goes on, the file is whole, later checkpoints are written, and --resume from it works."""
+    from asyncsgd.ops.checkpoint import load_checkpoint
+    _require_ulfm()
+    ckpt = tmp_path / "ckpt.h5"
+    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--checkpoint", str(ckpt),
+                                                     "--checkpoint-every", "0.5"],
+                                       env={"ASYNCSGD_FAULT": "checkpoint@0:3=kill:3"})
+    assert "fires: point checkpoint, rank 0, pass 3 (SIGKILL rank 3)" in out, out[-4000:]
+    _check_run_through(rc, out, summary, records, [3])
+    assert summary["checkpoints"] >= 4  # the one being written when the worker died, and later ones
+    load_checkpoint(ckpt)  # raises on a truncated or corrupt file
+    _resume_from(tmp_path, ckpt)
+
+
+@pytest.mark.slow
+def test_rank_0_killed_during_a_checkpoint_write_leaves_the_last_one(tmp_path):
+    """Rank 0 SIGKILLs itself with its 3rd checkpoint half-written (the parameters are in the temporary file):
+    the job ends non-zero saying how to --resume, and the 2nd checkpoint is at the path, whole and resumable."""
+    from asyncsgd.ops.checkpoint import load_checkpoint
+    _require_ulfm()
+    ckpt = tmp_path / "ckpt.h5"
+    start = time.monotonic()
+    rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "30", "--checkpoint", str(ckpt),
+                                               "--checkpoint-every", "0.5"],
+                                 env={"ASYNCSGD_FAULT": "checkpoint_write@0:3=kill"})
+    assert "fires: point checkpoint_write, rank 0, pass 3 (SIGKILL itself)" in out, out[-4000:]
+    assert rc != 0 and summary is None, out[-4000:]
+    assert time.monotonic() - start < 90
+    assert "rank 0 lost at" in out and f"--resume {ckpt}" in out, out[-4000:]
+    load_checkpoint(ckpt)
+    _resume_from(tmp_path, ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", [1, 2], ids=["before-the-rebuild", "before-the-new-board"])
+def test_worker_dies_during_the_recovery(tmp_path, moment):
+    """Rank 3 dies at 3 s; rank 4 SIGKILLs itself inside the survivors' recovery (pass 1: after the shrink, as the
+    others start the store's rebuild; pass 2: after the rebuild, as they allocate the new job board).  The
+    survivors agree the attempt failed, shrink again and finish on 2 workers."""
+    _require_ulfm()
+    start = time.monotonic()
+    rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "8", "--kill-ranks", "3:3"],
+                                       env={"ASYNCSGD_FAULT": f"recover@4:{moment}=kill"})
+    assert f"fires: point recover, rank 4, pass {moment} (SIGKILL itself)" in out, out[-4000:]
+    assert "a rank died during the recovery (attempt 1); shrinking again" in out, out[-4000:]
+    _check_run_through(rc, out, summary, records, [3, 4])
+    assert summary["workers_at_end"] == 2 and all(e["workers"] == 2 for e in summary["lost_workers"])
+    assert time.monotonic() - start < JOB_TIMEOUT
+
+
 # ---------------------------------------------------------------- MPICH (and fault tolerance off): the job ends
 
 @pytest.mark.slow
