@@ -4,7 +4,8 @@ a test tool, not a training option).
 ``ASYNCSGD_FAULT=POINT@RANK[:N]`` (several, comma-separated) makes rank RANK of the job raise ``InjectedFault``
 (an OSError, like the I/O errors real runs meet) the N-th time (default 1) it passes ``fault_point(POINT)``.
 The variable is read once per process; RANK is the rank in the job's world (0 in a run without mpiexec).
-``POINT@RANK[:N]=kill`` SIGKILLs that rank there instead (a vanished process, what fault tolerance runs through);
+``POINT@RANK[:N]=kill`` SIGKILLs that rank there instead (a vanished process, what fault tolerance runs through),
+``=stop`` SIGSTOPs it (a hung process);
 ``=kill:VICTIM`` makes it SIGKILL world rank VICTIM (through the killer the fault-tolerant trainer registers with
 ``set_killer``), wait 1 s, still inside the point, and go on: a death while RANK is, say, writing a checkpoint.
 
@@ -48,7 +49,7 @@ def parse_faults(text: str) -> dict:
 
 
 def _parse(text: str) -> dict:
-    """{(point, rank): (n, action)}, action None (raise), 'kill' or ('kill', victim)."""
+    """{(point, rank): (n, action)}, action None (raise), 'kill', 'stop' or ('kill', victim)."""
     faults = {}
     for entry in filter(None, (e.strip() for e in text.split(","))):
         spec, _, action = entry.partition("=")
@@ -56,10 +57,10 @@ def _parse(text: str) -> dict:
         rank, _, nth = where.partition(":")
         verb, _, victim = action.partition(":")
         if (point not in POINTS or not rank.isdigit() or not (nth == "" or (nth.isdigit() and int(nth) >= 1))
-                or (action and (verb != "kill" or not (victim == "" or victim.isdigit())))):
-            raise ValueError(f"{ENV}: bad entry {entry!r}; use POINT@RANK[:N][=kill[:VICTIM]] with POINT one of "
+                or (action and not (action == "stop" or (verb == "kill" and (victim == "" or victim.isdigit()))))):
+            raise ValueError(f"{ENV}: bad entry {entry!r}; use POINT@RANK[:N][=kill[:VICTIM]|=stop] with POINT one of "
                              f"{', '.join(POINTS)}, RANK and VICTIM world ranks and N >= 1")
-        faults[(point, int(rank))] = (int(nth or 1), None if not action else "kill" if not victim
+        faults[(point, int(rank))] = (int(nth or 1), None if not action else action if not victim
                                       else ("kill", int(victim)))
     return faults
 
@@ -101,12 +102,14 @@ def fault_point(point: str):
     _passes[point] = _passes.get(point, 0) + 1
     if _passes[point] == nth:
         # A notice apart from the traceback, so a test can time the job's end from the moment of the fault.
-        what = "" if action is None else " (SIGKILL itself)" if action == "kill" else f" (SIGKILL rank {action[1]})"
+        what = ("" if action is None else " (SIGKILL itself)" if action == "kill" else " (SIGSTOP itself)"
+                if action == "stop" else f" (SIGKILL rank {action[1]})")
         sys.stderr.write(f"asyncsgd: {ENV} fires: point {point}, rank {_rank}, pass {nth}{what}\n")
         sys.stderr.flush()
-        if action == "kill":
+        if action in ("kill", "stop"):
             time.sleep(0.05)  # let the launcher forward the line
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+            return  # stopped, then continued: go on
         if action is not None:
             if _killer is None or not _killer(action[1]):
                 raise InjectedFault(f"{ENV}: point '{point}' on rank {_rank} could not kill rank {action[1]} (no "

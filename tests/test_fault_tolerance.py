@@ -315,6 +315,34 @@ def test_worker_dies_during_the_recovery(tmp_path, moment):
     assert time.monotonic() - start < JOB_TIMEOUT
 
 
+@pytest.mark.slow
+def test_worker_stopped_during_the_recovery_is_killed(tmp_path):
+    """Rank 4 SIGSTOPs itself inside the recovery: alive to MPI, so the others would wait for it; the recovery timer
+    (after ASYNCSGD_HEARTBEAT_TIMEOUT) kills it and the survivors shrink again."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "10", "--kill-ranks", "3:3"],
+                                       env={"ASYNCSGD_FAULT": "recover@4:1=stop", "ASYNCSGD_HEARTBEAT_TIMEOUT": "3"})
+    assert "fires: point recover, rank 4, pass 1 (SIGSTOP itself)" in out, out[-4000:]
+    assert "rank 4 is stopped during a recovery: killed it" in out, out[-4000:]
+    _check_run_through(rc, out, summary, records, [3, 4])
+
+
+@pytest.mark.slow
+def test_promoted_worker_dies_during_the_recovery_of_a_server(tmp_path):
+    """Server rank 1 dies; rank 2, the worker about to host its shard, dies after the first attempt rebuilt the
+    store on it.  The attempt is dropped, the shard is restored again from the freshest replica and rank 3 hosts it."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 5, ["--servers", "2", "--time-limit", "8", "--kill-ranks", "1:3"],
+                                       env={"ASYNCSGD_FAULT": "recover@2:2=kill"})
+    assert "fires: point recover, rank 2, pass 2 (SIGKILL itself)" in out, out[-4000:]
+    assert rc == 0, out[-4000:]
+    (lost,) = summary["lost_servers"]
+    assert lost["rank"] == 1 and lost["now_hosted_by"] == 3, lost
+    assert _lost(summary) == [2] and summary["workers_at_end"] == 1, summary["lost_workers"]
+    assert re.search(r"shard 1 restored from rank \d+'s replica \(\d+ pushes lost\), now hosted by rank 3", out), \
+        out[-4000:]
+
+
 # ---------------------------------------------------------------- MPICH (and fault tolerance off): the job ends
 
 @pytest.mark.slow
