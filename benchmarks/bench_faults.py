@@ -1,7 +1,7 @@
 """Downpour through a dead worker and a dead server against undisturbed runs, in one invocation (Open MPI's ULFM).
 
     python benchmarks/bench_faults.py [--ranks 6] [--kill-fraction 0.3] [--outside-at 20] [--server-at 20]
-                                      [--cases undisturbed,worker,outside,undisturbed2,server] [--timeout 900]
+                                      [--cases undisturbed,worker,outside,undisturbed2,server] [--timeout 1800]
                                       [--json-out FILE] [-- EXTRA TRAIN ARGS]
 
 Every case is ``mpirun --with-ft ulfm -n RANKS python -m asyncsgd.train EXTRA --run-dir TMP`` (the README's default
@@ -13,7 +13,8 @@ command: FSDD, ``speech_cnn``, Downpour) with:
 - ``outside``: an outside ``kill -9`` of rank R's process ``--outside-at`` seconds into training (found through
   /proc; the moment is estimated from the first evaluation record of the metrics log);
 - ``undisturbed2``: ``--servers 2``;  ``server``: ``--servers 2 --kill-ranks 1:T``, T = ``--server-at`` seconds
-  (default: ``--kill-fraction`` of ``undisturbed2``'s training time).
+  (default: ``--kill-fraction`` of ``undisturbed2``'s training time); without ``undisturbed2`` in ``--cases`` the
+  server case is compared with ``undisturbed`` (the default layout: one server rank fewer, one worker more).
 
 Runs go one after another (the machine is small and shared), each bounded by ``--timeout`` (mpirun's own
 ``--timeout`` and a process-group kill from here).  Printed per case: exit status, final test accuracy (the last
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--outside-at", type=float, default=20.0, help="seconds into training (outside kill -9)")
     parser.add_argument("--server-at", type=float, default=None, help="seconds into training (server rank 1)")
     parser.add_argument("--cases", default=",".join(CASES))
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--json-out")
     parser.add_argument("extra", nargs="*", help="after --: more training options, e.g. --epochs 10")
     opts = parser.parse_args(argv)
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores, {opts.ranks} ranks", flush=True)
     for case in cases:
         args = list(opts.extra)
-        ref = results.get(REFERENCE.get(case, ""))
+        ref = results.get(REFERENCE.get(case, ""), results.get("undisturbed"))
         outside = None
         if case == "worker":
             at = round(opts.kill_fraction * ref["wall_s"], 1) if ref and ref.get("wall_s") else 30.0
@@ -194,8 +195,13 @@ def main(argv=None) -> int:
               f"{r['load_after']}  {' '.join(args)}", flush=True)
         if r["rc"] != 0 or r.get("test_accuracy") is None:
             print(r["tail"], flush=True)
+        if opts.json_out:  # after every case: a later case cut short keeps the earlier figures
+            with open(opts.json_out, "w") as f:
+                json.dump(results, f, indent=1)
     ok = True
     for case, ref_name in REFERENCE.items():
+        if ref_name not in results:  # without undisturbed2, the server case compares with the default layout
+            ref_name = "undisturbed"
         r, ref = results.get(case), results.get(ref_name)
         if r is None:
             continue
