@@ -31,7 +31,7 @@ import numpy
 from mpi4py import MPI
 
 __all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "manage", "RankFailure", "is_failure", "failed_ranks", "failures_seen", "end_after_failures", "check_failures", "safe_point", "survivors", "commit",
-           "stopped_local_ranks", "rank_map",
+           "process_state", "stopped_local_ranks", "rank_map",
            "Role", "roles", "Heartbeats", "kill_rank", "FT_ENV"]
 
 FT_ENV = "OMPI_MCA_mpi_ft_enable"
@@ -250,20 +250,21 @@ def commit(comm, ok: bool) -> bool:
         return False
 
 
+def process_state(host: str, pid: int):
+    """The state letter of process ``pid`` (``/proc/PID/stat``: R running, S sleeping, T stopped, Z zombie...) when
+    it runs on this host; None elsewhere or when it is gone."""
+    if host != socket.gethostname():
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def stopped_local_ranks(where) -> list:
     """Ranks (indices of ``where``, ``Heartbeats.where``) whose process on this host is stopped (state T/t)."""
-    out = []
-    for rank, (host, pid) in enumerate(where):
-        if host != socket.gethostname():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state in ("T", "t"):
-            out.append(rank)
-    return out
+    return [rank for rank, (host, pid) in enumerate(where) if process_state(host, pid) in ("T", "t")]
 
 
 def rank_map(old_comm, new_comm) -> dict:

@@ -149,7 +149,8 @@ def test_two_workers_killed(tmp_path):
     rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "9", "--kill-ranks", "3:2,4:5",
                                                      "--checkpoint", str(ckpt), "--checkpoint-every", "0.5"])
     _check_run_through(rc, out, summary, records, [3, 4])
-    assert [e["workers"] for e in summary["lost_workers"]] == [3, 2]
+    # two recoveries (3 then 2 workers), or one when both deaths were noticed together (a loaded machine)
+    assert [e["workers"] for e in summary["lost_workers"]] in ([3, 2], [2, 2])
     assert ckpt.exists() and summary["checkpoints"] >= 4
 
 
@@ -233,7 +234,7 @@ def test_stopped_worker_is_killed_and_the_others_continue(tmp_path):
     """SIGSTOP is no failure to MPI: rank 0's heartbeat watch (or the watchdog) kills the silent rank, then ULFM
     reports it like any death."""
     _require_ulfm()
-    rc, out, summary = _hit_from_outside(tmp_path, signal.SIGSTOP, {"ASYNCSGD_HEARTBEAT_TIMEOUT": "3"})
+    rc, out, summary = _hit_from_outside(tmp_path, signal.SIGSTOP, {"ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
     assert rc == 0, out[-4000:]
     assert re.search(r"rank 3 .*(sent no heartbeat|stopped responding).*killed it", out), out[-4000:]
     assert _lost(summary) == [3], out[-4000:]
@@ -249,7 +250,10 @@ def test_rank_0_killed_ends_the_job_and_says_how_to_resume(tmp_path):
     assert rc != 0 and summary is None, out[-4000:]
     assert time.monotonic() - start < 90
     assert "rank 0 lost at" in out and f"--resume {ckpt}" in out, out[-4000:]
-    assert ckpt.exists()  # the last complete checkpoint stays
+    if ckpt.exists():  # the last complete checkpoint stays (on a loaded machine none may be due by 4 s)
+        assert "is intact" in out, out[-4000:]
+    else:
+        assert "no checkpoint had been written yet" in out, out[-4000:]
 
 
 def _resume_from(tmp_path, ckpt, n=4):
@@ -321,7 +325,7 @@ def test_worker_stopped_during_the_recovery_is_killed(tmp_path):
     (after ASYNCSGD_HEARTBEAT_TIMEOUT) kills it and the survivors shrink again."""
     _require_ulfm()
     rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "10", "--kill-ranks", "3:3"],
-                                       env={"ASYNCSGD_FAULT": "recover@4:1=stop", "ASYNCSGD_HEARTBEAT_TIMEOUT": "3"})
+                                       env={"ASYNCSGD_FAULT": "recover@4:1=stop", "ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
     assert "fires: point recover, rank 4, pass 1 (SIGSTOP itself)" in out, out[-4000:]
     assert "rank 4 is stopped during a recovery: killed it" in out, out[-4000:]
     _check_run_through(rc, out, summary, records, [3, 4])

@@ -39,6 +39,7 @@ __all__ = ["Recovery", "heartbeat_timeout"]
 
 _BEAT_S = 0.25
 _WAIT_S = 120.0  # bound on every wait of a recovery or of the final meeting (s)
+_STARVED_FACTOR = 4  # a silent rank whose process is runnable (R) is killed after this many heartbeat timeouts
 
 
 def heartbeat_timeout() -> float:
@@ -148,9 +149,15 @@ class Recovery:
         return ft.kill_rank(self._heartbeats, self.world_ranks.index(world_rank))
 
     def _watch(self):
-        for r in self._heartbeats.stale(self.timeout):
+        stale = self._heartbeats.stale(self.timeout)
+        if not stale:
+            return
+        long_silent = set(self._heartbeats.stale(_STARVED_FACTOR * self.timeout))
+        for r in stale:
             if r in self._killed:
                 continue
+            if r not in long_silent and ft.process_state(*self._heartbeats.where[r]) == "R":
+                continue  # runnable, so starved of CPU on an overloaded host rather than hung: give it longer
             self._killed.add(r)
             killed = ft.kill_rank(self._heartbeats, r)
             self._say(f"rank {self.world_ranks[r]} sent no heartbeat for {self.timeout:g} s (stopped or hung): "
@@ -225,7 +232,11 @@ class Recovery:
             failed = sorted(r for r, now in mapping.items() if now is None)
             if 0 in failed:
                 self._root_lost(new, noticed)
-            roles = ft.roles(old.size, failed, self.n_servers)  # ValueError when no worker is left: the job ends
+            try:
+                roles = ft.roles(old.size, failed, self.n_servers)
+            except ValueError as exc:  # no worker is left: the job ends (an exception ends every rank)
+                lost = ", ".join(str(self.world_ranks[r]) for r in failed)
+                raise ValueError(f"ranks {lost} lost: {exc}") from None
             if held is None:
                 # Read once, after the first shrink: every survivor's pushes had completed when it entered it.
                 held = self._hold(old)
@@ -330,9 +341,14 @@ class Recovery:
     def _root_lost(self, new, noticed):
         """Rank 0 died: it held the monitor, the version counter and the checkpoints.  End the job (exit 3)."""
         if new.rank == 0:
-            where = (f"the last checkpoint, {self.checkpoint_path}, is intact: continue with the same command plus "
-                     f"--resume {self.checkpoint_path}" if self.checkpoint_path else
-                     "no checkpoint was being written (add --checkpoint-every SECONDS to be able to --resume)")
+            if self.checkpoint_path and os.path.exists(self.checkpoint_path):
+                where = (f"the last checkpoint, {self.checkpoint_path}, is intact: continue with the same command "
+                         f"plus --resume {self.checkpoint_path}")
+            elif self.checkpoint_path:
+                where = (f"no checkpoint had been written yet to {self.checkpoint_path} (checked from this host): "
+                         f"restart the run; with the file in place, --resume {self.checkpoint_path} continues it")
+            else:
+                where = "no checkpoint was being written (add --checkpoint-every SECONDS to be able to --resume)"
             sys.stderr.write(f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it held the monitor and the "
                              f"store's version counter, so the job ends; {where}\n")
         sys.stdout.flush()
