@@ -39,7 +39,6 @@ __all__ = ["Recovery", "heartbeat_timeout"]
 
 _BEAT_S = 0.25
 _WAIT_S = 120.0  # bound on every wait of a recovery or of the final meeting (s)
-_STARVED_FACTOR = 4  # a silent rank whose process is runnable (R) is killed after this many heartbeat timeouts
 
 
 def heartbeat_timeout() -> float:
@@ -152,7 +151,7 @@ class Recovery:
         stale = self._heartbeats.stale(self.timeout)
         if not stale:
             return
-        long_silent = set(self._heartbeats.stale(_STARVED_FACTOR * self.timeout))
+        long_silent = set(self._heartbeats.stale(ft.STARVED_FACTOR * self.timeout))
         for r in stale:
             if r in self._killed:
                 continue
