@@ -120,7 +120,7 @@ def test_launch_adds_with_ft():
 @pytest.mark.slow
 def test_worker_killed_mid_run(tmp_path):
     _require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--kill-ranks", "3:3"])
+    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "12", "--kill-ranks", "3:3"])
     _check_run_through(rc, out, summary, records, [3])
     lost = summary["lost_workers"][0]
     assert lost["worker"] == 2 and lost["killed_at"] == 3.0 and lost["time"] >= 3.0
