@@ -266,10 +266,13 @@ STARVED_FACTOR = 4  # a silent rank whose process is runnable gets this many hea
 
 
 def starved(host: str, pid: int, silent: float, timeout: float) -> bool:
-    """Whether a rank silent for ``silent`` s should be given longer: its process on this host is runnable (state R:
-    starved of CPU on an overloaded host, not stopped or blocked) and it has been silent for less than
-    ``STARVED_FACTOR * timeout``.  Measured: at load average 50 on 2 cores, healthy ranks went 3 s without a beat."""
-    return silent < STARVED_FACTOR * timeout and process_state(host, pid) == "R"
+    """Whether a rank silent for ``silent`` s should be given longer: its process on this host exists and is not
+    stopped (state R or S: starved of CPU or of the GIL on an overloaded host, or hung) and it has been silent for
+    less than ``STARVED_FACTOR * timeout``.  A stopped process (T) is killed at the first timeout.  Measured: at
+    load average 50 on 2 cores, healthy ranks went 3 s and 15 s without a beat (in states R and S) and were killed."""
+    if silent >= STARVED_FACTOR * timeout:
+        return False
+    return process_state(host, pid) not in (None, "T", "t", "Z", "X")
 
 
 def stopped_local_ranks(where) -> list:

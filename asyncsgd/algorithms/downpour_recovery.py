@@ -39,6 +39,7 @@ __all__ = ["Recovery", "heartbeat_timeout"]
 
 _BEAT_S = 0.25
 _WAIT_S = 120.0  # bound on every wait of a recovery or of the final meeting (s)
+_RECOVERY_LIMIT_S = 2 * _WAIT_S + 60.0  # a whole recovery, retries included; past it the rank ends (exit 4)
 
 
 def heartbeat_timeout() -> float:
@@ -55,18 +56,29 @@ class _RecoveryTimer:
         self._recovery = recovery
         self._where = list(recovery._heartbeats.where)
         self._world = list(recovery.world_ranks)
+        self._rank = comm.rank
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="asyncsgd-recovery-timer", daemon=True)
         self._thread.start()
 
     def _run(self):
         killed = set()
-        while not self._done.wait(self._recovery.timeout):
+        start = time.monotonic()
+        while not self._done.wait(min(self._recovery.timeout, 5.0)):
             for r in ft.stopped_local_ranks(self._where):
                 if r not in killed and ft.kill_local_process(*self._where[r]):
                     killed.add(r)
                     sys.stderr.write(f"asyncsgd: rank {self._world[r]} is stopped during a recovery: killed it\n")
                     sys.stderr.flush()
+            if time.monotonic() - start > _RECOVERY_LIMIT_S and not self._done.is_set():
+                # Measured once under load 50: three survivors stayed in Shrink's agreement for minutes after two
+                # ranks vanished.  Never hang: end this rank (every survivor's timer does the same), non-zero.
+                sys.stderr.write(f"asyncsgd: error: rank {self._world[self._rank]}: the recovery did not complete "
+                                 f"within {_RECOVERY_LIMIT_S:.0f} s (stuck in MPI's shrink or a window allocation); "
+                                 f"ending the job{self._recovery.resume_hint()}\n")
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(4)
 
     def cancel(self):
         self._done.set()
@@ -155,8 +167,8 @@ class Recovery:
         for r in stale:
             if r in self._killed:
                 continue
-            if r not in long_silent and ft.process_state(*self._heartbeats.where[r]) == "R":
-                continue  # runnable, so starved of CPU on an overloaded host rather than hung: give it longer
+            if r not in long_silent and ft.starved(*self._heartbeats.where[r], 0.0, self.timeout):
+                continue  # not stopped: starved on an overloaded host, or hung; give it longer (ft.starved)
             self._killed.add(r)
             killed = ft.kill_rank(self._heartbeats, r)
             self._say(f"rank {self.world_ranks[r]} sent no heartbeat for {self.timeout:g} s (stopped or hung): "
@@ -336,6 +348,12 @@ class Recovery:
         self._say(f"recovered in {self.elapsed() - noticed:.2f} s (shrink, store and board rebuilt on "
                   f"{self._comm.size} ranks)")
         self._awaiting_push = (rb.version_base, entries)
+
+    def resume_hint(self) -> str:
+        """'; continue with --resume PATH' when a checkpoint file exists, else ''."""
+        if self.checkpoint_path and os.path.exists(self.checkpoint_path):
+            return f"; continue with the same command plus --resume {self.checkpoint_path}"
+        return ""
 
     def _root_lost(self, new, noticed):
         """Rank 0 died: it held the monitor, the version counter and the checkpoints.  End the job (exit 3)."""
