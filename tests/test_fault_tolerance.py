@@ -356,8 +356,9 @@ def test_without_run_through_a_killed_rank_ends_the_job_naming_it(tmp_path):
     rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "60", "--kill-ranks", "3:3"], with_ft=False)
     assert rc != 0 and summary is None, out[-4000:]
     assert time.monotonic() - start < 3 + 30 + 20  # kill at 3 s, end within 30 s, plus start-up
-    if mpi_flavour() == "openmpi":  # rank 0's watchdog names the dead rank when prterun signals the survivors
-        assert re.search(r"rank 3 \(pid \d+[^\n]*died", out), out[-4000:]
+    if mpi_flavour() == "openmpi":  # rank 0's watchdog names the dead rank when prterun signals the survivors,
+        # unless prterun's kill of the survivors wins the race (seen once under load 20): prterun names it then
+        assert re.search(r"rank 3 \(pid \d+[^\n]*died|process rank 3 with PID \d+", out), out[-4000:]
     else:  # MPICH's mpiexec SIGKILLs every rank itself; the rank is named by its own --kill-ranks line
         assert re.search(r"rank 3 \(pid \d+\) kills itself", out), out[-4000:]
         assert "BAD TERMINATION" in out or "Killed" in out, out[-4000:]
