@@ -21,6 +21,7 @@ Exceptions are not failures: only a vanished process is run through (docs/FAILUR
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -198,7 +199,12 @@ class Recovery:
             return
         while True:
             try:
-                ft.safe_point(self._comm, timeout=_WAIT_S, on_wait=self._beat_and_watch)
+                # No timeout here: servers other than rank 0 (and a worker promoted to host a shard) wait in this
+                # meeting for the rest of the run, which may last hours.  With _WAIT_S (120 s) a promoted host
+                # raised TimeoutError mid-run and its exit stranded the survivors in a later shrink (the benchmark's
+                # server case).  Liveness is watched meanwhile: heartbeats (rank 0 kills a silent rank), the
+                # failure probe of the polled Ibarrier, and the launcher's --timeout.
+                ft.safe_point(self._comm, timeout=math.inf, on_wait=self._beat_and_watch)
                 return
             except ft.RankFailure:
                 self.recover()
