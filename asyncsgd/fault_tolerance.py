@@ -30,7 +30,8 @@ import time
 import numpy
 from mpi4py import MPI
 
-__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "manage", "RankFailure", "is_failure", "failed_ranks", "failures_seen", "end_after_failures", "check_failures", "safe_point", "survivors", "rank_map",
+__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "manage", "RankFailure", "is_failure", "failed_ranks", "failures_seen", "end_after_failures", "check_failures", "safe_point", "survivors", "commit",
+           "process_state", "starved", "stopped_local_ranks", "rank_map",
            "Role", "roles", "Heartbeats", "kill_rank", "FT_ENV"]
 
 FT_ENV = "OMPI_MCA_mpi_ft_enable"
@@ -213,14 +214,70 @@ def survivors(comm):
     _failures_seen += 1
     _revoke(comm)
     new = manage(comm.Shrink())
-    mapping = rank_map(comm, new)
-    failed = sorted(old for old, now in mapping.items() if now is None)
-    # Agree is a bitwise AND over the live ranks: the AND of a value and the AND of its complement both come back
-    # unchanged only when every rank passed the same value.
-    count, mask = len(failed), 0x3FFFFFFF
-    if new.Agree(count) != count or new.Agree(~count & mask) != (~count & mask):
-        raise RuntimeError(f"survivors disagree on the number of failed ranks (this rank saw {failed})")
-    return new, failed
+    while True:
+        mapping = rank_map(comm, new)
+        failed = sorted(old for old, now in mapping.items() if now is None)
+        # Agree is a bitwise AND over the live ranks: the AND of a value and the AND of its complement both come
+        # back unchanged only when every rank passed the same value.
+        count, mask = len(failed), 0x3FFFFFFF
+        try:
+            if new.Agree(count) != count or new.Agree(~count & mask) != (~count & mask):
+                raise RuntimeError(f"survivors disagree on the number of failed ranks (this rank saw {failed})")
+        except MPI.Exception as exc:
+            if not is_failure(new, exc):
+                raise
+            # a survivor died during the shrink or the agreement (ULFM's Agree reports it on every survivor):
+            # shrink again; the ranks are mapped from ``comm``, so ``failed`` counts both deaths
+            _revoke(new)
+            new = manage(new.Shrink())
+            continue
+        return new, failed
+
+
+def commit(comm, ok: bool) -> bool:
+    """Whether every live rank of ``comm`` passed ``ok=True`` and none died: the same answer on every survivor.
+
+    ULFM's ``Agree`` (a fault-tolerant AND): a rank that died before contributing makes it raise
+    ``ERR_PROC_FAILED`` "consistently at all MPI processes" (Open MPI's and MPICH's manual), which counts as False
+    here.  Recoveries end with it, so the survivors either all keep a rebuilt state or all drop it and shrink again.
+    Works on a revoked communicator.
+    """
+    try:
+        return bool(comm.Agree(1 if ok else 0) & 1)
+    except MPI.Exception as exc:
+        if not is_failure(comm, exc):
+            raise
+        return False
+
+
+def process_state(host: str, pid: int):
+    """The state letter of process ``pid`` (``/proc/PID/stat``: R running, S sleeping, T stopped, Z zombie...) when
+    it runs on this host; None elsewhere or when it is gone."""
+    if host != socket.gethostname():
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+STARVED_FACTOR = 4  # a silent rank whose process is runnable gets this many heartbeat timeouts before a kill
+
+
+def starved(host: str, pid: int, silent: float, timeout: float) -> bool:
+    """Whether a rank silent for ``silent`` s should be given longer: its process on this host exists and is not
+    stopped (state R or S: starved of CPU or of the GIL on an overloaded host, or hung) and it has been silent for
+    less than ``STARVED_FACTOR * timeout``.  A stopped process (T) is killed at the first timeout.  Measured: at
+    load average 50 on 2 cores, healthy ranks went 3 s and 15 s without a beat (in states R and S) and were killed."""
+    if silent >= STARVED_FACTOR * timeout:
+        return False
+    return process_state(host, pid) not in (None, "T", "t", "Z", "X")
+
+
+def stopped_local_ranks(where) -> list:
+    """Ranks (indices of ``where``, ``Heartbeats.where``) whose process on this host is stopped (state T/t)."""
+    return [rank for rank, (host, pid) in enumerate(where) if process_state(host, pid) in ("T", "t")]
 
 
 def rank_map(old_comm, new_comm) -> dict:

@@ -30,6 +30,7 @@ import warnings
 import numpy
 from mpi4py import MPI
 
+from .fault_tolerance import starved
 from .faults import fault_point
 from .store.owner import WindowOwner
 
@@ -119,6 +120,9 @@ class Watchdog(WindowOwner):
                 self.comm.Recv(inbox, source=status.Get_source(), tag=_TAG)
                 last_seen[status.Get_source()] = now
             for p, seen in list(last_seen.items()):
+                pid, host = self.peers_info[p]
+                if self.fault_tolerant and starved(host, pid, now - seen, self.timeout):
+                    continue  # runnable: starved on an overloaded host, not hung (fault_tolerance.starved)
                 if now - seen > self.timeout and self.fault_tolerant and self._kill(p):
                     del last_seen[p]  # now a dead rank: the trainer's recovery takes it from here
                     continue

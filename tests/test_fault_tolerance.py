@@ -120,7 +120,7 @@ def test_launch_adds_with_ft():
 @pytest.mark.slow
 def test_worker_killed_mid_run(tmp_path):
     _require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--kill-ranks", "3:3"])
+    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "12", "--kill-ranks", "3:3"])
     _check_run_through(rc, out, summary, records, [3])
     lost = summary["lost_workers"][0]
     assert lost["worker"] == 2 and lost["killed_at"] == 3.0 and lost["time"] >= 3.0
@@ -149,7 +149,8 @@ def test_two_workers_killed(tmp_path):
     rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "9", "--kill-ranks", "3:2,4:5",
                                                      "--checkpoint", str(ckpt), "--checkpoint-every", "0.5"])
     _check_run_through(rc, out, summary, records, [3, 4])
-    assert [e["workers"] for e in summary["lost_workers"]] == [3, 2]
+    # two recoveries (3 then 2 workers), or one when both deaths were noticed together (a loaded machine)
+    assert [e["workers"] for e in summary["lost_workers"]] in ([3, 2], [2, 2])
     assert ckpt.exists() and summary["checkpoints"] >= 4
 
 
@@ -233,7 +234,7 @@ def test_stopped_worker_is_killed_and_the_others_continue(tmp_path):
     """SIGSTOP is no failure to MPI: rank 0's heartbeat watch (or the watchdog) kills the silent rank, then ULFM
     reports it like any death."""
     _require_ulfm()
-    rc, out, summary = _hit_from_outside(tmp_path, signal.SIGSTOP, {"ASYNCSGD_HEARTBEAT_TIMEOUT": "3"})
+    rc, out, summary = _hit_from_outside(tmp_path, signal.SIGSTOP, {"ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
     assert rc == 0, out[-4000:]
     assert re.search(r"rank 3 .*(sent no heartbeat|stopped responding).*killed it", out), out[-4000:]
     assert _lost(summary) == [3], out[-4000:]
@@ -249,7 +250,101 @@ def test_rank_0_killed_ends_the_job_and_says_how_to_resume(tmp_path):
     assert rc != 0 and summary is None, out[-4000:]
     assert time.monotonic() - start < 90
     assert "rank 0 lost at" in out and f"--resume {ckpt}" in out, out[-4000:]
-    assert ckpt.exists()  # the last complete checkpoint stays
+    if ckpt.exists():  # the last complete checkpoint stays (on a loaded machine none may be due by 4 s)
+        assert "is intact" in out, out[-4000:]
+    else:
+        assert "no checkpoint had been written yet" in out, out[-4000:]
+
+
+def _resume_from(tmp_path, ckpt, n=4):
+    """Continue a run from ``ckpt`` for a few seconds; return its summary (the checkpoint is whole and usable)."""
+    again = tmp_path / "resumed"
+    again.mkdir()
+    rc, out, summary, _ = _train(again, n, ["--time-limit", "3", "--resume", str(ckpt)])
+    assert rc == 0 and summary is not None, out[-4000:]
+    assert summary["resumed_samples"] > 0, summary
+    return summary
+
+
+@pytest.mark.slow
+def test_worker_killed_during_a_checkpoint_write(tmp_path):
+    """Rank 0 SIGKILLs worker rank 3 as it starts writing its 3rd checkpoint and stays 1 s inside the write: the
+    run goes on, the file is whole, later checkpoints are written, and --resume from it works."""
+    from asyncsgd.ops.checkpoint import load_checkpoint
+    _require_ulfm()
+    ckpt = tmp_path / "ckpt.h5"
+    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--checkpoint", str(ckpt),
+                                                     "--checkpoint-every", "0.5"],
+                                       env={"ASYNCSGD_FAULT": "checkpoint@0:3=kill:3"})
+    assert "fires: point checkpoint, rank 0, pass 3 (SIGKILL rank 3)" in out, out[-4000:]
+    _check_run_through(rc, out, summary, records, [3])
+    assert summary["checkpoints"] >= 4  # the one being written when the worker died, and later ones
+    load_checkpoint(ckpt)  # raises on a truncated or corrupt file
+    _resume_from(tmp_path, ckpt)
+
+
+@pytest.mark.slow
+def test_rank_0_killed_during_a_checkpoint_write_leaves_the_last_one(tmp_path):
+    """Rank 0 SIGKILLs itself with its 3rd checkpoint half-written (the parameters are in the temporary file):
+    the job ends non-zero saying how to --resume, and the 2nd checkpoint is at the path, whole and resumable."""
+    from asyncsgd.ops.checkpoint import load_checkpoint
+    _require_ulfm()
+    ckpt = tmp_path / "ckpt.h5"
+    start = time.monotonic()
+    rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "30", "--checkpoint", str(ckpt),
+                                               "--checkpoint-every", "0.5"],
+                                 env={"ASYNCSGD_FAULT": "checkpoint_write@0:3=kill"})
+    assert "fires: point checkpoint_write, rank 0, pass 3 (SIGKILL itself)" in out, out[-4000:]
+    assert rc != 0 and summary is None, out[-4000:]
+    assert time.monotonic() - start < 90
+    assert "rank 0 lost at" in out and f"--resume {ckpt}" in out, out[-4000:]
+    load_checkpoint(ckpt)
+    _resume_from(tmp_path, ckpt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", [1, 2], ids=["before-the-rebuild", "before-the-new-board"])
+def test_worker_dies_during_the_recovery(tmp_path, moment):
+    """Rank 3 dies at 3 s; rank 4 SIGKILLs itself inside the survivors' recovery (pass 1: after the shrink, as the
+    others start the store's rebuild; pass 2: after the rebuild, as they allocate the new job board).  The
+    survivors agree the attempt failed, shrink again and finish on 2 workers."""
+    _require_ulfm()
+    start = time.monotonic()
+    rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "8", "--kill-ranks", "3:3"],
+                                       env={"ASYNCSGD_FAULT": f"recover@4:{moment}=kill"})
+    assert f"fires: point recover, rank 4, pass {moment} (SIGKILL itself)" in out, out[-4000:]
+    assert "a rank died during the recovery (attempt 1); shrinking again" in out, out[-4000:]
+    _check_run_through(rc, out, summary, records, [3, 4])
+    assert summary["workers_at_end"] == 2 and all(e["workers"] == 2 for e in summary["lost_workers"])
+    assert time.monotonic() - start < JOB_TIMEOUT
+
+
+@pytest.mark.slow
+def test_worker_stopped_during_the_recovery_is_killed(tmp_path):
+    """Rank 4 SIGSTOPs itself inside the recovery: alive to MPI, so the others would wait for it; the recovery timer
+    (after ASYNCSGD_HEARTBEAT_TIMEOUT) kills it and the survivors shrink again."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "10", "--kill-ranks", "3:3"],
+                                       env={"ASYNCSGD_FAULT": "recover@4:1=stop", "ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
+    assert "fires: point recover, rank 4, pass 1 (SIGSTOP itself)" in out, out[-4000:]
+    assert "rank 4 is stopped during a recovery: killed it" in out, out[-4000:]
+    _check_run_through(rc, out, summary, records, [3, 4])
+
+
+@pytest.mark.slow
+def test_promoted_worker_dies_during_the_recovery_of_a_server(tmp_path):
+    """Server rank 1 dies; rank 2, the worker about to host its shard, dies after the first attempt rebuilt the
+    store on it.  The attempt is dropped, the shard is restored again from the freshest replica and rank 3 hosts it."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 5, ["--servers", "2", "--time-limit", "8", "--kill-ranks", "1:3"],
+                                       env={"ASYNCSGD_FAULT": "recover@2:2=kill"})
+    assert "fires: point recover, rank 2, pass 2 (SIGKILL itself)" in out, out[-4000:]
+    assert rc == 0, out[-4000:]
+    (lost,) = summary["lost_servers"]
+    assert lost["rank"] == 1 and lost["now_hosted_by"] == 3, lost
+    assert _lost(summary) == [2] and summary["workers_at_end"] == 1, summary["lost_workers"]
+    assert re.search(r"shard 1 restored from rank \d+'s replica \(\d+ pushes lost\), now hosted by rank 3", out), \
+        out[-4000:]
 
 
 # ---------------------------------------------------------------- MPICH (and fault tolerance off): the job ends
@@ -261,8 +356,9 @@ def test_without_run_through_a_killed_rank_ends_the_job_naming_it(tmp_path):
     rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "60", "--kill-ranks", "3:3"], with_ft=False)
     assert rc != 0 and summary is None, out[-4000:]
     assert time.monotonic() - start < 3 + 30 + 20  # kill at 3 s, end within 30 s, plus start-up
-    if mpi_flavour() == "openmpi":  # rank 0's watchdog names the dead rank when prterun signals the survivors
-        assert re.search(r"rank 3 \(pid \d+[^\n]*died", out), out[-4000:]
+    if mpi_flavour() == "openmpi":  # rank 0's watchdog names the dead rank when prterun signals the survivors,
+        # unless prterun's kill of the survivors wins the race (seen once under load 20): prterun names it then
+        assert re.search(r"rank 3 \(pid \d+[^\n]*died|process rank 3 with PID \d+", out), out[-4000:]
     else:  # MPICH's mpiexec SIGKILLs every rank itself; the rank is named by its own --kill-ranks line
         assert re.search(r"rank 3 \(pid \d+\) kills itself", out), out[-4000:]
         assert "BAD TERMINATION" in out or "Killed" in out, out[-4000:]

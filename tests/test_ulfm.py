@@ -141,6 +141,17 @@ def test_two_workers_killed_at_different_times():
 
 
 @pytest.mark.slow
+def test_worker_dying_inside_the_recovery_is_run_through_exactly():
+    """A second worker dies after the survivors' shrink, as they rebuild the store: the attempt fails everywhere
+    (ft.commit), they shrink again and rebuild from the shards and version they held; no push of a survivor lost."""
+    _require_ulfm()
+    rc, _, out = _run(6, ["--scenario", "during"])
+    _ok(rc, out)
+    assert "SIGKILL to itself inside the recovery" in out and "shrinking again" in out, out[-3000:]
+    assert "3 ranks left" in out or "4 ranks left" in out, out[-3000:]
+
+
+@pytest.mark.slow
 def test_killed_server_shard_is_restored_from_the_freshest_replica():
     _require_ulfm()
     rc, _, out = _run(5, ["--scenario", "server", "--servers", "2"])

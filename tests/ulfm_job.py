@@ -4,7 +4,9 @@ the store and finish; rank 0 then checks the store against the pushes counted by
 Run (Open MPI from PyPI):  mpirun --with-ft ulfm -n 5 python tests/ulfm_job.py --scenario worker
 Scenarios: none, worker (the last worker SIGKILLs itself mid-round, or at --kill-at), two (two workers die at
 different times), server (server rank 1 of --servers 2 dies), stop (the last worker SIGSTOPs itself; rank 0's
-heartbeat watch kills it), root (rank 0 dies: the survivors end the job, exit 3, and say how to resume).
+heartbeat watch kills it), root (rank 0 dies: the survivors end the job, exit 3, and say how to resume), during
+(as worker, and the next-to-last worker SIGKILLs itself inside the survivors' recovery, after the shrink: the
+attempt fails on every survivor (``ft.commit``) and they shrink again and rebuild from what they held).
 
 Ranks 0..S-1 host the shards and push nothing; ranks S.. are workers.  Worker w's push adds 1 at slot w of every
 shard (a per-shard count of its pushes that landed) and w+1 to every payload entry, so each shard must satisfy
@@ -36,7 +38,7 @@ SLOTS = 8  # count slots per shard: worker ids < SLOTS
 
 def parse():
     p = argparse.ArgumentParser()
-    p.add_argument("--scenario", choices=("none", "worker", "two", "server", "stop", "root"), default="worker")
+    p.add_argument("--scenario", choices=("none", "worker", "two", "server", "stop", "root", "during"), default="worker")
     p.add_argument("--servers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--per-round", type=int, default=10)
@@ -70,7 +72,7 @@ def victims(args, size):
     """{world rank: (pushes before it acts, signal)} for the scenario."""
     last = size - 1
     mid = args.kill_round * args.per_round + args.per_round // 2 if args.kill_at is None else args.kill_at
-    if args.scenario == "worker":
+    if args.scenario in ("worker", "during"):
         return {last: (mid, signal.SIGKILL)}
     if args.scenario == "two":
         return {last: (mid, signal.SIGKILL), last - 1: (mid + 2 * args.per_round, signal.SIGKILL)}
@@ -165,18 +167,42 @@ def main():
             how = "a revoke" if failure.revoked else "a dead rank"
             log(f"rank {world.rank} noticed {how} at {detected:.2f} s ({failure.where})")
             old = comm
-            new, failed = ft.survivors(old)
-            if 0 in failed:
+            attempt, held, target = 0, None, old
+            while True:  # as Recovery.recover: an attempt that a death interrupts is dropped everywhere, retried
+                new, _ = ft.survivors(target)
+                failed = [r for r, now in ft.rank_map(old, new).items() if now is None]
+                if 0 in failed:
+                    if new.rank == 0:
+                        log(f"rank 0 lost at {detected:.1f} s: it held the monitor; ending (resume from the last "
+                            f"checkpoint with --resume)")
+                    sys.exit(3)
+                if held is None:  # read after the first shrink: every survivor's pushes had completed
+                    held = (store.version() if old.rank == 0 else None,
+                            store.local_shard() if store.is_server else None)
+                    hb.abandon()
+                attempt += 1
+                if args.scenario == "during" and attempt == 1 and world.rank == size - 2:
+                    log(f"rank {world.rank}: SIGKILL to itself inside the recovery at {time.monotonic() - t0:.2f} s")
+                    time.sleep(0.1)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                roles = ft.roles(old.size, failed, S)
+                ok, rb, hb_new = True, None, None
+                try:
+                    rb = rebuild(store, old.rank, new, failed, version=held[0], replica=replica,
+                                 timeout=args.wait_timeout, local=held[1])
+                    hb_new = ft.Heartbeats(new)
+                except (ft.RankFailure, MPI.Exception) as exc:
+                    if isinstance(exc, MPI.Exception) and not ft.is_failure(new, exc):
+                        raise
+                    ok = False
+                if ft.commit(new, ok):
+                    break
+                if rb is not None:
+                    rb.store.abandon()
                 if new.rank == 0:
-                    log(f"rank 0 lost at {detected:.1f} s: it held the monitor; ending (resume from the last "
-                        f"checkpoint with --resume)")
-                sys.exit(3)
-            version = store.version() if old.rank == 0 else None
-            roles = ft.roles(old.size, failed, S)
-            rb = rebuild(store, old.rank, new, failed, version=version, replica=replica,
-                         timeout=args.wait_timeout)
-            hb.abandon()
-            hb = ft.Heartbeats(new)
+                    log(f"a rank died during the recovery (attempt {attempt}); shrinking again")
+                target = new
+            hb = hb_new
             store = rb.store
             restored_total.update(rb.restored)
             lost_total += rb.lost_pushes
@@ -212,6 +238,8 @@ def main():
     if comm.rank == 0:
         vec = store.read_all()
         alive_ids = {r - S for r in range(size)} - {r - S for r in plan}
+        if args.scenario == "during":
+            alive_ids.discard(size - 2 - S)  # died inside the recovery, after an unknown number of its pushes
         landed = None
         for shard, (start, stop) in enumerate(bounds):
             c = vec[start:start + SLOTS].astype(numpy.int64)

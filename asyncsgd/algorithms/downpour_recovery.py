@@ -21,6 +21,7 @@ Exceptions are not failures: only a vanished process is run through (docs/FAILUR
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -30,6 +31,7 @@ import time
 from mpi4py import MPI
 
 from .. import fault_tolerance as ft
+from ..faults import fault_point, set_killer
 from ..mpiutil import polled_barrier
 from ..store.rebuild import rebuild
 from .board import FLAG_STOP, FLAG_WARM_DONE, JobBoard
@@ -38,11 +40,49 @@ __all__ = ["Recovery", "heartbeat_timeout"]
 
 _BEAT_S = 0.25
 _WAIT_S = 120.0  # bound on every wait of a recovery or of the final meeting (s)
+_RECOVERY_LIMIT_S = 2 * _WAIT_S + 60.0  # a whole recovery, retries included; past it the rank ends (exit 4)
 
 
 def heartbeat_timeout() -> float:
     """Seconds without a heartbeat after which rank 0 kills a silent rank (the watchdog's setting)."""
     return float(os.environ.get("ASYNCSGD_HEARTBEAT_TIMEOUT", "15"))
+
+
+class _RecoveryTimer:
+    """While a recovery runs: after the heartbeat timeout, SIGKILL the ranks of ``comm`` on this host that are
+    stopped (a SIGSTOPped rank is alive to MPI, so the shrink would wait for it for ever; killed, it is one more
+    death the shrink runs through).  Nobody beats or watches heartbeats during a recovery, hence this thread."""
+
+    def __init__(self, recovery, comm):
+        self._recovery = recovery
+        self._where = list(recovery._heartbeats.where)
+        self._world = list(recovery.world_ranks)
+        self._rank = comm.rank
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="asyncsgd-recovery-timer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        killed = set()
+        start = time.monotonic()
+        while not self._done.wait(min(self._recovery.timeout, 5.0)):
+            for r in ft.stopped_local_ranks(self._where):
+                if r not in killed and ft.kill_local_process(*self._where[r]):
+                    killed.add(r)
+                    sys.stderr.write(f"asyncsgd: rank {self._world[r]} is stopped during a recovery: killed it\n")
+                    sys.stderr.flush()
+            if time.monotonic() - start > _RECOVERY_LIMIT_S and not self._done.is_set():
+                # Measured once under load 50: three survivors stayed in Shrink's agreement for minutes after two
+                # ranks vanished.  Never hang: end this rank (every survivor's timer does the same), non-zero.
+                sys.stderr.write(f"asyncsgd: error: rank {self._world[self._rank]}: the recovery did not complete "
+                                 f"within {_RECOVERY_LIMIT_S:.0f} s (stuck in MPI's shrink or a window allocation); "
+                                 f"ending the job{self._recovery.resume_hint()}\n")
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(4)
+
+    def cancel(self):
+        self._done.set()
 
 
 class Recovery:
@@ -73,6 +113,7 @@ class Recovery:
         if enabled:
             self._comm = ft.manage(comm.Dup())  # private: nothing but the failure probe runs on it
             self._heartbeats = ft.Heartbeats(self._comm)
+            set_killer(self._kill_world_rank)  # ASYNCSGD_FAULT's =kill:VICTIM (a test tool)
         else:
             self._comm = comm
 
@@ -113,10 +154,22 @@ class Recovery:
             self.recover()
             return None
 
+    def _kill_world_rank(self, world_rank: int) -> bool:
+        """SIGKILL the rank that was ``world_rank`` at the start of the run (same host only)."""
+        if world_rank not in self.world_ranks:
+            return False
+        return ft.kill_rank(self._heartbeats, self.world_ranks.index(world_rank))
+
     def _watch(self):
-        for r in self._heartbeats.stale(self.timeout):
+        stale = self._heartbeats.stale(self.timeout)
+        if not stale:
+            return
+        long_silent = set(self._heartbeats.stale(ft.STARVED_FACTOR * self.timeout))
+        for r in stale:
             if r in self._killed:
                 continue
+            if r not in long_silent and ft.starved(*self._heartbeats.where[r], 0.0, self.timeout):
+                continue  # not stopped: starved on an overloaded host, or hung; give it longer (ft.starved)
             self._killed.add(r)
             killed = ft.kill_rank(self._heartbeats, r)
             self._say(f"rank {self.world_ranks[r]} sent no heartbeat for {self.timeout:g} s (stopped or hung): "
@@ -146,7 +199,12 @@ class Recovery:
             return
         while True:
             try:
-                ft.safe_point(self._comm, timeout=_WAIT_S, on_wait=self._beat_and_watch)
+                # No timeout here: servers other than rank 0 (and a worker promoted to host a shard) wait in this
+                # meeting for the rest of the run, which may last hours.  With _WAIT_S (120 s) a promoted host
+                # raised TimeoutError mid-run and its exit stranded the survivors in a later shrink (the benchmark's
+                # server case).  Liveness is watched meanwhile: heartbeats (rank 0 kills a silent rank), the
+                # failure probe of the polled Ibarrier, and the launcher's --timeout.
+                ft.safe_point(self._comm, timeout=math.inf, on_wait=self._beat_and_watch)
                 return
             except ft.RankFailure:
                 self.recover()
@@ -165,47 +223,108 @@ class Recovery:
     # ---------------------------------------------------------------- recovery
 
     def recover(self):
-        """Shrink to the survivors and rebuild the store, the board and the heartbeats (collective over them)."""
+        """Shrink to the survivors and rebuild the store, the board and the heartbeats (collective over them).
+
+        A second death while the survivors are inside the recovery (in the shrink, the store's rebuild, a window
+        allocation) is run through too: every attempt ends with ``ft.commit`` (ULFM's uniform agreement), so the
+        survivors either all keep the rebuilt state or all drop it, shrink again and rebuild from what each held
+        when the recovery began (rank 0: the version and the board; a server: its shard; a worker: its replica),
+        with every rank lost so far.  A rank that stops (SIGSTOP) inside a recovery is killed by the recovery timer
+        of a rank on its host, which turns it into one more death.
+        """
         noticed = self.elapsed()
         old = self._comm
-        new, failed = ft.survivors(old)
+        timer = _RecoveryTimer(self, old) if self._heartbeats is not None else None
+        try:
+            self._recover(old, noticed)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _recover(self, old, noticed):
+        comm, held, failed, attempts = old, None, [], 0
+        while True:
+            new, _ = ft.survivors(comm)
+            mapping = ft.rank_map(old, new)  # groups translate across shrinks: ranks of ``old`` that died so far
+            failed = sorted(r for r, now in mapping.items() if now is None)
+            if 0 in failed:
+                self._root_lost(new, noticed)
+            try:
+                roles = ft.roles(old.size, failed, self.n_servers)
+            except ValueError as exc:  # no worker is left: the job ends (an exception ends every rank)
+                lost = ", ".join(str(self.world_ranks[r]) for r in failed)
+                raise ValueError(f"ranks {lost} lost: {exc}") from None
+            if held is None:
+                # Read once, after the first shrink: every survivor's pushes had completed when it entered it.
+                held = self._hold(old)
+                self._heartbeats.abandon()
+            attempts += 1
+            rb = board = heartbeats = retired = None
+            ok = True
+            try:
+                fault_point("recover")
+                rb = rebuild(self.store, old.rank, new, failed, version=held["version"], replica=held["replica"],
+                             timeout=_WAIT_S, local=held["shard"])
+                fault_point("recover")
+                n_workers = sum(1 for _, _, r in roles.values() if r.kind == "worker")
+                board = JobBoard(new, n_workers)  # the old board is dropped, never freed (a dead rank's collective)
+                if new.rank == 0:
+                    retired = self._move_rows(board, held["rows"], held["flags"], roles, failed)
+                ft.safe_point(new, timeout=_WAIT_S)  # rows and flags are in place before anyone reads them
+                heartbeats = ft.Heartbeats(new)
+            except (ft.RankFailure, MPI.Exception) as exc:
+                if isinstance(exc, MPI.Exception) and not ft.is_failure(new, exc):
+                    raise
+                ok = False
+            if not ft.commit(new, ok):
+                # another rank died during this attempt: drop what it built (never freed) and shrink again
+                for part in (rb.store if rb is not None else None, board, heartbeats):
+                    if part is not None:
+                        (part.abandon if hasattr(part, "abandon") else part._abandon)()
+                if new.rank == 0:
+                    self._say(f"a rank died during the recovery (attempt {attempts}); shrinking again")
+                comm = new
+                continue
+            break
+        self._heartbeats = heartbeats
         failed_world = [self.world_ranks[r] for r in failed]
-        if 0 in failed:
-            self._root_lost(new, noticed)
-        roles = ft.roles(old.size, failed, self.n_servers)  # ValueError when no worker is left: the job ends
-        version = self.store.version() if old.rank == 0 else None
-        replica = self.replica() if (self.replica is not None and self.role.kind == "worker") else None
-        rows = flags = None
-        if old.rank == 0:
-            rows = self.board.rows()
-            flags = (self.board.flag(FLAG_STOP), self.board.flag(FLAG_WARM_DONE))
-        rb = rebuild(self.store, old.rank, new, failed, version=version, replica=replica, timeout=_WAIT_S)
-        n_workers = sum(1 for _, _, r in roles.values() if r.kind == "worker")
-        board = JobBoard(new, n_workers)  # the old board is dropped, never freed (a collective with a dead rank)
-        if new.rank == 0:
-            self._move_rows(board, rows, flags, roles, failed)
-        ft.safe_point(new, timeout=_WAIT_S)  # rows and flags are in place before anyone reads them
-        self._heartbeats.abandon()
-        self._heartbeats = ft.Heartbeats(new)
         _, _, role = roles[old.rank]
         old_n_workers = self.n_workers
+        if retired:
+            self.retired.extend(retired)
         self.world_ranks = [w for r, w in enumerate(self.world_ranks) if r not in failed]
         self._comm, self.store, self.board, self.role, self.n_workers = new, rb.store, board, role, n_workers
         self.recoveries += 1
         if new.rank == 0:
             self._log_loss(failed_world, roles, failed, rb, noticed, old_n_workers)
 
-    def _move_rows(self, board, rows, flags, roles, failed):
+    def _hold(self, old) -> dict:
+        """What this rank contributes to every attempt of one recovery, read out of the abandoned objects once."""
+        held = {"version": None, "replica": None, "shard": None, "rows": None, "flags": None}
+        if old.rank == 0:
+            held["version"] = self.store.version()
+            held["rows"] = self.board.rows()
+            held["flags"] = (self.board.flag(FLAG_STOP), self.board.flag(FLAG_WARM_DONE))
+        if self.replica is not None and self.role.kind == "worker":
+            held["replica"] = self.replica()
+        if self.store.is_server:
+            held["shard"] = self.store.local_shard()
+        return held
+
+    def _move_rows(self, board, rows, flags, roles, failed) -> list:
+        """Rank 0: copy the survivors' rows and the flags to the new board; return the retired rows."""
         stats, hist = rows
+        retired = []
         for i, (s, h) in enumerate(zip(stats, hist)):
             old_rank = self.n_servers + i
             if old_rank in failed or roles[old_rank][2].kind == "server":
                 s = dict(s, done=1.0)  # its samples stay counted; nobody waits for it
-                self.retired.append((s, h))
+                retired.append((s, h))
             else:
                 board.publish(roles[old_rank][2].index, s, h)
         board.set_flag(FLAG_STOP, flags[0])
         board.set_flag(FLAG_WARM_DONE, flags[1])
+        return retired
 
     def _log_loss(self, failed_world, roles, failed, rb, noticed, old_n_workers):
         entries = []
@@ -236,12 +355,23 @@ class Recovery:
                   f"{self._comm.size} ranks)")
         self._awaiting_push = (rb.version_base, entries)
 
+    def resume_hint(self) -> str:
+        """'; continue with --resume PATH' when a checkpoint file exists, else ''."""
+        if self.checkpoint_path and os.path.exists(self.checkpoint_path):
+            return f"; continue with the same command plus --resume {self.checkpoint_path}"
+        return ""
+
     def _root_lost(self, new, noticed):
         """Rank 0 died: it held the monitor, the version counter and the checkpoints.  End the job (exit 3)."""
         if new.rank == 0:
-            where = (f"the last checkpoint, {self.checkpoint_path}, is intact: continue with the same command plus "
-                     f"--resume {self.checkpoint_path}" if self.checkpoint_path else
-                     "no checkpoint was being written (add --checkpoint-every SECONDS to be able to --resume)")
+            if self.checkpoint_path and os.path.exists(self.checkpoint_path):
+                where = (f"the last checkpoint, {self.checkpoint_path}, is intact: continue with the same command "
+                         f"plus --resume {self.checkpoint_path}")
+            elif self.checkpoint_path:
+                where = (f"no checkpoint had been written yet to {self.checkpoint_path} (checked from this host): "
+                         f"restart the run; with the file in place, --resume {self.checkpoint_path} continues it")
+            else:
+                where = "no checkpoint was being written (add --checkpoint-every SECONDS to be able to --resume)"
             sys.stderr.write(f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it held the monitor and the "
                              f"store's version counter, so the job ends; {where}\n")
         sys.stdout.flush()

@@ -89,6 +89,7 @@ def save_checkpoint(path, *, params, state: dict, version: int, config: dict, da
             for name, array in arrays.items():
                 f.create_dataset(name, data=array)
                 crcs[name] = _crc(array)
+                fault_point("checkpoint_write")  # test tool: a death with the file half-written
                 if _after_dataset_hook is not None:
                     _after_dataset_hook(name)
             for key, value in attrs.items():

@@ -55,13 +55,17 @@ def _wait(requests, timeout: float, what: str):
 
 
 def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, version: int | None,
-            replica=None, timeout: float = 60.0) -> Rebuilt:
+            replica=None, timeout: float = 60.0, local=None) -> Rebuilt:
     """Build the store again on ``new_comm`` (collective over it); return a Rebuilt.
 
     ``old_rank``: this rank's rank in the old store's communicator.  ``failed``: the old ranks that died (the same
     list everywhere, from ``fault_tolerance.survivors``).  ``version``: the old store's version, read by new rank 0
     (which must be old rank 0, the counter's host) before anything else; other ranks pass None.
     ``replica``: ``(vector float32 [n_params], version)`` this rank last fetched, or None (servers).
+    ``local``: this rank's copy of the shard it hosted (``old_store.local_shard()``, read before an earlier attempt
+    abandoned the store), or None to read it now.  A second failure during a rebuild is run through by calling this
+    again on the next shrink with every old rank that died so far in ``failed`` (``new_comm`` is then a shrink of a
+    shrink: its ranks are still the old survivors in their old order).
     Every wait is bounded by ``timeout`` seconds.
     """
     if old_store.adagrad:
@@ -100,7 +104,7 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
         source = replica_rank if shard in restored else new_of[shard]
         if me == source:
             piece = (numpy.ascontiguousarray(replica[0][start:stop], DTYPE) if shard in restored
-                     else old_store.local_shard())
+                     else old_store.local_shard() if local is None else numpy.ascontiguousarray(local, DTYPE))
             if shard == me:
                 initial[start:stop] = piece
             else:
