@@ -191,10 +191,18 @@ def _check_layout(mode, options, size):
     if mode == "downpour" and options.servers >= size:
         raise OptionError("servers", f"{options.servers} leaves no worker among {size} ranks; "
                                      f"use at most {size - 1}")
+    store = "rma"
+    if mode == "downpour":  # the store transport (ASYNCSGD_STORE, docs/NETWORK.md) is checked before any work
+        from .store.served import store_transport
+        store = store_transport()
+        if store == "messages" and options.optimizer == "adagrad":
+            raise OptionError("optimizer", "adagrad needs the RMA store: unset ASYNCSGD_STORE=messages "
+                                           "(the served store applies plain SGD deltas)")
     if mode != "serial":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
         from .fault_tolerance import resolve
         try:
-            resolve(options.fault_tolerance, getattr(options, "optimizer", "sgd") if mode == "downpour" else "sgd")
+            resolve(options.fault_tolerance, getattr(options, "optimizer", "sgd") if mode == "downpour" else "sgd",
+                    store=store)
         except ValueError as exc:
             raise OptionError("fault_tolerance", str(exc)) from None
         if any(r >= size for r in options.kill_ranks):

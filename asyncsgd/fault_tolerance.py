@@ -59,13 +59,19 @@ def require_ulfm(optimizer: str = "sgd", environ=None):
         raise ValueError("on works with --optimizer sgd only: a lost server's Adagrad sums have no replica")
 
 
-def resolve(setting: str, optimizer: str = "sgd", environ=None) -> bool:
-    """Whether a Downpour run with ``fault_tolerance=setting`` runs through dead ranks.
+def resolve(setting: str, optimizer: str = "sgd", environ=None, *, store: str = "rma") -> bool:
+    """Whether a run with ``fault_tolerance=setting`` runs through dead ranks.
 
     'off': never; 'on': always (ValueError when ``require_ulfm`` refuses); 'auto': when ULFM is on and the optimizer
-    is SGD (an Adagrad run keeps ending the job, as without ULFM).
+    is SGD (an Adagrad run keeps ending the job, as without ULFM).  ``store`` is Downpour's store transport: the
+    served store ("messages") has no rebuild after a death, so 'on' is refused with it and 'auto' is off.
     """
     if setting == "off":
+        return False
+    if store == "messages":
+        if setting == "on":
+            raise ValueError("on does not work with ASYNCSGD_STORE=messages (the served store is not rebuilt after a "
+                             "death); unset it or use --fault-tolerance auto/off")
         return False
     if setting == "on":
         require_ulfm(optimizer, environ)
@@ -74,11 +80,15 @@ def resolve(setting: str, optimizer: str = "sgd", environ=None) -> bool:
 
 
 def for_options(options) -> bool:
-    """Whether a run with these options runs through dead ranks (Downpour options only; others: False)."""
+    """Whether a run with these options runs through dead ranks (options without ``fault_tolerance``: False)."""
     setting = getattr(options, "fault_tolerance", None)
     if setting is None:
         return False
-    return resolve(setting, getattr(options, "optimizer", "sgd"))
+    store = "rma"
+    if hasattr(options, "servers"):  # Downpour: the store transport matters
+        from .store.served import store_transport
+        store = store_transport()
+    return resolve(setting, getattr(options, "optimizer", "sgd"), store=store)
 
 
 def manage(comm):

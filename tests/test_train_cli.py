@@ -94,6 +94,28 @@ def test_bad_layouts_fail_from_rank0(n, args, needle):
 
 # Options of every distributed mode that only the data or the job size can refute: each must end the job with one
 # error line from rank 0 and exit status 2 before any rank starts work (no traceback, no MPI_Abort).
+# The store transport comes from the environment (ASYNCSGD_STORE, docs/NETWORK.md): a typo, or a combination the
+# served store cannot do, is a usage error like a bad option.
+@pytest.mark.parametrize("store, args, needle", [
+    ("bogus", [], "ASYNCSGD_STORE='bogus' is not a store transport"),
+    ("messages", ["--optimizer", "adagrad"], "--optimizer adagrad needs the RMA store"),
+])
+def test_store_transport_is_checked_before_work(store, args, needle, tmp_path):
+    env = {**_env(), "ASYNCSGD_STORE": store}
+    proc = run_mpi(3, TRAIN + args + ["--run-dir", str(tmp_path / "run")], timeout=90, env=env, cwd=REPO)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    _one_error(proc.stdout, needle)
+    assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
+
+
+def test_fault_tolerance_is_off_with_the_served_store():
+    from asyncsgd import fault_tolerance as ft
+    on_ulfm = {ft.FT_ENV: "1"}
+    assert not ft.resolve("auto", environ=on_ulfm, store="messages")
+    with pytest.raises(ValueError, match="ASYNCSGD_STORE=messages"):
+        ft.resolve("on", environ=on_ulfm, store="messages")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--mode", "sandblaster", "--mini-shard-size", "100000", "--batch-size", "10"], "--mini-shard-size 100000"),
     (["--mode", "sandblaster", "--batch-size", "100000"], "--batch-size 100000 exceeds"),

@@ -488,7 +488,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     split = TrainingSplit(src, cfg.validation, cfg.seed)  # the same on every rank; workers read only training rows
     # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
     schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
-    fault_tolerant = ft.resolve(cfg.fault_tolerance, cfg.optimizer)
+    fault_tolerant = ft.for_options(cfg)
     store = open_store(comm, init.n_params, n_servers=n_servers, initial=initial,  # ASYNCSGD_STORE picks
                        adagrad=cfg.optimizer == "adagrad")
     board = JobBoard(comm, n_workers)
