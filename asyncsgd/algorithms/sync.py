@@ -26,7 +26,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
 
     ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
     """
-    cfg, stop_opts = sgd_defaults(cfg, stop, model_name)
+    cfg, stop_opts = sgd_defaults(cfg, stop, model_name, sync_replicas=comm.size)  # peak lr x sqrt(replicas)
     comm = comm.Dup()
     xp = backend.xp
     size, rank = comm.size, comm.rank
