@@ -12,7 +12,8 @@ line says which.
 
 Prints one line per run (seed, accuracy, selected model, stop reason, wall time), then min / median / max and
 max - min.  Exit status: 0, or 1 when a given --min-accuracy or --max-spread is not met, or 2 when a run failed.
-``--json-out FILE`` writes every run's figures and the statistics for the README tables.
+``--json-out FILE`` writes every run's figures (with the 1-minute load average as it ended) and the statistics for
+the README tables.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def run_once(command: list[str], seed: int, timeout: float) -> dict:
             "selected_model": summary.get("selected_model", "last"),
             "validation_accuracy": summary.get("selected_validation_accuracy"),
             "last_test_accuracy": summary.get("last_test_accuracy", summary.get("test_accuracy")),
-            "stop_reason": summary.get("stop_reason"), "wall_s": wall, "mode": summary.get("mode")}
+            "stop_reason": summary.get("stop_reason"), "wall_s": wall, "mode": summary.get("mode"),
+            "load_1min": os.getloadavg()[0]}   # the machine's load as the run ended: wall times depend on it
 
 
 def spread(values: list[float]) -> dict:
@@ -124,7 +126,8 @@ def main(argv=None) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"command": command, "runs": runs, "stats": stats,
-                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, f, indent=1)
+                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "machine": {"cpus": os.cpu_count(), "load_1_5_15": list(os.getloadavg())}}, f, indent=1)
     if failed:
         return 2
     return 0 if all(ok for _, ok in verdicts) else 1
