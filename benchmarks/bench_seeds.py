@@ -74,7 +74,11 @@ def run_once(command: list[str], seed: int, timeout: float) -> dict:
             "validation_accuracy": summary.get("selected_validation_accuracy"),
             "last_test_accuracy": summary.get("last_test_accuracy", summary.get("test_accuracy")),
             "stop_reason": summary.get("stop_reason"), "wall_s": wall, "mode": summary.get("mode"),
-            "load_1min": os.getloadavg()[0]}   # the machine's load as the run ended: wall times depend on it
+            "load_1min": os.getloadavg()[0],   # the machine's load as the run ended: wall times depend on it
+            # both models' figures and the margin applied, to compare selection rules afterwards
+            **{k: summary.get(k) for k in ("last_validation_accuracy", "best_validation_accuracy",
+                                           "best_test_accuracy", "best_evaluation", "evaluations",
+                                           "selection_margin_accuracy")}}
 
 
 def spread(values: list[float]) -> dict:

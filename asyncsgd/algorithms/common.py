@@ -160,12 +160,13 @@ class Evaluations:
     or the test one without a split.
     """
 
-    def __init__(self, net, split: TrainingSplit, backend, patience=None):
+    def __init__(self, net, split: TrainingSplit, backend, patience=None, selection_margin: float = 0.0):
         x_test, y_test = split.src.test_set()
         self.test = Evaluator(net, x_test, y_test, backend)
         val = split.validation_set()
         self.validation = None if val is None else Evaluator(net, *val, backend)
-        self.tracker = BestModelTracker(patience=patience if self.validation is not None else None)
+        self.tracker = BestModelTracker(patience=patience if self.validation is not None else None,
+                                        selection_margin=selection_margin, n_validation=split.n_validation)
         self.n_validation = split.n_validation
         self.last = {}
 

@@ -48,7 +48,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     evaluate = None
     if rank == 0:
         # the replica evaluates its own parameters: every replica holds the same ones after each step
-        evaluate = Evaluations(net, split, backend, patience=stop.patience)
+        evaluate = Evaluations(net, split, backend, patience=stop.patience, selection_margin=cfg.selection_margin)
     n = net.n_params
     send = numpy.zeros(n + 3, dtype=numpy.float32)  # gradient, loss, stop vote, rank 0's clock (others 0)
     recv = numpy.empty_like(send)
