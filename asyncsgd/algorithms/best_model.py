@@ -63,8 +63,8 @@ class BestModelTracker:
         if (isinstance(selection_margin, bool) or not isinstance(selection_margin, numbers.Real)
                 or not math.isfinite(selection_margin) or selection_margin < 0):
             raise ValueError(f"selection_margin must be a number of standard errors >= 0, got {selection_margin!r}")
-        if n_validation is not None and (isinstance(n_validation, bool) or not isinstance(n_validation, numbers.Integral)
-                                         or n_validation < 0):
+        if n_validation is not None and (isinstance(n_validation, bool)
+                                         or not isinstance(n_validation, numbers.Integral) or n_validation < 0):
             raise ValueError(f"n_validation must be a number of rows >= 0 or None, got {n_validation!r}")
         self.selection_margin = float(selection_margin)
         self.n_validation = None if n_validation is None else int(n_validation)
