@@ -12,8 +12,8 @@ import os
 import sys
 
 from .mpiutil import UsageError
-from .options import (DEFAULT_LR_SCHEDULE, DEFAULT_VALIDATION, CheckpointOptions, DownpourOptions, OptionError,
-                      SandblasterOptions, SGDOptions, Stop, parse_staleness)
+from .options import (DEFAULT_LR_SCHEDULE, DEFAULT_SELECTION_MARGIN, DEFAULT_VALIDATION, CheckpointOptions,
+                      DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop, parse_staleness)
 from .schedule import parse_schedule
 
 try:
@@ -144,6 +144,9 @@ _OPTIONS = [
     (("--validation",), dict(type=float, default=None,
                              help="fraction of the training set held out, class-balanced, to choose the model with "
                                   "(SGD modes; default 0.1; 0 = none); the test set is only reported")),
+    (("--selection-margin",), dict(type=_nonneg_float, default=None,
+                                   help="select the best-validation model over the last one only when better by "
+                                        "more than this many standard errors (default 2; 0 = whenever better)")),
     # SGD
     (("--batch-size",), dict(type=_positive_int, default=None,
                              help="mini-batch size (SGD modes); L-BFGS batch (sandblaster, default: whole set)")),
@@ -287,7 +290,9 @@ def to_options(cfg):
             sgd = dict(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
                        adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every,
                        lr_schedule=DEFAULT_LR_SCHEDULE if cfg.lr_schedule is None else cfg.lr_schedule,
-                       validation=DEFAULT_VALIDATION if cfg.validation is None else cfg.validation)
+                       validation=DEFAULT_VALIDATION if cfg.validation is None else cfg.validation,
+                       selection_margin=(DEFAULT_SELECTION_MARGIN if cfg.selection_margin is None
+                                         else cfg.selection_margin))
             if cfg.mode == "downpour":
                 options = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
                                           staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,

@@ -25,7 +25,7 @@ from .schedule import Schedule, parse_schedule
 
 __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterOptions", "CheckpointOptions",
            "NoDecay", "InverseDecay", "ExponentialDecay", "parse_staleness", "options_to_dict", "OPTIMIZERS",
-           "SCHEDULES", "DEFAULT_LR_SCHEDULE", "DEFAULT_VALIDATION"]
+           "SCHEDULES", "DEFAULT_LR_SCHEDULE", "DEFAULT_VALIDATION", "DEFAULT_SELECTION_MARGIN"]
 
 OPTIMIZERS = ("sgd", "adagrad")
 SCHEDULES = ("dynamic", "static")
@@ -36,6 +36,9 @@ FAULT_TOLERANCE = ("auto", "on", "off")  # Downpour's run-through of a dead rank
 # out to choose the model with (asyncsgd.data.holdout explains the fraction).
 DEFAULT_LR_SCHEDULE = "warmup:0.05+cosine"
 DEFAULT_VALIDATION = 0.1
+# The best-validation model is selected over the last one only when it is better by more than this many standard
+# errors of the difference (asyncsgd.algorithms.best_model: a winner's curse on a few hundred validation rows).
+DEFAULT_SELECTION_MARGIN = 2.0
 
 
 class OptionError(ValueError):
@@ -186,6 +189,8 @@ class SGDOptions:
     (asyncsgd.schedule; peak ``lr``); Downpour follows the store's global push count, so replicas decay together.
     ``validation``: the class-balanced fraction of the training set held out (0 <= F < 1; 0: none); the run's
     model is chosen, and ``Stop.target_accuracy`` / ``Stop.patience`` judged, on it; the test set is only reported.
+    ``selection_margin``: the best-validation model is selected over the last only when better by more than this
+    many standard errors (>= 0; 0: whenever better; asyncsgd.algorithms.best_model).
     """
     lr: float | None = None
     momentum: float | None = None
@@ -197,6 +202,7 @@ class SGDOptions:
     eval_every: float = 5.0
     lr_schedule: object = DEFAULT_LR_SCHEDULE
     validation: float = DEFAULT_VALIDATION
+    selection_margin: float = DEFAULT_SELECTION_MARGIN
     # fault tolerance (docs/FAULT_TOLERANCE.md): 'auto' runs through a dead rank exactly when the job runs under
     # Open MPI's `mpirun --with-ft ulfm`; ``kill_ranks`` {rank: seconds >= 0} makes those ranks SIGKILL themselves
     # that long after training starts (a test and benchmark tool, like ``slow_ranks``)
@@ -217,6 +223,7 @@ class SGDOptions:
                                              f"Warmup(Cosine(), 0.05), ...) or a string such as 'warmup:0.05+cosine', "
                                              f"got {sched!r}")
         _real(self, "validation", lo=0, hi=1, hi_open=True)
+        _real(self, "selection_margin", lo=0)
         _real(self, "lr", lo=0, lo_open=True, optional=True)
         _real(self, "momentum", lo=0, hi=1, hi_open=True, optional=True)
         _int(self, "batch_size", 1, optional=True)

@@ -270,7 +270,9 @@ def test_api_result_is_the_selected_model():
     from asyncsgd.backend import select_ops
     from asyncsgd.data import open_source
     src = open_source("synthetic:400")
-    result = asyncsgd.train_serial("logreg", src, asyncsgd.SGDOptions(lr=0.5, lr_schedule="constant", seed=4),
+    # selection_margin 0: the best whenever it is better (the default margin is tested in test_best_model.py)
+    result = asyncsgd.train_serial("logreg", src, asyncsgd.SGDOptions(lr=0.5, lr_schedule="constant", seed=4,
+                                                                      selection_margin=0),
                                    asyncsgd.Stop(epochs=12), progress="none")
     s = result.summary
     net = build_network("logreg", src.input_shape, src.n_classes, select_ops("cpu"), seed=0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -93,9 +94,38 @@ def test_the_copy_keeps_the_dtype():
     assert t.best_params.dtype == np.float64
 
 
+def test_the_best_is_selected_over_the_last_only_beyond_the_margin():
+    """On 270 validation rows with margin 2 (standard errors of the difference): a mid-run best 3 rows above the
+    last (the winner's curse seen on FSDD) is kept but not selected; a collapse of 10 rows selects the best."""
+    n = 270
+    t = BestModelTracker(selection_margin=2.0, n_validation=n)
+    for i, rows in enumerate([200, 267, 262, 264]):   # best at evaluation 1 (0.989), last 0.978
+        t.observe(_params(i), validation_accuracy=rows / n, test_accuracy=0.9)
+    p = (267 + 264) / 2 / n
+    assert t.margin() == pytest.approx(2 * math.sqrt(2 * p * (1 - p) / n))     # 0.019: 5.2 rows
+    assert t.selected == "last" and t.best["evaluation"] == 1, "the best is kept, not selected"
+    assert np.array_equal(t.best_params, _params(1))
+    last = _params(3)
+    assert t.selected_params(last) is last
+    s = t.summary()
+    assert s["selected_model"] == "last" and s["selected_validation_accuracy"] == 264 / n
+    assert s["best_validation_accuracy"] == 267 / n and s["selection_margin_accuracy"] == pytest.approx(t.margin())
+    t.observe(_params(4), validation_accuracy=257 / n)    # the run collapses by 10 rows: the best is selected
+    assert t.selected == "best" and np.array_equal(t.selected_params(_params(4)), _params(1))
+    # margin 0 (or no row count): the best whenever strictly better, the rule before the margin
+    for kwargs in (dict(selection_margin=0.0, n_validation=n), dict(selection_margin=2.0)):
+        u = BestModelTracker(**kwargs)
+        for i, rows in enumerate([267, 264]):
+            u.observe(_params(i), validation_accuracy=rows / n)
+        assert u.selected == "best" and u.margin() == 0.0
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(patience=0), "patience must be a positive number"),
                                           (dict(patience=1.5), "patience must be"),
-                                          (dict(min_delta=-0.1), "min_delta must be in")])
+                                          (dict(min_delta=-0.1), "min_delta must be in"),
+                                          (dict(selection_margin=-1), "selection_margin must be"),
+                                          (dict(selection_margin=float("nan")), "selection_margin must be"),
+                                          (dict(n_validation=-3), "n_validation must be")])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         BestModelTracker(**kwargs)
@@ -134,3 +164,43 @@ def test_kept_model_reevaluates_to_the_best_logged_validation_accuracy():
     assert tracker.summary()["best_steps"] == first_best
     net.params[...] = tracker.best_params            # the copy, not the live vector
     assert net.evaluate(xv, yv)[1] == best_logged
+
+
+def test_cli_selects_by_the_margin_and_reports_it(tmp_path):
+    """Through the CLI: an oscillating constant-rate run (the same as test_train_cli's) under the default margin
+    reports the margin, and selects the best exactly when its logged validation accuracy beats the last one's by
+    more than it; the model file is the selected one; --selection-margin -1 is one usage error."""
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "asyncsgd.train", "--mode", "serial", "--model", "logreg", "--data",
+            "synthetic:400", "--epochs", "12", "--lr", "0.5", "--lr-schedule", "constant", "--seed", "4",
+            "--progress", "none"]
+    proc = subprocess.run(base + ["--run-dir", str(run)], capture_output=True, text=True, timeout=240, env=env,
+                          cwd=repo)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads((run / "summary.json").read_text())
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    best, last = max(r["validation_accuracy"] for r in recs), recs[-1]["validation_accuracy"]
+    p = (best + last) / 2
+    margin = 2 * math.sqrt(2 * p * (1 - p) / s["validation_rows"])
+    assert s["selection_margin_accuracy"] == pytest.approx(margin)
+    assert s["best_validation_accuracy"] == best and s["last_validation_accuracy"] == last
+    assert best > last, "this seed's best is not its last evaluation"
+    assert s["selected_model"] == ("best" if best - last > margin else "last")
+    chosen = best if s["selected_model"] == "best" else last
+    assert s["selected_validation_accuracy"] == chosen
+    from asyncsgd.algorithms.common import TrainingSplit
+    from asyncsgd.ops.modelio import read_model
+    src = open_source("synthetic:400")
+    params, _ = read_model(str(run / "model.h5"))
+    net = build_model("logreg", src.input_shape, src.n_classes, seed=0)
+    net.params[...] = params
+    x, y = TrainingSplit(src, 0.1, 4).validation_set()
+    assert float(net.evaluate(x, y)[1]) == pytest.approx(chosen, abs=1e-9)
+    bad = subprocess.run(base + ["--run-dir", "none", "--selection-margin", "-1"], capture_output=True, text=True,
+                         timeout=120, env=env, cwd=repo)
+    assert bad.returncode == 2 and bad.stderr.count("asyncsgd: error:") == 1 and "--selection-margin" in bad.stderr

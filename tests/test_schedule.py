@@ -331,3 +331,36 @@ def test_two_downpour_workers_apply_the_same_rate_at_the_same_global_step():
     assert len({f[2] for f in finals}) == size, "workers took different numbers of steps"
     # the rate fell between the first fetch and the last (warm-up then decay; a constant rate would not move)
     assert finals[0][1] != records[0][1]
+
+
+# ------------------------------------------------------------------ sync's default peak rate
+def test_sync_default_peak_rate_grows_with_the_square_root_of_the_replicas():
+    """sgd_defaults: serial keeps the model's rate, W all-reduce replicas get it x sqrt(W) (an explicit --lr is
+    kept), and Downpour's own scaling is unchanged."""
+    from asyncsgd import DownpourOptions, SGDOptions, Stop
+    from asyncsgd.algorithms.common import sgd_defaults
+    base = sgd_defaults(SGDOptions(), Stop(), "speech_cnn")[0].lr
+    assert base == 0.01
+    for w in (1, 2, 4, 9):
+        lr = sgd_defaults(SGDOptions(), Stop(), "speech_cnn", sync_replicas=w)[0].lr
+        assert lr == pytest.approx(0.01 * math.sqrt(w))
+    assert sgd_defaults(SGDOptions(lr=0.003), Stop(), "speech_cnn", sync_replicas=4)[0].lr == 0.003
+    assert sgd_defaults(DownpourOptions(), Stop(), "speech_cnn", async_replicas=5)[0].lr == pytest.approx(0.006)
+
+
+def test_sync_run_applies_the_scaled_default_rate(tmp_path):
+    """Through the CLI under mpiexec: `--mode sync` on 3 ranks without --lr logs and reports 0.01 x sqrt(3)."""
+    import json
+    import os
+    import sys
+    from asyncsgd.launch import run_mpi
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    proc = run_mpi(3, [sys.executable, "-m", "asyncsgd.train", "--mode", "sync", "--data", "synthetic:300",
+                       "--steps", "3", "--lr-schedule", "constant", "--progress", "none", "--run-dir", str(run)],
+                   timeout=240, cwd=repo, env={**os.environ, "PYTHONPATH": repo})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_lr"] == pytest.approx(0.01 * math.sqrt(3))
+    rates = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rates and all(r == pytest.approx(0.01 * math.sqrt(3)) for r in rates)

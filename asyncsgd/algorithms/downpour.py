@@ -382,7 +382,8 @@ def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_work
                   budget=None, samples_before=0, guard=None):
     """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record
     and the Evaluations (its tracker holds the best model)."""
-    evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience)
+    evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience,
+                           selection_margin=cfg.selection_margin)
     stop = StopRule(stop_opts, samples_per_epoch=split.n_train, start=start)
     schedule = cfg.lr_schedule.with_lr(cfg.lr)
     last_eval = time.monotonic()

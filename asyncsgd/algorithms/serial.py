@@ -25,7 +25,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     split = TrainingSplit(src, cfg.validation, cfg.seed)
     x, y = split.share(0, 1)
     # the training net evaluates its own parameters (evaluation does not touch the gradients or the momentum)
-    evaluate = Evaluations(net, split, backend, patience=stop.patience)
+    evaluate = Evaluations(net, split, backend, patience=stop.patience, selection_margin=cfg.selection_margin)
     schedule, budget = schedule_budget(cfg, stop_opts, n_train=len(y))
     velocity = xp.zeros_like(net.params)
     samples = steps = 0

@@ -32,7 +32,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
 
     ``resume`` is a loaded checkpoint to continue from (every rank gets it), or None.
     """
-    cfg, stop_opts = sgd_defaults(cfg, stop, model_name)
+    cfg, stop_opts = sgd_defaults(cfg, stop, model_name, sync_replicas=comm.size)  # peak lr x sqrt(replicas)
     comm = comm.Dup()
     xp = backend.xp
     size = n_start = comm.size
@@ -50,7 +50,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     evaluate = None
     if comm.rank == 0:
         # the replica evaluates its own parameters: every replica holds the same ones after each step
-        evaluate = Evaluations(net, split, backend, patience=stop.patience)
+        evaluate = Evaluations(net, split, backend, patience=stop.patience, selection_margin=cfg.selection_margin)
     n = net.n_params
     send = numpy.zeros(n + 3, dtype=numpy.float32)  # gradient, loss, stop vote, rank 0's clock (others 0)
     recv = numpy.empty_like(send)
