@@ -61,12 +61,13 @@ def run_program(python, program: str, n_ranks: int, *, timeout: float = 150, rat
 
 
 def test_passive_target_progress_across_hosts(python):
-    """Servers compute for 6 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly.
+    """Servers compute for 12 s without calling MPI; workers on other hosts fetch and push meanwhile, promptly.
 
-    Without progress an operation waits until its servers are done (the workers start 0.2 s into the servers' 6 s,
-    so at least 5.8 s); with it, each takes a few round trips: slowest 0.13-0.50 s under MPICH (RMA), 0.27-2.9 s
-    under Open MPI (served store) on the shared 2-core machine at load averages of 15-50.  Three quarters of the
-    computation (4.5 s) separates the two.
+    Without progress an operation waits until its servers are done (the workers start 0.2 s into the servers' 12 s,
+    so at least 11.8 s); with it, each takes a few round trips: slowest 0.13-0.50 s under MPICH (RMA), 0.13-3.1 s
+    under Open MPI (served store: stalls of seconds come and go, also on a quiet machine) on the shared 2-core
+    machine at load averages of 0-50.  Half the computation (6 s) separates the two.  One CI run with a second CI
+    beside it measured 5.8 s under Open MPI at a 6 s computation, which is why it is 12 s.
     """
     result = run_program(python, "progress", 6)
     assert result["store"] == [TRANSPORT[mpi_flavour_of(python)]] * 6
@@ -75,7 +76,7 @@ def test_passive_target_progress_across_hosts(python):
     slowest = max(result["op_seconds"])
     print(f"slowest fetch/push to busy servers across hosts: {slowest * 1e3:.1f} ms "
           f"(servers busy {result['busy_s'][0]} s)")
-    assert slowest < 0.75 * result["busy_s"][0], result["op_seconds"]
+    assert slowest < 0.5 * result["busy_s"][0], result["op_seconds"]
 
 
 @pytest.mark.slow
@@ -154,7 +155,7 @@ def _progress_program(comm):
     from asyncsgd.mpiutil import polled_barrier
     from asyncsgd.store import open_store
 
-    busy_s, n = 6.0, 30_000
+    busy_s, n = 12.0, 30_000
     failures, times = [], []
     workers = comm.size - N_HOSTS
     with open_store(comm, n, n_servers=N_HOSTS) as store:
