@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 
 import numpy
@@ -425,3 +426,21 @@ def kill_local_process(host: str, pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def arm_self_kill(seconds, elapsed):
+    """``--kill-ranks``: SIGKILL this process when ``elapsed()`` (seconds of training) reaches ``seconds`` (a test
+    tool); None does nothing.  Says so on stdout first, so tests and users see which rank went and when."""
+    if seconds is None:
+        return
+
+    def die():
+        sys.stdout.write(f"asyncsgd: --kill-ranks: rank {MPI.COMM_WORLD.rank} (pid {os.getpid()}) kills itself "
+                         f"at {elapsed():.1f} s\n")
+        sys.stdout.flush()
+        time.sleep(0.05)  # let the launcher forward the line
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    timer = threading.Timer(max(0.0, seconds - elapsed()), die)
+    timer.daemon = True
+    timer.start()

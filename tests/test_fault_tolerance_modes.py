@@ -88,7 +88,7 @@ def test_sync_and_sandblaster_options_carry_fault_tolerance():
 def test_sync_rank_killed_mid_run(tmp_path):
     """The survivors re-slice the training rows: the run still ends after the epochs of the whole training set."""
     _require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 4, SYNC + ["--epochs", "12", "--kill-ranks", "3:2"])
+    rc, out, summary, records = _train(tmp_path, 4, SYNC + ["--epochs", "60", "--kill-ranks", "3:2"])
     lost = _check_run_through(rc, out, summary, records, 3, 4)
     assert lost["killed_at"] == 2.0 and lost["time"] >= 1.5  # the ranks' clocks start together, give or take
     assert summary["stop_reason"] == "epochs" and summary["epochs"] >= 12 * 0.99, summary
@@ -99,7 +99,7 @@ def test_sync_rank_killed_mid_run(tmp_path):
 def test_sync_two_ranks_killed(tmp_path):
     """Two recoveries in one run: 4 then 3 replicas."""
     _require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 5, SYNC + ["--epochs", "16", "--kill-ranks", "3:2,4:4"])
+    rc, out, summary, records = _train(tmp_path, 5, SYNC + ["--epochs", "80", "--kill-ranks", "3:2,4:4"])
     assert rc == 0, out[-4000:]
     assert sorted(e["rank"] for e in summary["lost_workers"]) == [3, 4], summary["lost_workers"]
     assert sorted(e["workers"] for e in summary["lost_workers"]) == [3, 4] and summary["workers_at_end"] == 3
@@ -120,7 +120,7 @@ def test_sandblaster_replica_killed_mid_run(tmp_path):
     """A replica dies mid-run: its mini-shards are issued again on the survivors, x is re-sharded, L-BFGS restarts
     its history, and the run completes its iterations."""
     _require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 4, SANDBLASTER + ["--max-iter", "25", "--kill-ranks", "2:4"])
+    rc, out, summary, records = _train(tmp_path, 4, SANDBLASTER + ["--max-iter", "25", "--kill-ranks", "2:0.5"])
     _check_run_through(rc, out, summary, records, 2, 4)
     assert summary["stop_reason"] == "max_iter" and summary["iterations"] == 25, summary
     assert summary["test_accuracy"] >= 0.7, summary["test_accuracy"]

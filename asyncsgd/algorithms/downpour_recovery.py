@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import threading
 import time
@@ -411,19 +410,7 @@ class Recovery:
 
     def arm_kill(self, seconds):
         """``--kill-ranks``: SIGKILL this process ``seconds`` after training started (a test tool)."""
-        if seconds is None:
-            return
-
-        def die():
-            sys.stdout.write(f"asyncsgd: --kill-ranks: rank {MPI.COMM_WORLD.rank} (pid {os.getpid()}) kills itself "
-                             f"at {self.elapsed():.1f} s\n")
-            sys.stdout.flush()
-            time.sleep(0.05)  # let the launcher forward the line
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        timer = threading.Timer(max(0.0, seconds - self.elapsed()), die)
-        timer.daemon = True
-        timer.start()
+        ft.arm_self_kill(seconds, self.elapsed)
 
     def free(self, exc_type=None):
         """End of the run: free the current objects (collective) or, on an exception, abandon them (no MPI)."""

@@ -18,10 +18,8 @@ method is a no-op or a plain call, so a dead rank ends the job as before (the wa
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import sys
-import threading
 import time
 
 from mpi4py import MPI
@@ -185,19 +183,7 @@ class ReplicaGuard:
 
     def arm_kill(self, seconds):
         """``--kill-ranks``: SIGKILL this process ``seconds`` after training started (a test tool)."""
-        if seconds is None:
-            return
-
-        def die():
-            sys.stdout.write(f"asyncsgd: --kill-ranks: rank {MPI.COMM_WORLD.rank} (pid {os.getpid()}) kills itself "
-                             f"at {self.elapsed():.1f} s\n")
-            sys.stdout.flush()
-            time.sleep(0.05)  # let the launcher forward the line
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        timer = threading.Timer(max(0.0, seconds - self.elapsed()), die)
-        timer.daemon = True
-        timer.start()
+        ft.arm_self_kill(seconds, self.elapsed)
 
     def free(self):
         """End of a successful run: free the working and probe communicators (collective over the survivors)."""
