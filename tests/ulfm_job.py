@@ -175,7 +175,9 @@ def main():
                     if new.rank == 0:
                         log(f"rank 0 lost at {detected:.1f} s: it held the monitor; ending (resume from the last "
                             f"checkpoint with --resume)")
-                    sys.exit(3)
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(3)  # as the trainer: MPI_Finalize with rank 0 dead can hang (it did once in CI)
                 if held is None:  # read after the first shrink: every survivor's pushes had completed
                     held = (store.version() if old.rank == 0 else None,
                             store.local_shard() if store.is_server else None)
