@@ -169,3 +169,29 @@ def test_part_runner_waits_for_every_part_and_raises():
     assert sorted(done) == [1, 2]                           # the other parts finished before the error surfaced
     assert runner.run(lambda i: i * i, 4) == [0, 1, 4, 9]
     runner.close()
+
+
+def test_network_passes_keep_openblas_on_one_thread_with_intra_op_threads():
+    """With threads > 1 every layer of a forward and a backward pass (dense GEMMs included) runs with OpenBLAS on one
+    thread: a multi-threaded GEMM would leave an OpenBLAS worker spinning beside the batch parts.  The BLAS thread
+    count comes back after the pass; with one thread the pass leaves OpenBLAS alone."""
+    from asyncsgd.model import parallel
+    funcs = parallel._openblas()
+    if funcs is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS whose thread count can be set")
+    setter, getter = funcs
+    before = getter()
+    setter(2)
+    try:
+        for threads, inside in ((2, 1), (1, 2)):
+            net = build_model("speech_cnn", (1, 12, 16), 10, ops=NumpyOps(threads=threads), seed=0)
+            seen = []
+            dense = next(layer for layer in net.layers if layer.kind == "dense")
+            forward, backward = dense.forward, dense.backward
+            dense.forward = lambda *a, **k: (seen.append(getter()), forward(*a, **k))[1]
+            dense.backward = lambda *a, **k: (seen.append(getter()), backward(*a, **k))[1]
+            rng = numpy.random.default_rng(0)
+            net.loss_and_grad(rng.standard_normal((8, 1, 12, 16)).astype(numpy.float32), rng.integers(0, 10, 8))
+            assert seen == [inside, inside] and getter() == 2
+    finally:
+        setter(before)

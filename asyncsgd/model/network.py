@@ -138,8 +138,9 @@ class Network:
 
     def _forward(self, x, train, rng):
         h = self.ops.nchw_to_cnhw(x) if x.ndim == 4 else x
-        for layer in self.layers:
-            h = layer.forward(h, train, rng)
+        with self.ops.pass_section():
+            for layer in self.layers:
+                h = layer.forward(h, train, rng)
         return h
 
     def forward(self, x, train: bool = False, rng=None):
@@ -156,8 +157,9 @@ class Network:
         x, y = self._check_input(x, y)
         logits = self._forward(x, True, self._rng if rng is None else rng)
         loss, d = self.ops.softmax_cross_entropy(logits, y)
-        for i in range(len(self.layers) - 1, -1, -1):
-            d = self.layers[i].backward(d, need_dx=self._needs_dx(i))
+        with self.ops.pass_section():
+            for i in range(len(self.layers) - 1, -1, -1):
+                d = self.layers[i].backward(d, need_dx=self._needs_dx(i))
         return float(loss)
 
     def _needs_dx(self, i):
