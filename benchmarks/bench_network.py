@@ -13,7 +13,7 @@ so every byte crosses a limited link, and measures, for each link rate:
   as element top-k gives them), B = whole blocks of B entries (``select_topk_blocks`` of a random vector, as
   ``--sparse-block B`` gives them); and the same with no link limit (veth at memory speed) as the yardstick;
 - ``step``: a ``speech_cnn`` DownpourWorker's step (batch 32) without communication, with fetch + push inline every
-  step, and with ``--overlap push`` / ``all`` (dense; sparse 1% of blocks), as ratios to the step without
+  step, and with ``--overlap push`` / ``all`` (dense; sparse 1% of blocks, inline, push and all), as ratios to the step without
   communication.
 
 Sizes: ``speech_cnn`` (its parameter count, about 0.66M) and a synthetic 25M-parameter vector.  Latency is added
@@ -141,7 +141,8 @@ def step_program(steps: int, reps: int, sparse_block: int):
                 "overlap_push": cfg(sparsity=1.0, overlap="push"),
                 "overlap_all": cfg(sparsity=1.0, overlap="all"),
                 "inline_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap="off"),
-                "overlap_push_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap="push")}
+                "overlap_push_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap="push"),
+                "overlap_all_sparse": cfg(sparsity=0.01, sparse_block=sparse_block, overlap="all")}
     with ShardedParameters(comm, net.n_params, n_servers=1, initial=net.params) as store:
         polled_barrier(comm)
         if comm.rank == 1:
@@ -189,11 +190,14 @@ def measure_steps(hosts, rate, python, steps: int, reps: int, sparse_block: int)
 def step_table(rows: list, sparse_block: int) -> str:
     """Return the markdown table of the Downpour step times (ratios to the step without communication)."""
     lines = ["| link | step, no communication | fetch + push inline | `--overlap push` | `--overlap all` | "
-             f"sparse 1% (blocks of {sparse_block}) inline | sparse 1% with `--overlap push` |", "|" + "---|" * 7]
+             f"sparse 1% (blocks of {sparse_block}) inline | sparse 1% with `--overlap push` | "
+             "sparse 1% with `--overlap all` |",
+             "|" + "---|" * 8]
     for r in rows:
         c = r["compute"]
         cells = [f"{_ms(r[k])} ({r[k + '_ratio']:.2f})"
-                 for k in ("inline", "overlap_push", "overlap_all", "inline_sparse", "overlap_push_sparse")]
+                 for k in ("inline", "overlap_push", "overlap_all", "inline_sparse", "overlap_push_sparse",
+                           "overlap_all_sparse")]
         lines.append(f"| {r['link']} | {_ms(c)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
