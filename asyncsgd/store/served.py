@@ -142,8 +142,10 @@ class _ShardServer:
     def _run(self):
         status = MPI.Status()
         header = numpy.zeros(_HEADER, numpy.int64)
+        self._sending = []                  # (request, buffer) of replies on their way
         try:
             while not self._stopping.is_set():
+                self._reap()
                 if not self._requests.Iprobe(MPI.ANY_SOURCE, _REQUEST, status):
                     self._stopping.wait(self._interval)
                     continue
@@ -151,19 +153,30 @@ class _ShardServer:
                 self._requests.Recv([header, MPI.INT64_T], source=source, tag=_REQUEST)
                 self._serve(source, *(int(v) for v in header))
                 self.served += 1
+            MPI.Request.Waitall([r for r, _ in self._sending])
         except Exception as exc:  # noqa: BLE001 - a rank died (ULFM) or a bug: say so, the clients cannot know
             self.failed = exc
             sys.stderr.write(f"asyncsgd: shard server thread stopped: {exc!r}\n")
 
+    def _reply(self, buf, datatype, dest: int):
+        """Send a reply without waiting for it to leave: over TCP a blocking Send waits until the client's process
+        has been scheduled to read it, which on busy cores stalled the thread (and every other client) for seconds.
+        Replies to one client still arrive in order (MPI does not overtake between a pair, on one tag)."""
+        self._sending.append((self._replies.Isend([buf, datatype], dest=dest, tag=_REPLY), buf))
+
+    def _reap(self):
+        if self._sending:
+            self._sending = [(r, b) for r, b in self._sending if not r.Test()]
+
     def _serve(self, source: int, kind: int, a: int, b: int, c: int):
         shard, requests = self.shard, self._requests
-        if kind == _FETCH:                  # [a, b) of the shard
-            self._replies.Send([shard[a:b], MPI.FLOAT], dest=source, tag=_REPLY)
+        if kind == _FETCH:                  # [a, b) of the shard, copied: later pushes must not tear the reply
+            self._reply(shard[a:b].copy(), MPI.FLOAT, source)
             return
         if kind == _COUNTER:                # slot a, add b; reply the value before
             before = self.counters[a:a + 1].copy()
             self.counters[a] += b
-            self._replies.Send([before, MPI.INT64_T], dest=source, tag=_REPLY)
+            self._reply(before, MPI.INT64_T, source)
             return
         if kind in (_ADD, _REPLACE):        # a dense piece for [a, b)
             piece = numpy.empty(b - a, DTYPE)
@@ -178,7 +191,7 @@ class _ShardServer:
             requests.Recv([idx, MPI.INT64_T], source=source, tag=_PAYLOAD)
             requests.Recv([vals, MPI.FLOAT], source=source, tag=_PAYLOAD)
             shard[idx] += vals              # indices are unique (the client deduplicates): no lost entry
-        self._replies.Send([numpy.zeros(1, numpy.int64), MPI.INT64_T], dest=source, tag=_REPLY)  # applied
+        self._reply(numpy.zeros(1, numpy.int64), MPI.INT64_T, source)  # applied
 
 
 class ServedParameters(ShardedParameters):
