@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 
-__all__ = ["mpi_flavour", "mpiexec_path", "mpiexec_command", "run_mpi"]
+__all__ = ["mpi_flavour", "mpiexec_path", "mpiexec_command", "run_mpi", "rank_pid"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,3 +89,41 @@ def run_mpi(n: int, argv: list[str], *, timeout: float = 300, env=None, cwd=None
         out, _ = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=out) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def _descendants(root: int) -> list[int]:
+    """Return the pids of every process below ``root`` (through /proc; Linux)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def rank_pid(launcher: int, rank: int, program: bytes = b"asyncsgd.train") -> int | None:
+    """Return the pid of world rank ``rank`` of the job that process ``launcher`` (its mpiexec) started, or None
+    while that rank is not running yet.  The rank is read from the environment each MPI gives its processes
+    (``PMI_RANK`` under MPICH, ``OMPI_COMM_WORLD_RANK`` under Open MPI); tests and benchmarks use it to signal one
+    rank from outside."""
+    for pid in _descendants(launcher):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if program in cmd and (f"PMI_RANK={rank}".encode() in env
+                               or f"OMPI_COMM_WORLD_RANK={rank}".encode() in env):
+            return pid
+    return None

@@ -39,7 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command  # noqa: E402
+from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid  # noqa: E402
 
 CASES = ("undisturbed", "worker", "outside", "undisturbed2", "server")
 REFERENCE = {"worker": "undisturbed", "outside": "undisturbed", "server": "undisturbed2"}
@@ -54,30 +54,6 @@ def _records(path):
         return []
 
 
-def _rank_pid(root: int, rank: int):
-    """The pid of world rank ``rank`` of the trainer started under process ``root`` (through /proc), or None."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    todo = [root]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"asyncsgd.train" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-                return pid
-    return None
 
 
 def run_case(ranks: int, args: list, timeout: float, *, outside=None) -> dict:
@@ -125,7 +101,7 @@ def _kill_from_outside(proc, log, rank, at, *, deadline):
     """SIGKILL ``rank`` about ``at`` s into training (the first record's ``time`` anchors the training clock)."""
     pid, anchor = None, None
     while time.monotonic() < deadline and proc.poll() is None:
-        pid = pid or _rank_pid(proc.pid, rank)
+        pid = pid or rank_pid(proc.pid, rank)
         records = [r for r in _records(log) if "time" in r and "event" not in r]
         if pid is not None and records:
             anchor = time.monotonic() - float(records[0]["time"])  # when training started, on our clock

@@ -49,6 +49,17 @@ def _with_mpi(config) -> bool:
     return bool(config.getoption("with_mpi", default=False))
 
 
+# ------------------------------------------------------------------ the communicator of multi-rank tests
+
+@pytest.fixture
+def comm():
+    """A Dup of COMM_WORLD for one test, freed after it (mpi4py imported only by the tests that use it)."""
+    from mpi4py import MPI
+    dup = MPI.COMM_WORLD.Dup()
+    yield dup
+    dup.Free()
+
+
 # ------------------------------------------------------------------ markers that every run honours
 
 def pytest_runtest_setup(item):

@@ -133,8 +133,9 @@ def test_split_batch_covers_every_row_once():
     assert split_batch(2, 5) == [(0, 1), (1, 2)]
 
 
-def test_single_thread_blas_pins_and_restores():
-    """OpenBLAS runs on one thread inside the section (nested sections too) and gets its count back after."""
+@pytest.fixture
+def blas_threads():
+    """OpenBLAS's thread count getter, with the count set to 2 for the test and restored after (skip without it)."""
     from asyncsgd.model import parallel
     funcs = parallel._openblas()
     if funcs is None:
@@ -143,14 +144,20 @@ def test_single_thread_blas_pins_and_restores():
     before = getter()
     setter(2)
     try:
-        with parallel.single_thread_blas():
-            assert getter() == 1
-            with parallel.single_thread_blas():
-                assert getter() == 1
-            assert getter() == 1
-        assert getter() == 2
+        yield getter
     finally:
         setter(before)
+
+
+def test_single_thread_blas_pins_and_restores(blas_threads):
+    """OpenBLAS runs on one thread inside the section (nested sections too) and gets its count back after."""
+    from asyncsgd.model import parallel
+    with parallel.single_thread_blas():
+        assert blas_threads() == 1
+        with parallel.single_thread_blas():
+            assert blas_threads() == 1
+        assert blas_threads() == 1
+    assert blas_threads() == 2
 
 
 def test_part_runner_waits_for_every_part_and_raises():
@@ -171,27 +178,17 @@ def test_part_runner_waits_for_every_part_and_raises():
     runner.close()
 
 
-def test_network_passes_keep_openblas_on_one_thread_with_intra_op_threads():
+def test_network_passes_keep_openblas_on_one_thread_with_intra_op_threads(blas_threads):
     """With threads > 1 every layer of a forward and a backward pass (dense GEMMs included) runs with OpenBLAS on one
     thread: a multi-threaded GEMM would leave an OpenBLAS worker spinning beside the batch parts.  The BLAS thread
     count comes back after the pass; with one thread the pass leaves OpenBLAS alone."""
-    from asyncsgd.model import parallel
-    funcs = parallel._openblas()
-    if funcs is None:
-        pytest.skip("numpy's BLAS is not an OpenBLAS whose thread count can be set")
-    setter, getter = funcs
-    before = getter()
-    setter(2)
-    try:
-        for threads, inside in ((2, 1), (1, 2)):
-            net = build_model("speech_cnn", (1, 12, 16), 10, ops=NumpyOps(threads=threads), seed=0)
-            seen = []
-            dense = next(layer for layer in net.layers if layer.kind == "dense")
-            forward, backward = dense.forward, dense.backward
-            dense.forward = lambda *a, **k: (seen.append(getter()), forward(*a, **k))[1]
-            dense.backward = lambda *a, **k: (seen.append(getter()), backward(*a, **k))[1]
-            rng = numpy.random.default_rng(0)
-            net.loss_and_grad(rng.standard_normal((8, 1, 12, 16)).astype(numpy.float32), rng.integers(0, 10, 8))
-            assert seen == [inside, inside] and getter() == 2
-    finally:
-        setter(before)
+    for threads, inside in ((2, 1), (1, 2)):
+        net = build_model("speech_cnn", (1, 12, 16), 10, ops=NumpyOps(threads=threads), seed=0)
+        seen = []
+        dense = next(layer for layer in net.layers if layer.kind == "dense")
+        forward, backward = dense.forward, dense.backward
+        dense.forward = lambda *a, **k: (seen.append(blas_threads()), forward(*a, **k))[1]
+        dense.backward = lambda *a, **k: (seen.append(blas_threads()), backward(*a, **k))[1]
+        rng = numpy.random.default_rng(0)
+        net.loss_and_grad(rng.standard_normal((8, 1, 12, 16)).astype(numpy.float32), rng.integers(0, 10, 8))
+        assert seen == [inside, inside] and blas_threads() == 2

@@ -7,42 +7,13 @@ import time
 
 import pytest
 
-from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command
+from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _descendants(root: int) -> list[int]:
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
-def _rank_pid(root: int, rank: int) -> int | None:
-    for pid in _descendants(root):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if b"asyncsgd.train" in cmd and (f"PMI_RANK={rank}".encode() in env
-                                         or f"OMPI_COMM_WORLD_RANK={rank}".encode() in env):
-            return pid
-    return None
 
 
 def _run_and_hit(tmp_path, sig, extra_env=None):
@@ -61,7 +32,7 @@ def _run_and_hit(tmp_path, sig, extra_env=None):
         deadline = time.monotonic() + 90
         while victim is None and time.monotonic() < deadline:
             time.sleep(0.5)
-            victim = _rank_pid(proc.pid, 2)
+            victim = rank_pid(proc.pid, 2)
         assert victim is not None, "rank 2 never started"
         while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
             time.sleep(0.5)  # until training is well under way

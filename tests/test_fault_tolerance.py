@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command, run_mpi
+from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid, run_mpi
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_TIMEOUT = 150  # s per job; each ends in 10-30 s on the 2-core development machine
@@ -167,30 +167,6 @@ def test_server_rank_1_killed(tmp_path):
     assert any(rec.get("event") == "lost_server" for rec in records)
 
 
-def _rank_pid(root: int, rank: int):
-    """The pid of rank ``rank`` of the trainer started under process ``root`` (through /proc), or None."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    todo = [root]
-    while todo:
-        for pid in children.get(todo.pop(), []):
-            todo.append(pid)
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    env = f.read().split(b"\0")
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read()
-            except OSError:
-                continue
-            if b"asyncsgd.train" in cmd and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env:
-                return pid
-    return None
 
 
 def _hit_from_outside(tmp_path, sig, extra_env=None):
@@ -207,7 +183,7 @@ def _hit_from_outside(tmp_path, sig, extra_env=None):
         while time.monotonic() < deadline and (victim is None or not log.exists()
                                                or log.read_text().count("\n") < 2):
             time.sleep(0.3)
-            victim = victim or _rank_pid(proc.pid, 3)
+            victim = victim or rank_pid(proc.pid, 3)
         assert victim is not None and proc.poll() is None, "rank 3 never started training"
         os.kill(victim, sig)
         out, _ = proc.communicate(timeout=JOB_TIMEOUT)

@@ -1,18 +1,10 @@
 """Sharded L-BFGS: the strong-Wolfe line search, the serial reference, and sharded == serial on logistic regression."""
 import numpy
 import pytest
-from mpi4py import MPI
 
 from asyncsgd.algorithms.lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
 from asyncsgd.algorithms.linesearch import C1, C2, strong_wolfe
 from lbfgs_reference import lbfgs_serial
-
-
-@pytest.fixture
-def comm():
-    c = MPI.COMM_WORLD.Dup()
-    yield c
-    c.Free()
 
 
 def _logreg_data(n=400, dim=12, k=4, seed=0):

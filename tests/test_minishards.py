@@ -8,13 +8,6 @@ from mpi4py import MPI
 from asyncsgd.algorithms.minishards import MiniShardScheduler, mini_shard_bounds
 
 
-@pytest.fixture
-def comm():
-    c = MPI.COMM_WORLD.Dup()
-    yield c
-    c.Free()
-
-
 def _problem(n_examples=240, dim=7, seed=3):
     rng = numpy.random.default_rng(seed)
     return rng.normal(size=(n_examples, dim)), rng.normal(size=dim)

@@ -17,25 +17,12 @@ from asyncsgd.mpiutil import polled_barrier
 from asyncsgd.options import NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
+from mpi_checks import agree
 
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 F32 = np.float32
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def comm():
-    from mpi4py import MPI
-    dup = MPI.COMM_WORLD.Dup()
-    yield dup
-    dup.Free()
-
-
-def _agree(comm, failures):
-    gathered = comm.allgather(list(failures))
-    messages = [f"rank {rank}: {msg}" for rank, msgs in enumerate(gathered) for msg in msgs]
-    assert not messages, "\n".join(messages)
 
 
 class _IntegerNet:
@@ -112,7 +99,7 @@ def test_overlapped_workers_lose_no_update(comm, sparsity, block, n_fetch, n_pus
         largest = int(np.flatnonzero(worker.hist)[-1])
         if largest > pushes - worker.pushes:
             failures.append(f"a tau of {largest} exceeds the {pushes - worker.pushes} pushes of the other workers")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -149,7 +136,7 @@ def test_a_lone_overlapped_worker_sees_tau_zero_and_its_own_steps(comm, mode):
         if not np.array_equal(store.read_all(), comm.bcast(-net.total_grad.astype(F32) if comm.rank == 1 else None,
                                                          root=1)):
             failures.append("store differs from the worker's steps")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)

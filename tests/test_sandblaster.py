@@ -5,7 +5,6 @@ import time
 
 import numpy
 import pytest
-from mpi4py import MPI
 
 from asyncsgd.algorithms import sandblaster
 from asyncsgd.algorithms.lbfgs import ShardedLBFGS
@@ -45,13 +44,6 @@ class SlowReplica(sandblaster.Replica):
     def compute(self, i):
         time.sleep(0.002)
         return super().compute(i)
-
-
-@pytest.fixture
-def comm():
-    c = MPI.COMM_WORLD.Dup()
-    yield c
-    c.Free()
 
 
 def _serial_objective(src, l2):

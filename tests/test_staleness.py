@@ -18,24 +18,11 @@ from asyncsgd.mpiutil import polled_barrier
 from asyncsgd.options import ExponentialDecay, NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
+from mpi_checks import agree
 
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 F32 = np.float32
-
-
-@pytest.fixture
-def comm():
-    from mpi4py import MPI
-    dup = MPI.COMM_WORLD.Dup()
-    yield dup
-    dup.Free()
-
-
-def _agree(comm, failures):
-    gathered = comm.allgather(list(failures))
-    messages = [f"rank {rank}: {msg}" for rank, msgs in enumerate(gathered) for msg in msgs]
-    assert not messages, "\n".join(messages)
 
 
 class _Hooked(ShardedParameters):
@@ -129,7 +116,7 @@ def test_scripted_interleaving_taus_equal_the_pushes_missing_from_the_fetch(comm
                                 f"overlap {overlap}")
     if not (np.array_equal(final[:-1], np.ones(n - 1, F32)) and version == n - 1):
         failures.append(f"store {final}, version {version}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=3)
@@ -174,7 +161,7 @@ def test_push_delayed_between_ticket_and_data_is_counted(comm):
         failures.append(f"A's push saw tau {me.pushes[0][1]}, expected 0")
     if not np.array_equal(final, np.array([1, 1, 0, 0], F32)):
         failures.append(f"store {final}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=3)
@@ -208,7 +195,7 @@ def test_push_landing_during_a_fetch_over_counts_by_at_most_the_overlap(comm):
             failures.append(f"the script failed: B's fetch missed A's push ({buf})")
         if not truth <= tau <= truth + overlap or overlap != 1:
             failures.append(f"tau {tau}, truth {truth}, overlap {overlap}: expected truth <= tau <= truth + 1")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -236,7 +223,7 @@ def test_lone_worker_own_pushes_are_not_staleness(comm):
         failures.append(f"a lone worker saw taus {taus} (weights {weights})")
     if not np.array_equal(final, np.full(n, 24, F32)):
         failures.append(f"store {final}: its own pushes were scaled down")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 class _IntegerNet:
@@ -298,7 +285,7 @@ def test_sparse_workers_deliver_everything_they_accrued(comm, steps):
                         f"entries (max {np.abs(final - expected).max()})")
     if worker is not None and np.any(worker.residual != 0):
         failures.append("the residual was not emptied by the last push")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -313,7 +300,7 @@ def test_lone_downpour_worker_with_decay_keeps_its_updates_whole(comm):
         failures.append(f"store {final[:5]}... != accrued {expected[:5]}...: own pushes were decayed")
     if worker is not None and (worker.hist[0] != worker.pushes or worker.staleness_sum != 0):
         failures.append(f"staleness histogram {worker.hist[:4]} over {worker.pushes} pushes")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -340,4 +327,4 @@ def test_own_push_history_is_bounded_and_stays_exact(comm, monkeypatch):
                 if "older than the last 2 pushes" not in str(exc):
                     failures.append(f"message: {exc}")
         polled_barrier(comm)
-    _agree(comm, failures)
+    agree(comm, failures)

@@ -14,25 +14,11 @@ import pytest
 from asyncsgd.mpiutil import polled_barrier
 from asyncsgd.store import ShardedParameters, shard_bounds
 from asyncsgd.store import sharded
+from mpi_checks import agree
 
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 F32 = np.float32
-
-
-@pytest.fixture
-def comm():
-    from mpi4py import MPI
-    dup = MPI.COMM_WORLD.Dup()
-    yield dup
-    dup.Free()
-
-
-def _agree(comm, failures):
-    """Fail on every rank when any rank recorded a failure message."""
-    gathered = comm.allgather(list(failures))
-    messages = [f"rank {rank}: {msg}" for rank, msgs in enumerate(gathered) for msg in msgs]
-    assert not messages, "\n".join(messages)
 
 
 def _check(failures, condition, message):
@@ -136,7 +122,7 @@ def test_bad_buffers_raise_before_any_transfer(comm):
             failures.append("future base_version accepted")
         except ValueError as exc:
             _check(failures, "newer than the store's version" in str(exc), f"unexpected message: {exc}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -179,7 +165,7 @@ def test_free_is_idempotent_and_use_after_free_raises(comm):
             raise KeyError("boom")
     _check(failures, not raising.progress_running, "progress thread survived an exception")
     raising.free()
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 # ------------------------------------------------------------------ correctness of the operations
@@ -212,7 +198,7 @@ def test_shards_fetch_and_push_across_boundaries(comm, n_servers):
         got = store.read_all()
         _check(failures, np.array_equal(got, expected), f"after pushes {got} != {expected}")
         _check(failures, store.version() == 2 * comm.size, f"version {store.version()}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -253,7 +239,7 @@ def test_concurrent_pushes_lose_no_update(comm):
         _check(failures, store.version() == n_pushes * len(workers), f"version {store.version()}")
     if comm.rank == 0:
         print(f"{len(workers)} x {n_pushes} pushes on {comm.size} ranks: {elapsed:.2f} s")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -279,7 +265,7 @@ def test_sparse_push_changes_exactly_the_chosen_entries(comm):
             _check(failures, np.array_equal(_bits(got), _bits(expected)),
                    f"after pushing {idx.tolist()}: entries {np.flatnonzero(_bits(got) != _bits(expected))} differ")
             polled_barrier(comm)
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -293,7 +279,7 @@ def test_sparse_push_bytes_count_values_and_indices(comm):
             _check(failures, store.push_bytes == 24 + 20 * 4 + 8, f"run bytes {store.push_bytes}")
             _check(failures, store.pushes == 2, f"pushes {store.pushes}")
         polled_barrier(comm)
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 def _serial_adagrad(params, sums, idx, g, lr, eps):
@@ -340,7 +326,7 @@ def test_one_worker_adagrad_equals_serial_adagrad(comm, sparse):
                 _check(failures, np.all(got_s[~touched] == 0), "untouched sums changed")
             _check(failures, store.push_bytes > 0 and store.pushes == steps, f"stats {store.stats()}")
         polled_barrier(comm)
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -385,7 +371,7 @@ def test_staleness_of_a_scripted_interleaving_is_exact(comm):
     if comm.rank in expected:
         _check(failures, taus == expected[comm.rank], f"taus {taus} != {expected[comm.rank]}")
     _check(failures, final_version == 7, f"final version {final_version}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -419,7 +405,7 @@ def test_weight_of_staleness_scales_every_kind_of_push(comm):
     _check(failures, np.array_equal(sums, exp_sums), f"sums {sums} (weights must not scale the sums)")
     if comm.rank == pusher:
         _check(failures, seen == [0, 0, 0, 0, 0], f"weight saw taus {seen}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -441,7 +427,7 @@ def test_load_overwrites_parameters_and_sums(comm):
         polled_barrier(comm)
         _check(failures, np.array_equal(store.read_all(), params[::-1].astype(F32)), "second load lost")
         _check(failures, np.array_equal(store.adagrad_sums(), sums), "load(params) alone changed the sums")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -478,7 +464,7 @@ def test_transfers_split_into_chunks_give_the_same_result(comm, monkeypatch):
         _serial_adagrad(ref_p, ref_s, idx, grad[idx], lr, eps)
         _check(failures, np.allclose(store.read_all(), ref_p, rtol=1e-5, atol=1e-6), "chunked Adagrad params")
         _check(failures, np.allclose(store.adagrad_sums(), ref_s, rtol=1e-5), "chunked Adagrad sums")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -515,4 +501,4 @@ def test_polled_transfers_lose_no_update(comm):
         version = store.fetch(got)
         _check(failures, np.array_equal(got, expected), f"lost updates at {np.flatnonzero(got != expected)[:10]}")
         _check(failures, version == n_pushes * len(workers), f"version {version}")
-    _agree(comm, failures)
+    agree(comm, failures)

@@ -11,24 +11,11 @@ import pytest
 
 from asyncsgd.mpiutil import polled_barrier
 from asyncsgd.store import ServedParameters, ShardedParameters, open_store
+from mpi_checks import agree
 
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 F32 = np.float32
-
-
-@pytest.fixture
-def comm():
-    from mpi4py import MPI
-    dup = MPI.COMM_WORLD.Dup()
-    yield dup
-    dup.Free()
-
-
-def _agree(comm, failures):
-    gathered = comm.allgather(list(failures))
-    messages = [f"rank {rank}: {msg}" for rank, msgs in enumerate(gathered) for msg in msgs]
-    assert not messages, "\n".join(messages)
 
 
 def test_open_store_rejects_an_unknown_transport(monkeypatch):
@@ -97,7 +84,7 @@ def test_concurrent_dense_and_sparse_pushes_lose_no_update(comm):
                 failures.append("the server thread is not running")
         if store.stats()["pushes"] != 2 * pushes:
             failures.append(f"stats {store.stats()}")
-    _agree(comm, failures)
+    agree(comm, failures)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -119,4 +106,4 @@ def test_lone_worker_sees_no_staleness_and_load_replaces(comm):
     store.free()
     with pytest.raises(RuntimeError, match="used after free"):
         store.fetch(np.empty(n, F32))
-    _agree(comm, failures)
+    agree(comm, failures)

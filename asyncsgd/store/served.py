@@ -113,6 +113,7 @@ class _ShardServer:
         self.served = 0
         self._saved_switch = None
         self.failed = None                  # the exception that ended the thread, if any
+        self._sending = []                  # (request, buffer) of replies on their way
 
     def start(self) -> "_ShardServer":
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -142,7 +143,6 @@ class _ShardServer:
     def _run(self):
         status = MPI.Status()
         header = numpy.zeros(_HEADER, numpy.int64)
-        self._sending = []                  # (request, buffer) of replies on their way
         try:
             while not self._stopping.is_set():
                 self._reap()
