@@ -198,6 +198,27 @@ def failures_seen() -> int:
     return _failures_seen
 
 
+ROOT_LOST_GRACE_S = 5.0     # how long the other survivors let the new rank 0 speak after rank 0 died
+
+
+def end_after_root_loss(comm, message: str | None = None):
+    """End this survivor with exit status 3 after rank 0 died (the job cannot go on without it); never returns.
+
+    The new rank 0 of ``comm`` (the shrunk communicator) writes ``message`` to stderr and leaves at once; the other
+    survivors wait ``ROOT_LOST_GRACE_S`` first.  Under Open MPI the first process to exit non-zero makes mpirun end
+    the others, and once (CI, store-level test job) a survivor leaving first cut the new rank 0 off before its
+    message was out.  No ``MPI_Finalize``: with rank 0 dead it can hang.
+    """
+    if comm.rank == 0:
+        if message:
+            sys.stderr.write(message)
+    else:
+        time.sleep(ROOT_LOST_GRACE_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(3)
+
+
 def end_after_failures(code: int = 0):
     """End a process that ran through a failure without ``MPI_Finalize``; return at once if it saw none.
 

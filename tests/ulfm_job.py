@@ -171,13 +171,9 @@ def main():
             while True:  # as Recovery.recover: an attempt that a death interrupts is dropped everywhere, retried
                 new, _ = ft.survivors(target)
                 failed = [r for r, now in ft.rank_map(old, new).items() if now is None]
-                if 0 in failed:
-                    if new.rank == 0:
-                        log(f"rank 0 lost at {detected:.1f} s: it held the monitor; ending (resume from the last "
-                            f"checkpoint with --resume)")
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(3)  # as the trainer: MPI_Finalize with rank 0 dead can hang (it did once in CI)
+                if 0 in failed:             # as the trainer: the new rank 0 speaks, every survivor exits 3
+                    ft.end_after_root_loss(new, f"rank 0 lost at {detected:.1f} s: it held the monitor; ending "
+                                                f"(resume from the last checkpoint with --resume)\n")
                 if held is None:  # read after the first shrink: every survivor's pushes had completed
                     held = (store.version() if old.rank == 0 else None,
                             store.local_shard() if store.is_server else None)

@@ -362,6 +362,7 @@ class Recovery:
 
     def _root_lost(self, new, noticed):
         """Rank 0 died: it held the monitor, the version counter and the checkpoints.  End the job (exit 3)."""
+        message = None
         if new.rank == 0:
             if self.checkpoint_path and os.path.exists(self.checkpoint_path):
                 where = (f"the last checkpoint, {self.checkpoint_path}, is intact: continue with the same command "
@@ -371,11 +372,9 @@ class Recovery:
                          f"restart the run; with the file in place, --resume {self.checkpoint_path} continues it")
             else:
                 where = "no checkpoint was being written (add --checkpoint-every SECONDS to be able to --resume)"
-            sys.stderr.write(f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it held the monitor and the "
-                             f"store's version counter, so the job ends; {where}\n")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(3)  # no finalize: MPI_Finalize with a dead rank 0 is not worth the risk of a hang
+            message = (f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it held the monitor and the store's "
+                       f"version counter, so the job ends; {where}\n")
+        ft.end_after_root_loss(new, message)
 
     # ---------------------------------------------------------------- reporting
 

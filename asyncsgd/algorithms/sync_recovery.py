@@ -159,12 +159,8 @@ class ReplicaGuard:
 
     def _root_lost(self, new, noticed):
         """Rank 0 died: it held the log and the outputs (and sandblaster's mini-shard windows).  End the job (3)."""
-        if new.rank == 0:
-            sys.stderr.write(f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it wrote the log and the outputs, "
-                             f"so the job ends; {self.root_lost_hint}\n")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(3)  # no finalize: MPI_Finalize with a dead rank 0 is not worth the risk of a hang
+        ft.end_after_root_loss(new, f"asyncsgd: error: rank 0 lost at {noticed:.1f} s: it wrote the log and the "
+                                    f"outputs, so the job ends; {self.root_lost_hint}\n")
 
     def _say(self, text: str):
         if self.reporter is not None:
