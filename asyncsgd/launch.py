@@ -1,6 +1,6 @@
 """Start MPI jobs from Python (tests, benchmarks, the SLURM test) with the mpiexec that matches mpi4py's MPI.
 
-The PyPI MPIs differ in what they need (../DESIGN.md): Open MPI refuses root and oversubscription unless told, and
+The PyPI MPIs differ in what they need (docs/MPI.md): Open MPI refuses root and oversubscription unless told, and
 prints a harmless UCX error without ``OMPI_MCA_osc=^ucx``; MPICH needs nothing.  A whole-job timeout is always set
 (``MPIEXEC_TIMEOUT`` for MPICH, ``--timeout`` for Open MPI) and the process group is killed on a Python-side timeout
 too, so a launched job never outlives its caller.

@@ -1,6 +1,6 @@
 """MPI helpers shared by every role: waiting without spinning, failing as one job, errors from rank 0.
 
-Facts that shaped this module (../DESIGN.md, measured on 2-core machines): a rank blocked in an MPICH call spins and
+Facts that shaped this module (docs/MPI.md, measured on 2-core machines): a rank blocked in an MPICH call spins and
 slows a computing neighbour 3-4x when ranks outnumber cores, so long waits poll a non-blocking operation with a short
 sleep; and one rank failing before a collective hangs all others, so an exception on any rank aborts the whole job
 (``abort_on_error``, ``install_abort_hook``; the policy is in docs/FAILURES.md).

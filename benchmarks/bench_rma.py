@@ -11,7 +11,7 @@ server does; rank 1 is the worker and times, for each shard size:
 - sparse pushes (indexed datatypes, random unsorted indices as top-k selection gives them) at each density against
   the dense push: time and bytes moved;
 - the latency of a 1 MiB fetch + push + push_adagrad while the host computes in pure Python, with and without
-  the host's progress thread (DESIGN.md section 3: MPICH blocks passive-target operations until the target
+  the host's progress thread (docs/MPI.md: MPICH blocks passive-target operations until the target
   enters MPI).
 
 Times are the best of repeated runs (the progress latencies: max and median); the machine is shared, so

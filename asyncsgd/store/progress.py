@@ -1,6 +1,6 @@
 """Keep passive-target RMA moving on a rank that hosts windows while it computes.
 
-Measured on the project's machines (../DESIGN.md, section 3): with MPICH 5 from PyPI a passive-target operation
+Measured on the project's machines (docs/MPI.md): with MPICH 5 from PyPI a passive-target operation
 aimed at a rank that is busy outside MPI waits until that rank next enters the library (1.8 s in a 2 s busy test).
 A thread that calls ``Iprobe`` on a private communicator and sleeps 1 ms in between gives every such operation a
 progress engine within 1-2 ms, at no measurable cost to the rank's own work.  Open MPI 5 progresses allocated
