@@ -56,6 +56,16 @@ def test_downpour_adagrad_warm_start_and_sync(tmp_path):
     assert s["mode"] == "sync" and s["workers"] == 3 and s["test_accuracy"] >= 0.8
 
 
+@pytest.mark.slow
+def test_downpour_adagrad_runs_to_the_end_of_the_default_cosine(tmp_path):
+    """Epochs with partial last batches: 3 workers x 180 rows at batch 32 count 18 pushes for 16.9 pushes of budget,
+    so late fetches see a global progress of 1 and the cosine's rate 0.  The store refused lr 0 and the job died on
+    its last pushes (one run in three here; every FSDD run with 5 workers)."""
+    s, out = _train(4, ["--epochs", "1", "--batch-size", "32", "--optimizer", "adagrad"], tmp_path)
+    assert "final test accuracy:" in out
+    assert s["pushes"] == 3 * 6 and s["final_lr"] == 0.0, (s["pushes"], s["final_lr"])
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.ranks(2, 3)
 def test_nonfinite_gradient_is_never_pushed():

@@ -409,6 +409,34 @@ def test_weight_of_staleness_scales_every_kind_of_push(comm):
 
 
 @pytest.mark.mpi(min_size=1)
+def test_adagrad_push_at_rate_zero_moves_nothing_but_counts(comm):
+    """A decaying schedule ends at lr 0 (the default cosine); Downpour with --optimizer adagrad once died there
+    (ValueError on the last pushes of 5 workers on FSDD).  Rate 0: parameters unchanged, squares summed, the push
+    counted; a negative or non-finite rate is still refused."""
+    n = 12
+    failures = []
+    with ShardedParameters(comm, n, n_servers=min(2, comm.size), initial=np.ones(n, F32), adagrad=True) as store:
+        if comm.rank == comm.size - 1:
+            v = store.fetch(np.empty(n, F32))
+            store.push_adagrad(np.full(n, 2, F32), 0.0, 1e-6, base_version=v)
+            store.push_adagrad_sparse(np.array([3]), np.full(1, 2, F32), 0.0, 1e-6, base_version=v)
+            for bad in (-0.1, float("nan"), float("inf")):
+                try:
+                    store.push_adagrad(np.ones(n, F32), bad, 1e-6, base_version=v)
+                    failures.append(f"lr {bad} accepted")
+                except ValueError as err:
+                    _check(failures, "lr must be a finite number >= 0" in str(err), str(err))
+        polled_barrier(comm)
+        params, sums, version = store.read_all(), store.adagrad_sums(), store.version()
+    _check(failures, np.array_equal(params, np.ones(n)), f"params {params} moved at lr 0")
+    exp_sums = np.full(n, 4.0)
+    exp_sums[3] = 8
+    _check(failures, np.array_equal(sums, exp_sums), f"sums {sums} != {exp_sums}")
+    _check(failures, version == 2, f"version {version}: both rate-0 pushes must count")
+    agree(comm, failures)
+
+
+@pytest.mark.mpi(min_size=1)
 def test_load_overwrites_parameters_and_sums(comm):
     n = 20
     params = np.linspace(-1, 1, n)                      # float64 on purpose: load casts to float32

@@ -558,9 +558,12 @@ class ShardedParameters(WindowOwner):
 
     @staticmethod
     def _rates(lr, eps):
+        # lr 0 is a legal rate: a decaying schedule (cosine, linear) ends there, and the last pushes of an epoch run
+        # can see a global progress of 1 (a worker's partial last batch is counted as a whole one); the push then
+        # moves no parameter but still adds its squares and counts
         lr, eps = float(lr), float(eps)
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {lr}")
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a positive finite number (it keeps 0/sqrt(0) away), got {eps}")
         return lr, eps
