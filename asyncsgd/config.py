@@ -176,7 +176,9 @@ _OPTIONS = [
     (("--augment",), dict(default="auto",
                           help="training-time augmentation: auto (time shifts of up to 6 frames on log-mel data), "
                                "none, or shift:N")),
-    (("--warm-start-steps",), dict(type=_nonneg_int, default=0, help="steps taken by one replica alone first")),
+    (("--warm-start-steps",), dict(type=_nonneg_int, default=None,
+                                   help="steps taken by one replica alone before the others start (DistBelief's "
+                                        "warm start; default: the first 9%% of the run's samples; 0 = none)")),
     (("--eval-every",), dict(type=_positive_float, default=5.0, help="seconds between test evaluations (rank 0)")),
     # Sandblaster
     (("--history",), dict(type=int, default=10, help="L-BFGS history pairs (>= 1)")),

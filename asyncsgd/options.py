@@ -241,7 +241,8 @@ class DownpourOptions(SGDOptions):
     """Downpour SGD: ``servers`` ranks host the parameter shards, the others are replicas that fetch every
     ``n_fetch`` steps and push every ``n_push``; ``sparsity`` < 1 pushes only that fraction of the entries (largest
     first, the rest kept as a residual); ``staleness`` scales each push (a callable tau -> factor);
-    ``warm_start_steps`` are taken by one replica alone first."""
+    ``warm_start_steps`` are taken by one replica alone first (None: the first ``WARM_START_FRACTION`` of the
+    run's samples, in steps of ``batch_size``; 0: none)."""
     servers: int = 1
     n_fetch: int = 1
     n_push: int = 1
@@ -249,7 +250,7 @@ class DownpourOptions(SGDOptions):
     sparsity: float = 1.0
     sparse_block: int = 1  # sparse pushes choose whole blocks of this many consecutive entries (1: single entries)
     overlap: str = "off"  # what travels in a communication thread while computing: off, push, all (pushes + fetches)
-    warm_start_steps: int = 0
+    warm_start_steps: int | None = None  # None: DistBelief's warm start over the first 9% of the run
 
     def __post_init__(self):
         super().__post_init__()
@@ -262,7 +263,7 @@ class DownpourOptions(SGDOptions):
         _real(self, "sparsity", lo=0, lo_open=True, hi=1)
         _int(self, "sparse_block", 1)
         _choice(self, "overlap", OVERLAP)
-        _int(self, "warm_start_steps", 0)
+        _int(self, "warm_start_steps", 0, optional=True)
 
 
 @dataclasses.dataclass(frozen=True)

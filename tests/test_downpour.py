@@ -52,8 +52,36 @@ def test_downpour_sparse_decay_two_servers(tmp_path):
 def test_downpour_adagrad_warm_start_and_sync(tmp_path):
     s, _ = _train(3, ["--steps", "40", "--optimizer", "adagrad", "--warm-start-steps", "10"], tmp_path)
     assert s["test_accuracy"] >= 0.8, s["test_accuracy"]
+    # the warm start happened: worker 0 fetched the initial model, worker 1 only after worker 0's 10 pushes
+    assert s["warm_start_steps"] == 10 and s["first_fetch_versions"][0] == 0, s["first_fetch_versions"]
+    assert s["first_fetch_versions"][1] >= 10, s["first_fetch_versions"]
     s, _ = _train(3, ["--steps", "40", "--mode", "sync"], tmp_path)
     assert s["mode"] == "sync" and s["workers"] == 3 and s["test_accuracy"] >= 0.8
+
+
+@pytest.mark.slow
+def test_default_warm_start_is_9_percent_of_the_run_and_off_on_request(tmp_path):
+    # 540 training rows (600 less the 10% validation split) x 3 epochs at batch 16: 9% is 9.1 steps
+    s, _ = _train(4, ["--epochs", "3"], tmp_path)
+    assert s["warm_start_steps"] == 9
+    assert s["first_fetch_versions"][0] == 0 and min(s["first_fetch_versions"][1:]) >= 9, s["first_fetch_versions"]
+    s, _ = _train(4, ["--epochs", "3", "--warm-start-steps", "0"], tmp_path)
+    assert s["warm_start_steps"] == 0 and s["first_fetch_versions"][0] >= 0
+
+
+def test_warm_start_steps_rule():
+    from asyncsgd.algorithms.downpour import warm_start_steps
+    from asyncsgd.options import DownpourOptions, Stop
+    auto = DownpourOptions(batch_size=32)
+    # the default FSDD run: 2,430 training rows x 30 epochs, 5 workers -> 205 steps of 32
+    assert warm_start_steps(auto, Stop(epochs=30), n_train=2430, workers=5, resumed=False) == 205
+    assert warm_start_steps(auto, Stop(steps=100), n_train=2430, workers=5, resumed=False) == 45  # 9% of 5 x 100
+    assert warm_start_steps(auto, Stop(time_limit=60), n_train=2430, workers=5, resumed=False) == 0  # length unknown
+    assert warm_start_steps(auto, Stop(epochs=30), n_train=2430, workers=1, resumed=False) == 0  # nobody to wait
+    assert warm_start_steps(auto, Stop(epochs=30), n_train=2430, workers=5, resumed=True) == 0  # a trained start
+    given = DownpourOptions(batch_size=32, warm_start_steps=7)
+    assert warm_start_steps(given, Stop(epochs=30), n_train=2430, workers=5, resumed=False) == 7
+    assert warm_start_steps(given, Stop(epochs=30), n_train=2430, workers=5, resumed=True) == 0
 
 
 @pytest.mark.slow

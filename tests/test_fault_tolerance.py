@@ -129,6 +129,21 @@ def test_worker_killed_mid_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_warm_start_replica_killed_and_the_others_go_on(tmp_path):
+    """Worker 0 (rank 1) trains alone in a warm start longer than the run and dies: the recovery releases the
+    others, which otherwise wait for its flag until the job is killed."""
+    _require_ulfm()
+    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--warm-start-steps", "100000",
+                                                     "--kill-ranks", "1:3"])
+    _check_run_through(rc, out, summary, records, [1])
+    assert summary["warm_start_steps"] == 100000
+    # rows: the two survivors, then the lost worker 0 (it fetched the initial model, version 0); both survivors
+    # trained, from a model worker 0 had already pushed to
+    versions = summary["first_fetch_versions"]
+    assert len(versions) == 3 and versions[2] == 0 and min(versions[:2]) >= 1, versions
+
+
+@pytest.mark.slow
 def test_worker_killed_before_its_first_push(tmp_path):
     _require_ulfm()
     rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "6", "--kill-ranks", "3:0"])

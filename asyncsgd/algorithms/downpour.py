@@ -42,6 +42,7 @@ final push is made inline after everything submitted has landed, so the store en
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 
@@ -52,7 +53,7 @@ from ..data.augment import make_augmenter
 from .. import fault_tolerance as ft
 from ..faults import fault_point
 from ..mpiutil import polled_barrier
-from ..schedule import global_progress
+from ..schedule import RunBudget, global_progress
 from ..sparse import select_topk_blocks
 from ..store import ShardedParameters, open_store
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
@@ -109,6 +110,7 @@ class DownpourWorker:
         self.params_on_host = isinstance(net.params, numpy.ndarray)
         self.rng = numpy.random.default_rng(seed)
         self.base_version = 0
+        self.first_version = -1  # the store version of the first fetch (after a warm start: at least its pushes)
         self.steps = 0
         self.pushes = 0
         self.push_bytes = 0
@@ -151,6 +153,8 @@ class DownpourWorker:
         else:
             self.base_version = self.store.fetch(self.host)
             self.net.params[...] = self.backend.to_device(self.host)
+        if self.first_version < 0:
+            self.first_version = self.base_version
         if self.budget is not None:
             self.lr = self.schedule.rate(self.progress(self.base_version))
 
@@ -308,7 +312,29 @@ class DownpourWorker:
                 "pushed_entries": self.pushed_entries, "skipped_nonfinite": self.skipped_nonfinite,
                 "loss": self.loss_ewma if self.loss_ewma is not None else float("nan"),
                 "staleness_sum": self.staleness_sum, "done": float(done), "compute_s": self.compute_s,
-                "elapsed_s": elapsed, "resumed_samples": self.resumed_samples}
+                "elapsed_s": elapsed, "resumed_samples": self.resumed_samples, "first_version": self.first_version}
+
+
+# DistBelief's warm start by default: one replica alone over the first 9% of the run, then all of them.  Measured on
+# FSDD with 5 workers (30 epochs, 200 warm steps, docs/SCHEDULES.md section 10): selected-model test accuracy
+# 0.993-1.000 on seeds 10-14 against 0.983-1.000 without; asynchronous steps hurt most from the random start, where
+# gradients are large and change fastest, and a replica alone takes them without staleness.
+WARM_START_FRACTION = 0.09
+
+
+def warm_start_steps(cfg, stop, *, n_train: int, workers: int, resumed: bool) -> int:
+    """Return the steps worker 0 takes alone first: ``cfg.warm_start_steps``, or when it is None the first
+    ``WARM_START_FRACTION`` of the run's samples (epochs or steps; none for a run bounded only in time) in steps of
+    ``cfg.batch_size``; 0 with one worker and for a resumed run (it starts from a trained model)."""
+    if resumed or workers < 2:
+        return 0
+    if cfg.warm_start_steps is not None:
+        return int(cfg.warm_start_steps)
+    if stop.epochs is None and stop.steps is None:
+        return 0
+    total = RunBudget.from_limits(n_train=n_train, batch_size=cfg.batch_size, workers=workers, epochs=stop.epochs,
+                                  steps=stop.steps).total_samples
+    return int(round(WARM_START_FRACTION * total / cfg.batch_size))
 
 
 def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
@@ -327,16 +353,23 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
     stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
     last_publish = 0.0
-    warm = cfg.warm_start_steps if worker == 0 else 0
+    warm = cfg.warm_start_steps if worker == 0 else 0  # run() set it to 0 for a resumed run
     if guard is not None:  # what a recovery needs from this worker: its replica, the freshest it has
         guard.replica = lambda: (backend.to_host(net.params).astype(numpy.float32, copy=True), replica.base_version)
     if worker != 0 and cfg.warm_start_steps > 0:
-        # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag.
+        # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag (a
+        # recovery that loses that replica raises the flag: Recovery._move_rows)
         while board.flag(FLAG_WARM_DONE) == 0 and board.flag(FLAG_STOP) == 0:
             time.sleep(_FLAG_POLL_S)
-            if guard is not None and guard.check():
-                store, board, worker, n_workers = guard.store, guard.board, guard.role.index, guard.n_workers
-    for xb, yb in stream:
+            if guard is not None and guard.check():  # as at the safe point below, before any step
+                store, board = guard.store, guard.board
+                replica.store = store
+                if guard.role.kind == "server":
+                    break
+                worker, n_workers = guard.role.index, guard.n_workers
+                stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
+    promoted = guard is not None and guard.role.kind == "server"  # while waiting: now hosts a dead server's shard
+    for xb, yb in (() if promoted else stream):
         if replica.steps % cfg.n_fetch == 0:
             replica.fetch()
         replica.step(augment(xb), yb)
@@ -489,6 +522,8 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     split = TrainingSplit(src, cfg.validation, cfg.seed)  # the same on every rank; workers read only training rows
     # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
     schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
+    cfg = dataclasses.replace(cfg, warm_start_steps=warm_start_steps(cfg, stop_opts, n_train=split.n_train,
+                                                                     workers=n_workers, resumed=resume is not None))
     fault_tolerant = ft.for_options(cfg)
     store = open_store(comm, init.n_params, n_servers=n_servers, initial=initial,  # ASYNCSGD_STORE picks
                        adagrad=cfg.optimizer == "adagrad")
@@ -541,6 +576,9 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
                             if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
                 "sparse_block": int(getattr(cfg, "sparse_block", 1)),
+                # the warm start as it happened: worker 0 alone for these steps, then each worker's first fetch
+                "warm_start_steps": int(cfg.warm_start_steps),
+                "first_fetch_versions": [int(s["first_version"]) for s in stats],
             }, params)
             if cfg.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()

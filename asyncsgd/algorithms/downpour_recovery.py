@@ -322,7 +322,9 @@ class Recovery:
             else:
                 board.publish(roles[old_rank][2].index, s, h)
         board.set_flag(FLAG_STOP, flags[0])
-        board.set_flag(FLAG_WARM_DONE, flags[1])
+        # a recovery ends a warm start still running: the replica warming up may be the one lost (the others would
+        # wait for its flag forever), and after a renumbering no row says which survivor it was
+        board.set_flag(FLAG_WARM_DONE, 1.0)
         return retired
 
     def _log_loss(self, failed_world, roles, failed, rb, noticed, old_n_workers):
