@@ -54,8 +54,6 @@ def _records(path):
         return []
 
 
-
-
 def run_case(ranks: int, args: list, timeout: float, *, outside=None) -> dict:
     """Run one job; ``outside`` = (rank, seconds into training) to SIGKILL from here.  Return its figures."""
     with tempfile.TemporaryDirectory(prefix="bench_faults_") as tmp:

@@ -12,10 +12,6 @@ from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
-
-
-
 def _run_and_hit(tmp_path, sig, extra_env=None):
     """Start a 4-rank Downpour job, send ``sig`` to rank 2 once training is under way; return (rc, seconds, out)."""
     log = tmp_path / "log.jsonl"

@@ -182,8 +182,6 @@ def test_server_rank_1_killed(tmp_path):
     assert any(rec.get("event") == "lost_server" for rec in records)
 
 
-
-
 def _hit_from_outside(tmp_path, sig, extra_env=None):
     """Start a 4-rank job, send ``sig`` to rank 3 once training is under way; return (rc, out, summary)."""
     run_dir = tmp_path / "run"

@@ -361,13 +361,11 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
         # recovery that loses that replica raises the flag: Recovery._move_rows)
         while board.flag(FLAG_WARM_DONE) == 0 and board.flag(FLAG_STOP) == 0:
             time.sleep(_FLAG_POLL_S)
-            if guard is not None and guard.check():  # as at the safe point below, before any step
-                store, board = guard.store, guard.board
-                replica.store = store
-                if guard.role.kind == "server":
+            if guard is not None and guard.check():  # a safe point before any step, as in the loop below
+                board, share = _rejoin(guard, replica, cfg, stop_opts, split, start, samples)
+                if share is None:
                     break
-                worker, n_workers = guard.role.index, guard.n_workers
-                stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
+                worker, n_workers, stream, stop = share
     promoted = guard is not None and guard.role.kind == "server"  # while waiting: now hosts a dead server's shard
     for xb, yb in (() if promoted else stream):
         if replica.steps % cfg.n_fetch == 0:
@@ -378,12 +376,10 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
         if replica.steps % cfg.n_push == 0:
             replica.push()
         if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
-            store, board = guard.store, guard.board
-            replica.store = store
-            if guard.role.kind == "server":
+            board, share = _rejoin(guard, replica, cfg, stop_opts, split, start, samples)
+            if share is None:
                 break  # this worker now hosts a dead server's shard
-            worker, n_workers = guard.role.index, guard.n_workers
-            stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
+            worker, n_workers, stream, stop = share
             replica.fetch()  # versions of the rebuilt store; the accrual since the last push is still pushed
             last_publish = 0.0
         if warm and replica.steps == warm:
@@ -402,6 +398,18 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
     if warm and replica.steps < warm:
         board.set_flag(FLAG_WARM_DONE)  # ended before the warm start did: release the others
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
+
+
+def _rejoin(guard, replica, cfg, stop_opts, split, start, samples):
+    """After a recovery at a worker's safe point: point the replica at the rebuilt store; return the rebuilt board
+    and, while this rank is still a worker, its ``(worker, n_workers, stream, stop)`` over the survivors' share
+    (None: it now hosts a dead server's shard)."""
+    replica.store = guard.store
+    if guard.role.kind == "server":
+        return guard.board, None
+    worker, n_workers = guard.role.index, guard.n_workers
+    stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
+    return guard.board, (worker, n_workers, stream, stop)
 
 
 def _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples):
