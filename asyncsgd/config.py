@@ -30,29 +30,38 @@ OPTIMIZERS = ("sgd", "adagrad")
 DEFAULT_DATA = "fsdd"  # the bundled features, data/fsdd.h5 (asyncsgd.data.resolve_path)
 
 
+def _number(s, kind, what: str):
+    """Parse ``s`` as ``kind`` (int or float) for an option's type; ArgumentTypeError saying ``what`` it must be
+    (argparse's own message names the Python function instead: "invalid _nonneg_int value")."""
+    try:
+        return kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}") from None
+
+
 def _positive_int(s):
-    v = int(s)
+    v = _number(s, int, "a positive integer")
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
     return v
 
 
 def _nonneg_int(s):
-    v = int(s)
+    v = _number(s, int, "an integer >= 0")
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v
 
 
 def _positive_float(s):
-    v = float(s)
+    v = _number(s, float, "a number > 0")
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return v
 
 
 def _nonneg_float(s):
-    v = float(s)
+    v = _number(s, float, "a number >= 0")
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
     return v

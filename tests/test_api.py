@@ -71,6 +71,7 @@ def test_public_names_are_exported():
     (DownpourOptions, dict(sparsity=0), "sparsity"), (DownpourOptions, dict(sparsity=1.5), "sparsity"),
     (DownpourOptions, dict(n_push=0), "n_push"), (DownpourOptions, dict(servers=0), "servers"),
     (DownpourOptions, dict(staleness="exp:0.9"), "staleness"), (DownpourOptions, dict(lr=-1.0), "lr"),
+    (DownpourOptions, dict(warm_start_steps=-1), "warm_start_steps"),
     (SandblasterOptions, dict(history=0), "history"), (SandblasterOptions, dict(slow_ranks={1: 0.5}), "slow_ranks"),
     (Stop, dict(epochs=0), "epochs"), (Stop, dict(steps=0), "steps"), (Stop, dict(target_accuracy=1.5),
                                                                         "target_accuracy"),

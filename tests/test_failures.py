@@ -100,6 +100,10 @@ CASES_3 = [
     ("downpour", "checkpoint@0", ("--checkpoint", "ck.h5")),
     ("downpour", "end@1", ()),
     ("downpour", "end@0", ()),
+    # the warm start: worker 0 (rank 1) raises while worker 1 sleeps on the board's flag; worker 1 raises at the
+    # first fetch after it
+    ("downpour", "step@1:2", ("--warm-start-steps", "10")),
+    ("downpour", "fetch@2", ("--warm-start-steps", "3")),
     ("sandblaster", "data@1", ()),
     ("sandblaster", "minishard@2:3", ()),
     ("sandblaster", "minishard@0:2", ()),

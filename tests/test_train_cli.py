@@ -84,6 +84,8 @@ def test_serial_summary_and_model_file(tmp_path):
     (2, ["--mode", "serial"], "--mode serial runs in one process"),
     (2, ["--data", "/nonexistent.h5"], "/nonexistent.h5"),
     (3, ["--slow-ranks", "7:2"], "--slow-ranks"),
+    (3, ["--warm-start-steps", "-1"], "--warm-start-steps: must be >= 0, got -1"),
+    (3, ["--warm-start-steps", "ten"], "--warm-start-steps: must be an integer >= 0, got 'ten'"),
 ])
 def test_bad_layouts_fail_from_rank0(n, args, needle):
     proc = run_mpi(n, TRAIN + args, timeout=90, env=_env(), cwd=REPO)
