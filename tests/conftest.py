@@ -41,6 +41,10 @@ _POLL_S = 0.05
 _GRACE_S = float(os.environ.get("ASYNCSGD_TEST_ABORT_GRACE", "2"))
 # A failing rank > 0 aborts the job itself this long after reporting, in case rank 0 cannot.
 _FALLBACK_ABORT_S = _GRACE_S + 10.0
+# Rank 0 waits this long between writing the aborted run's summary and MPI_Abort: the launcher forwards a rank's
+# output asynchronously, and an abort that overtakes the forwarding loses the summary (measured: 4 runs in 15 under
+# load lost it with no wait).
+_FORWARD_S = 1.0
 _WIDTH = 80
 _BACKSTOP_S = 30.0
 
@@ -246,6 +250,7 @@ class MultiRankGuard:
             lines.append(self._summary_line())
             self.terminal.write("\n".join(lines) + "\n")
             self.terminal.flush()
+        time.sleep(_FORWARD_S)
         self._abort()
 
     def _abort(self):
