@@ -9,8 +9,7 @@ import pytest
 
 @pytest.mark.mpi
 def test_passes_first():
-    # the ranks leave together, so rank 1's planted failure next cannot overtake rank 0's report of this pass (once in
-    # CI, under load, rank 0 had not yet counted it when the job was aborted 2 s after rank 1 failed)
+    # the ranks leave together, so rank 0 has surely counted this pass before rank 1's planted failure next
     from mpi4py import MPI
     MPI.COMM_WORLD.Barrier()
 
