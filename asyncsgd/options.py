@@ -183,7 +183,8 @@ def _check_fault_tolerance(options):
 class SGDOptions:
     """Mini-batch SGD (``train_serial``, ``train_sync``; the base of ``DownpourOptions``).
 
-    ``lr``, ``momentum`` and ``batch_size`` None take the model's defaults.  ``optimizer`` 'adagrad' applies to
+    ``lr``, ``momentum`` and ``batch_size`` None take the model's defaults (``algorithms.common.sgd_defaults``: more
+    than 3 Downpour replicas halve the batch and the rate).  ``optimizer`` 'adagrad' applies to
     Downpour's store.  ``augment``: 'auto' (time shifts on log-mel data), 'none' or 'shift:N'.  ``eval_every``:
     seconds between evaluations on rank 0.  ``lr_schedule``: the rate over the run, a Schedule or its string
     (asyncsgd.schedule; peak ``lr``); Downpour follows the store's global push count, so replicas decay together.

@@ -90,9 +90,17 @@ def test_options_are_frozen_and_defaults_fill_a_copy():
         opts.lr = 0.1
     filled, stop = sgd_defaults(opts, Stop(), "speech_cnn", async_replicas=5)
     assert opts.lr is None and opts.batch_size is None  # the caller's object is untouched
-    # the default schedule has a warm-up: peak 0.01 x 3/W; a schedule without one keeps 2/W
-    assert filled.lr == pytest.approx(0.01 * 3 / 5) and filled.momentum == 0.9 and filled.batch_size == 32
-    assert sgd_defaults(DownpourOptions(lr_schedule="constant"), Stop(), "speech_cnn", 5)[0].lr == pytest.approx(0.004)
+    # the default schedule has a warm-up: peak 0.01 x 3/W; a schedule without one keeps 2/W; more than 3 workers
+    # halve the model's batch (32) and the rate with it
+    assert filled.lr == pytest.approx(0.01 * 3 / 5 / 2) and filled.momentum == 0.9 and filled.batch_size == 16
+    assert sgd_defaults(DownpourOptions(lr_schedule="constant"), Stop(), "speech_cnn", 5)[0].lr == pytest.approx(0.002)
+    # a batch given keeps its rate unhalved; 3 workers and Adagrad keep the model's batch
+    given = sgd_defaults(DownpourOptions(batch_size=32), Stop(), "speech_cnn", 5)[0]
+    assert (given.lr, given.batch_size) == (pytest.approx(0.006), 32)
+    three = sgd_defaults(DownpourOptions(), Stop(), "speech_cnn", 3)[0]
+    assert (three.lr, three.batch_size) == (pytest.approx(0.01), 32)
+    ada = sgd_defaults(DownpourOptions(optimizer="adagrad"), Stop(), "speech_cnn", 5)[0]
+    assert (ada.lr, ada.batch_size) == (0.01, 32)
     assert filled.n_push == 4 and isinstance(filled, DownpourOptions)
     assert stop == Stop(epochs=30)
     # a stop rule given by the user is kept as it is (no default epochs added)

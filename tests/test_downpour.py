@@ -12,10 +12,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, "-m", "asyncsgd.train"]
 
 
-def _train(n, args, tmp_path, timeout=240):
+def _train(n, args, tmp_path, timeout=240, batch=16):
     summary = tmp_path / "summary.json"
     env = {**os.environ, "PYTHONPATH": REPO}
-    proc = run_mpi(n, TRAIN + ["--data", "synthetic:600", "--batch-size", "16", "--progress", "none",
+    batch_args = ["--batch-size", str(batch)] if batch else []
+    proc = run_mpi(n, TRAIN + ["--data", "synthetic:600", *batch_args, "--progress", "none",
                                "--eval-every", "1", "--summary-json", str(summary)] + args,
                    timeout=timeout, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -67,6 +68,21 @@ def test_default_warm_start_is_9_percent_of_the_run_and_off_on_request(tmp_path)
     assert s["first_fetch_versions"][0] == 0 and min(s["first_fetch_versions"][1:]) >= 9, s["first_fetch_versions"]
     s, _ = _train(4, ["--epochs", "3", "--warm-start-steps", "0"], tmp_path)
     assert s["warm_start_steps"] == 0 and s["first_fetch_versions"][0] >= 0
+
+
+@pytest.mark.slow
+def test_five_workers_default_to_half_the_batch_and_rate_and_a_given_batch_keeps_the_rate(tmp_path):
+    """More than 3 Downpour workers halve speech_cnn's batch (32) and default rate (0.01 x 3/5) with it; the summary
+    records the options as trained."""
+    s, _ = _train(6, ["--epochs", "1"], tmp_path, batch=None)
+    assert (s["workers"], s["batch_size"], s["momentum"]) == (5, 16, 0.9)
+    assert s["peak_lr"] == pytest.approx(0.003)
+    # 540 training rows x 1 epoch: 9% is 3.04 steps of 16 (it would be 2 of 32)
+    assert s["warm_start_steps"] == 3
+    s, _ = _train(6, ["--epochs", "1"], tmp_path, batch=32)
+    assert (s["batch_size"], s["peak_lr"]) == (32, pytest.approx(0.006))
+    s, _ = _train(4, ["--epochs", "1"], tmp_path, batch=None)
+    assert (s["workers"], s["batch_size"], s["peak_lr"]) == (3, 32, pytest.approx(0.01))
 
 
 def test_warm_start_steps_rule():

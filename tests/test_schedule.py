@@ -345,7 +345,8 @@ def test_sync_default_peak_rate_grows_with_the_square_root_of_the_replicas():
         lr = sgd_defaults(SGDOptions(), Stop(), "speech_cnn", sync_replicas=w)[0].lr
         assert lr == pytest.approx(0.01 * math.sqrt(w))
     assert sgd_defaults(SGDOptions(lr=0.003), Stop(), "speech_cnn", sync_replicas=4)[0].lr == 0.003
-    assert sgd_defaults(DownpourOptions(), Stop(), "speech_cnn", async_replicas=5)[0].lr == pytest.approx(0.006)
+    assert sgd_defaults(DownpourOptions(batch_size=32), Stop(), "speech_cnn", async_replicas=5)[0].lr == \
+        pytest.approx(0.006)
 
 
 def test_sync_run_applies_the_scaled_default_rate(tmp_path):

@@ -581,6 +581,8 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
                 "layout": init.param_layout(), "stop_reason": record["stop_reason"],
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
+                # the options as trained (the defaults filled in: the config records only what was given)
+                "batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum),
                 "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
                             if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
                 "sparse_block": int(getattr(cfg, "sparse_block", 1)),

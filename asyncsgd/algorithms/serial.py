@@ -91,4 +91,5 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         "compute_samples_per_s": samples / max(compute_s, 1e-9), "checkpoints": checkpointer.written, "wall_s": wall, "epochs": samples / len(y),
         "stop_reason": stop.reason, "workers": 1, "servers": 0, "n_params": int(net.n_params),
         "layout": net.param_layout(), "lr_schedule": str(schedule), "final_lr": lr,
+        "batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum),
     }, backend.to_host(net.params))

@@ -164,6 +164,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                   "checkpoints": checkpointer.written,
                   "per_worker_samples_per_s": [samples / wall] * size, "n_params": int(n),
                   "layout": net.param_layout(), "lr_schedule": str(schedule), "final_lr": lr,
+                  "batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum),
                   **guard.summary()}, last_params)
     guard.free()
     return result
