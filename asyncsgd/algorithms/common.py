@@ -14,7 +14,8 @@ from ..partition import class_strided_rows
 from ..schedule import RunBudget, Warmup
 from .best_model import BestModelTracker
 
-__all__ = ["sgd_defaults", "StopRule", "Evaluator", "TrainingSplit", "Evaluations", "schedule_budget"]
+__all__ = ["sgd_defaults", "options_as_trained", "StopRule", "Evaluator", "TrainingSplit", "Evaluations",
+           "schedule_budget"]
 
 # Defaults that train each model well with momentum 0.9 (the measured runs are in the README, "Benchmarks").
 _DEFAULTS = {
@@ -219,6 +220,11 @@ class Evaluations:
             summary["last_test_loss"] = self.last.get("test_loss")
         summary["validation_rows"] = self.n_validation
         return summary
+
+
+def options_as_trained(cfg) -> dict:
+    """The summary's record of the options after ``sgd_defaults`` filled them (the config keeps only those given)."""
+    return {"batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum)}
 
 
 def schedule_budget(cfg, stop, *, n_train: int, workers: int = 1):

@@ -57,7 +57,7 @@ from ..schedule import RunBudget, global_progress
 from ..sparse import select_topk_blocks
 from ..store import ShardedParameters, open_store
 from .board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
-from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
+from .common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget, sgd_defaults
 from .downpour_recovery import Recovery
 from .overlap import CommThread, overlap_mode, overlap_refusal
 from .resume import Checkpointer
@@ -581,8 +581,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
                 "layout": init.param_layout(), "stop_reason": record["stop_reason"],
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
-                # the options as trained (the defaults filled in: the config records only what was given)
-                "batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum),
+                **options_as_trained(cfg),
                 "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
                             if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
                 "sparse_block": int(getattr(cfg, "sparse_block", 1)),

@@ -8,7 +8,7 @@ import numpy
 from ..data import BatchStream
 from ..data.augment import make_augmenter
 from ..faults import fault_point
-from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
+from .common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget, sgd_defaults
 from .resume import Checkpointer
 
 __all__ = ["run"]
@@ -91,5 +91,5 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         "compute_samples_per_s": samples / max(compute_s, 1e-9), "checkpoints": checkpointer.written, "wall_s": wall, "epochs": samples / len(y),
         "stop_reason": stop.reason, "workers": 1, "servers": 0, "n_params": int(net.n_params),
         "layout": net.param_layout(), "lr_schedule": str(schedule), "final_lr": lr,
-        "batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum),
+        **options_as_trained(cfg),
     }, backend.to_host(net.params))

@@ -19,7 +19,7 @@ from ..data.augment import make_augmenter
 from .. import fault_tolerance as ft
 from ..faults import fault_point
 from ..mpiutil import polled_barrier, wait
-from .common import Evaluations, StopRule, TrainingSplit, schedule_budget, sgd_defaults
+from .common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget, sgd_defaults
 from .resume import Checkpointer
 from .sync_recovery import ReplicaGuard
 
@@ -164,7 +164,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                   "checkpoints": checkpointer.written,
                   "per_worker_samples_per_s": [samples / wall] * size, "n_params": int(n),
                   "layout": net.param_layout(), "lr_schedule": str(schedule), "final_lr": lr,
-                  "batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum),
+                  **options_as_trained(cfg),
                   **guard.summary()}, last_params)
     guard.free()
     return result
