@@ -5,7 +5,7 @@ own) and are installed as the package ``asyncsgd.kernels``; ``asyncsgd.gpu.kerne
 non-editable install and in ``kernels/`` in a source checkout.  The bundled data set ``data/fsdd.h5`` is installed
 the same way, as ``asyncsgd.bundled``, so the default trainer runs from any directory.
 """
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="asyncsgd",
@@ -30,5 +30,10 @@ setup(
         # benchmarks/bench_conv.py and bench_peers.py compare against PyTorch; never needed by the tests
         "bench": ["torch==2.13.0"],
     },
+    # The CPU kernels of the fused conv + max pool (asyncsgd/model/cpu_kernels.py): optional, so an install without a
+    # C compiler or Python headers still succeeds and runs the same layers in numpy.  Portable flags only (no
+    # -march=native): a cluster's login node, where pip runs, may have newer CPUs than its compute nodes.
+    ext_modules=[Extension("_asyncsgd_cpu", ["kernels/conv_pool_cpu.c"], extra_compile_args=["-O3"],
+                           optional=True)],
     entry_points={"console_scripts": ["asyncsgd-train=asyncsgd.train:main"]},
 )

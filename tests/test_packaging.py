@@ -2,7 +2,8 @@
 
 The source tree is copied first (so the build can neither see nor leave files in the checkout), installed with
 ``pip install --no-deps`` into a new virtualenv, and the installed copy is checked from a folder outside the source
-tree: it imports, ships every ``kernels/*.cu`` as ``asyncsgd.kernels`` and finds the bundled data set.  The
+tree: it imports, ships every ``kernels/*.cu`` as ``asyncsgd.kernels``, finds the bundled data set and has its
+compiled CPU kernels (and an install where the C compiler fails still succeeds, without them).  The
 dependencies (numpy, h5py, mpi4py) are borrowed from the running environment through a .pth file, which Python
 reads after the new virtualenv's own site-packages, so the fresh ``asyncsgd`` is the one imported.
 The build itself uses pip's isolated build environment (setuptools and wheel from the package index), as
@@ -16,6 +17,7 @@ import shutil
 import site
 import subprocess
 import sys
+import sysconfig
 import textwrap
 
 import pytest
@@ -33,6 +35,10 @@ PROBE = textwrap.dedent("""
     kernels = {p.name: p.read_bytes().hex() for p in importlib.resources.files("asyncsgd.kernels").iterdir()
                if p.name.endswith(".cu")}
     info = {"file": asyncsgd.__file__, "version": asyncsgd.__version__, "kernels": kernels}
+    if os.environ.get("PROBE_CPU") == "1":
+        from asyncsgd.model import NumpyOps, cpu_kernels
+        mod = cpu_kernels._module()
+        info["cpu"] = {"file": None if mod is None else mod.__file__, "on": NumpyOps().cpu_kernels_on}
     if os.environ.get("PROBE_DATA") == "1":
         from asyncsgd.data import open_source, resolve_path
         src = open_source("fsdd")
@@ -55,15 +61,14 @@ def _run(argv, **kwargs):
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def venv(tmp_path_factory):
-    """Return the path of a fresh virtualenv holding a non-editable install of this tree."""
-    base = tmp_path_factory.mktemp("packaging")
+def _install(base, **env):
+    """Return the path of a fresh virtualenv under ``base`` holding a non-editable install of this tree."""
     src, env_dir = base / "src", base / "venv"
     shutil.copytree(ROOT, src, ignore=_ignore)
     _run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], timeout=60)
     python = env_dir / "bin" / "python"
     clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    clean.update(env)
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-input", str(src)],
          env=clean, timeout=240)
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -74,9 +79,16 @@ def venv(tmp_path_factory):
     return env_dir
 
 
-def _probe(venv, tmp_path, *, data=False) -> dict:
-    env = mpi_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """Return the path of a fresh virtualenv holding a non-editable install of this tree."""
+    return _install(tmp_path_factory.mktemp("packaging"))
+
+
+def _probe(venv, tmp_path, *, data=False, cpu=False) -> dict:
+    env = mpi_env({k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ASYNCSGD_CPU_KERNELS")})
     env["PROBE_DATA"] = "1" if data else "0"
+    env["PROBE_CPU"] = "1" if cpu else "0"
     out = _run([str(venv / "bin" / "python"), "-c", PROBE], cwd=tmp_path, env=env, timeout=120)
     return json.loads(out.strip().splitlines()[-1])
 
@@ -112,3 +124,26 @@ def test_console_script_runs(venv, tmp_path):
     env = mpi_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     out = _run([str(script), "--help"], cwd=tmp_path, env=env, timeout=120)
     assert "usage" in out.lower()
+
+
+def _can_build_c_extensions():
+    include = sysconfig.get_paths()["include"]
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) is not None and os.path.exists(os.path.join(include, "Python.h"))
+
+
+def test_installed_copy_has_its_compiled_cpu_kernels(venv, tmp_path):
+    if not _can_build_c_extensions():
+        pytest.skip("no C compiler or Python headers: pip installs the numpy path only")
+    cpu = _probe(venv, tmp_path, cpu=True)["cpu"]
+    assert cpu["file"] and os.path.realpath(cpu["file"]).startswith(os.path.realpath(venv)), cpu
+    assert cpu["on"], "the installed NumpyOps does not use its compiled kernels"
+
+
+def test_install_without_a_c_compiler_still_works(tmp_path_factory, tmp_path):
+    """The extension is optional: with a compiler that always fails the install succeeds and runs the numpy path."""
+    no_cc = _install(tmp_path_factory.mktemp("packaging_no_cc"), CC="false")
+    assert not list(no_cc.glob("lib/python*/site-packages/_asyncsgd_cpu*")), "built with a failing compiler?"
+    cpu = _probe(no_cc, tmp_path, cpu=True)["cpu"]
+    # The borrowed dependencies' folder may hold another install's module (CI's own); never this venv's.
+    assert cpu["file"] is None or not os.path.realpath(cpu["file"]).startswith(os.path.realpath(no_cc)), cpu

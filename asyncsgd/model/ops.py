@@ -43,6 +43,7 @@ import contextlib
 
 import numpy
 
+from . import cpu_kernels
 from .parallel import PartRunner, blas_pinnable, intra_op_threads, single_thread_blas, split_batch
 
 __all__ = ["NumpyOps", "cached_buffer", "conv_output_size", "pair"]
@@ -93,10 +94,16 @@ class NumpyOps:
     is_gpu = False
     threads = 1             # intra-op threads: batch parts run at once (see asyncsgd.model.parallel)
     _runner = None
+    cpu_kernels_on = False  # the fused conv+pool runs its copies and masks in asyncsgd.model.cpu_kernels
 
-    def __init__(self, threads: int | None = None):
+    def __init__(self, threads: int | None = None, cpu_kernels_on: bool | None = None):
         """``threads``: how many batch parts a convolution runs at once, each with a one-thread BLAS (default: the
-        BLAS thread count of the environment, else 1; 1 when OpenBLAS's thread count cannot be set at run time)."""
+        BLAS thread count of the environment, else 1; 1 when OpenBLAS's thread count cannot be set at run time).
+
+        ``cpu_kernels_on``: whether the fused conv+pool runs its copies and masks in the compiled kernels of
+        ``asyncsgd.model.cpu_kernels`` (float32 only; bit-identical to the numpy code).  None: where they are built
+        and ``ASYNCSGD_CPU_KERNELS`` is not 0; True: required (RuntimeError when they are not built); False: never.
+        """
         if threads is None:
             threads = intra_op_threads()
         if not isinstance(threads, (int, numpy.integer)) or isinstance(threads, bool):
@@ -105,6 +112,12 @@ class NumpyOps:
             raise ValueError(f"NumpyOps threads must be >= 1, got {threads}; use 1 for no intra-op threads")
         self.threads = int(threads) if blas_pinnable() else 1
         self._runner = PartRunner(self.threads) if self.threads > 1 else None
+        if cpu_kernels_on and not cpu_kernels.available():
+            raise RuntimeError("NumpyOps(cpu_kernels_on=True): the compiled module _asyncsgd_cpu is not built for this "
+                               "source; reinstall with a C compiler (pip install .) or run python setup.py "
+                               "build_ext --inplace in a source checkout")
+        use = cpu_kernels.enabled() if cpu_kernels_on is None else bool(cpu_kernels_on)
+        self.cpu_kernels_on = use and self.xp is numpy
 
     def pass_section(self):
         """Return the context a network's forward or backward pass runs in.
@@ -435,6 +448,13 @@ class NumpyOps:
         hq, wq = (h + 2 * ph + 1) // 2 + 1, (wd + 2 * pw + 1) // 2   # +1 row: slack for the last run's junk tail
         k, run = c * kh * kw, hh * wq
         m = n * run
+        if self.cpu_kernels_on and x.dtype == numpy.float32:   # the same columns and maxima, made in C
+            col = self.conv_columns(ws, k, 4 * m, x.dtype)
+            cpu_kernels.im2col(x, col, kh, kw, pad, hq, wq, run)
+            y = self.conv_gemm_forward(w, b, col, ws).reshape(f, 4, m)
+            arg = cached_buffer(ws, "arg", (f, m), numpy.uint8, xp)
+            cpu_kernels.max4(y, out, arg, relu)
+            return (x.shape, col, arg)
         planes = cached_buffer(ws, "planes", (2, 2, c, n, hq, wq), x.dtype, xp, zero=True)
         for r in (0, 1):
             for s in (0, 1):
@@ -532,6 +552,14 @@ class NumpyOps:
         f, _, kh, kw = w.shape
         run = hh * wq
         m = n * run
+        hq = (h + 2 * pad[0] + 1) // 2 + 1
+        if self.cpu_kernels_on and dy.dtype == numpy.float32:  # the same gradients, routed and summed in C
+            dconv = cached_buffer(ws, "dconv", (f, 4, m), dy.dtype, xp)
+            cpu_kernels.pool_grad(dy, relu_out, arg, dconv, wq)
+            dcol = self.conv_gemm_backward(dconv.reshape(f, 4 * m), col, w, dw, db, dx is not None, ws)
+            if dcol is not None:
+                cpu_kernels.col2im(dcol, dx, kh, kw, pad, hq, wq, run)
+            return
         dyq = cached_buffer(ws, "dyq", (f, n, hh, wq), dy.dtype, xp, zero=True)
         dyq[:, :, :, :wh] = dy                              # junk columns keep a zero gradient
         dy2 = dyq.reshape(f, m)
@@ -547,7 +575,6 @@ class NumpyOps:
         if dcol is None:
             return
         dcol8 = dcol.reshape(c, kh, kw, 2, 2, n, run)
-        hq = (h + 2 * pad[0] + 1) // 2 + 1
         dplanes = cached_buffer(ws, "dplanes", (2, 2, c, n, hq, wq), dy.dtype, xp)
         dplanes.fill(0)
         dflat = dplanes.reshape(2, 2, c, n, hq * wq)
