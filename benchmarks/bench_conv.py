@@ -8,7 +8,10 @@ alternating rounds and the best round counts, so load from other processes on th
 asyncsgd's NumpyOps reads the same variables: at n threads each convolution runs its batch in n parts at once, each
 part's GEMMs on one BLAS thread (asyncsgd/model/parallel.py); the "parts" column shows the count it used.
 Prints samples/s and the ratio asyncsgd/torch per thread count, and the fraction of numpy's own float32 GEMM FLOP/s
-(a GEMM of the conv2 forward's shape) that asyncsgd's two convolutions (forward + backward) reach.
+(a GEMM of the conv2 forward's shape) that asyncsgd's two convolutions (forward + backward) reach.  The "C" column
+says whether asyncsgd ran its compiled CPU kernels (asyncsgd/model/cpu_kernels.py); "numpy/s" is the same network
+with them off (pure numpy), timed in the same rounds.  The kernels are built by pip install; in a source checkout
+run ``python setup.py build_ext --inplace`` first, or the benchmark measures the numpy path only.
 PyTorch is needed only here: pip install torch.
 """
 from __future__ import annotations
@@ -107,7 +110,7 @@ def worker(args):
     import numpy as np
     import torch
     sys.path.insert(0, ROOT)
-    from asyncsgd.model import build_model
+    from asyncsgd.model import NumpyOps, build_model
 
     torch.set_num_threads(args.threads)
     shape = (1, 40, args.frames)
@@ -115,10 +118,14 @@ def worker(args):
     x = rng.standard_normal((args.batch,) + shape).astype(np.float32)
     y = rng.integers(0, 10, args.batch)
     net = build_model("speech_cnn", shape, 10, seed=0)
+    plain = build_model("speech_cnn", shape, 10, seed=0, ops=NumpyOps(cpu_kernels_on=False))
     drop_rng = np.random.default_rng(1)
 
     def ours():
         net.loss_and_grad(x, y, rng=drop_rng)
+
+    def numpy_only():
+        plain.loss_and_grad(x, y, rng=drop_rng)
 
     tnet = torch_network(torch, shape, 10)
     check_same_function(torch, net, tnet, x, y)
@@ -151,12 +158,13 @@ def worker(args):
     def gemm():
         np.matmul(a, b, out=c)
 
-    rate_ours, rate_torch = best_rate(ours, args.batch, args.rounds, args.seconds,
-                                      others=[(theirs, [])])
+    rate_ours, rate_torch, rate_numpy = best_rate(ours, args.batch, args.rounds, args.seconds,
+                                                  others=[(theirs, []), (numpy_only, [])])
     rate_conv, rate_gemm = best_rate(conv_only, args.batch, args.rounds, args.seconds / 2, others=[(gemm, [])])
     gemm_flops = 2 * a.shape[0] * a.shape[1] * b.shape[1] * rate_gemm / args.batch
     conv_flops_s = conv_flops(net, args.batch) * rate_conv / args.batch
     print(json.dumps({"threads": args.threads, "parts": net.ops.threads, "ours": rate_ours, "torch": rate_torch,
+                      "numpy": rate_numpy, "cpu_kernels": net.ops.cpu_kernels_on,
                       "torch_version": torch.__version__,
                       "conv_gflops": conv_flops_s / 1e9, "gemm_gflops": gemm_flops / 1e9}))
 
@@ -193,10 +201,11 @@ def main():
           f"{args.rounds} rounds; torch {rows[0]['torch_version']} twin checked identical (logits, loss, gradients)")
     print(f"machine: {os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} "
           f"after (timings are only meaningful when it is below the CPU count)")
-    print(f"{'threads':>7} {'parts':>5} {'asyncsgd/s':>11} {'torch/s':>9} {'ratio':>6} {'conv GF/s':>10} {'gemm GF/s':>10} "
-          f"{'conv/gemm':>9}")
+    print(f"{'threads':>7} {'parts':>5} {'C':>3} {'asyncsgd/s':>11} {'torch/s':>9} {'ratio':>6} {'numpy/s':>8} "
+          f"{'C/numpy':>7} {'conv GF/s':>10} {'gemm GF/s':>10} {'conv/gemm':>9}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['parts']:>5} {r['ours']:>11.0f} {r['torch']:>9.0f} {r['ours'] / r['torch']:>6.2f} "
+        print(f"{r['threads']:>7} {r['parts']:>5} {'yes' if r['cpu_kernels'] else 'no':>3} {r['ours']:>11.0f} "
+              f"{r['torch']:>9.0f} {r['ours'] / r['torch']:>6.2f} {r['numpy']:>8.0f} {r['ours'] / r['numpy']:>7.2f} "
               f"{r['conv_gflops']:>10.1f} {r['gemm_gflops']:>10.1f} {r['conv_gflops'] / r['gemm_gflops']:>9.2f}")
 
 

@@ -13,10 +13,11 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 #include <math.h>
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 typedef Py_ssize_t idx;
 
@@ -70,13 +71,13 @@ static inline float np_max(float a, float b)
 }
 
 /* out[f, j] (row stride so) = max over the four slabs y[f, 0..3, j], then max with `floor` (0 for the fused ReLU,
- * -inf for none); arg[f, j] = the first slab holding the maximum, as NumpyOps._max4 computes them. */
-static void max4_work(const float *y, float *out, unsigned char *arg, idx f, idx m, idx so, float floor)
+ * -inf for none); arg[f, j] (row stride sg) = the first slab holding the maximum, as NumpyOps._max4 computes them. */
+static void max4_work(const float *y, float *out, unsigned char *arg, idx f, idx m, idx so, idx sg, float floor)
 {
     for (idx fi = 0; fi < f; fi++) {
         const float *restrict y0 = y + fi * 4 * m, *restrict y1 = y0 + m, *restrict y2 = y1 + m, *restrict y3 = y2 + m;
         float *restrict o = out + fi * so;
-        unsigned char *restrict g = arg + fi * m;
+        unsigned char *restrict g = arg + fi * sg;
         for (idx j = 0; j < m; j++) {
             float a0 = y0[j], a1 = y1[j], a2 = y2[j], a3 = y3[j];
             int g1 = a1 > a0, g3 = a3 > a2;
@@ -89,11 +90,26 @@ static void max4_work(const float *y, float *out, unsigned char *arg, idx f, idx
 }
 
 /* One row of wq pooled gradients v routed to the four slabs by the window maxima g: slab t gets v * (g == t), the
- * products numpy's masked multiplies make.  Its own function with restrict pointers and float compares, the form
- * gcc vectorises ((float)(g == t) inside the caller's loop nest compiled to branches). */
-static void route_row(const float *restrict v, const unsigned char *restrict g, float *restrict d0,
-                      float *restrict d1, float *restrict d2, float *restrict d3, idx wq)
+ * products numpy's masked multiplies make; with r (the fused ReLU's pooled output, else NULL) v is first multiplied
+ * by (r > 0), as numpy does.  Restrict pointers and float compares in a function of their own: the form gcc
+ * vectorises ((float)(g == t) inside the caller's loop nest compiled to branches). */
+static void route_row(const float *restrict v, const float *restrict r, const unsigned char *restrict g,
+                      float *restrict d0, float *restrict d1, float *restrict d2, float *restrict d3, idx wq)
 {
+    if (r) {
+        const int32_t *restrict ri = (const int32_t *)r;
+        for (idx j = 0; j < wq; j++) {
+            /* r > 0 from the bits: positive and at most +inf (so not NaN).  A float > would be a compare that may
+             * trap, which gcc will not vectorise without -fno-trapping-math (and with it max4_work is not). */
+            float keep = ((ri[j] > 0) & (ri[j] <= 0x7f800000)) ? 1.0f : 0.0f;
+            float vj = v[j] * keep, t = g[j];
+            d0[j] = vj * (t == 0.0f ? 1.0f : 0.0f);
+            d1[j] = vj * (t == 1.0f ? 1.0f : 0.0f);
+            d2[j] = vj * (t == 2.0f ? 1.0f : 0.0f);
+            d3[j] = vj * (t == 3.0f ? 1.0f : 0.0f);
+        }
+        return;
+    }
     for (idx j = 0; j < wq; j++) {
         float vj = v[j], t = g[j];
         d0[j] = vj * (t == 0.0f ? 1.0f : 0.0f);
@@ -103,19 +119,12 @@ static void route_row(const float *restrict v, const unsigned char *restrict g, 
     }
 }
 
-/* v[j] *= (r[j] > 0): the fused ReLU's mask, as numpy multiplies by the bool array. */
-static void relu_mask_row(float *restrict v, const float *restrict r, idx wq)
-{
-    for (idx j = 0; j < wq; j++)
-        v[j] *= r[j] > 0.0f ? 1.0f : 0.0f;
-}
-
 /* dconv (f, 4, m), m = n * hh * wq: the pooled gradient dy (f, n, hh, wh; strides sf, sn, si, sj) routed to each
- * window's first maximum arg, zero in the junk columns j >= wh, and with relu (the pooled output, row stride sr;
+ * window's first maximum arg (row stride sg), zero in the junk columns j >= wh, and with relu (the pooled output, row stride sr;
  * NULL for none) masked where the pooled value is <= 0: NumpyOps' dyq, ReLU mask and four masked products.
  * v is scratch of wq floats. */
 static void pool_grad_work(const float *dy, const float *relu, const unsigned char *arg, float *dconv, idx sf,
-                           idx sn, idx si, idx sj, idx sr, idx f, idx n, idx hh, idx wh, idx wq, float *v)
+                           idx sn, idx si, idx sj, idx sr, idx sg, idx f, idx n, idx hh, idx wh, idx wq, float *v)
 {
     idx m = n * hh * wq;
     for (idx fi = 0; fi < f; fi++) {
@@ -128,9 +137,7 @@ static void pool_grad_work(const float *dy, const float *relu, const unsigned ch
                     v[j] = src[j * sj];
                 for (idx j = wh; j < wq; j++)           /* junk columns: zero gradient */
                     v[j] = 0.0f;
-                if (relu)
-                    relu_mask_row(v, relu + fi * sr + base, wq);
-                route_row(v, arg + fi * m + base, d0 + base, d0 + m + base, d0 + 2 * m + base, d0 + 3 * m + base, wq);
+                route_row(v, relu ? relu + fi * sr + base : NULL, arg + fi * sg + base, d0 + base, d0 + m + base, d0 + 2 * m + base, d0 + 3 * m + base, wq);
             }
     }
 }
@@ -196,31 +203,31 @@ static PyObject *im2col(PyObject *self, PyObject *args) { return run_planes_work
 /* col2im(dcol, dx, strides of dx, c, n, h, w, kh, kw, ph, pw, hq, wq, run, cols) */
 static PyObject *col2im(PyObject *self, PyObject *args) { return run_planes_work(args, col2im_work); }
 
-/* max4(y, out, arg, f, m, out_row_stride, relu) */
+/* max4(y, out, arg, f, m, out_row_stride, arg_row_stride, relu) */
 static PyObject *max4(PyObject *self, PyObject *args)
 {
-    idx py, pout, parg, f, m, so, relu;
-    if (!PyArg_ParseTuple(args, "nnnnnnn", &py, &pout, &parg, &f, &m, &so, &relu))
+    idx py, pout, parg, f, m, so, sg, relu;
+    if (!PyArg_ParseTuple(args, "nnnnnnnn", &py, &pout, &parg, &f, &m, &so, &sg, &relu))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
-    max4_work((const float *)py, (float *)pout, (unsigned char *)parg, f, m, so, relu ? 0.0f : -INFINITY);
+    max4_work((const float *)py, (float *)pout, (unsigned char *)parg, f, m, so, sg, relu ? 0.0f : -INFINITY);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* pool_grad(dy, relu_out or 0, arg, dconv, sf, sn, si, sj, relu_row_stride, f, n, hh, wh, wq) */
+/* pool_grad(dy, relu_out or 0, arg, dconv, sf, sn, si, sj, relu_row_stride, arg_row_stride, f, n, hh, wh, wq) */
 static PyObject *pool_grad(PyObject *self, PyObject *args)
 {
-    idx pdy, prelu, parg, pdc, sf, sn, si, sj, sr, f, n, hh, wh, wq;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnnn", &pdy, &prelu, &parg, &pdc, &sf, &sn, &si, &sj, &sr, &f, &n, &hh,
-                          &wh, &wq))
+    idx pdy, prelu, parg, pdc, sf, sn, si, sj, sr, sg, f, n, hh, wh, wq;
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnnnn", &pdy, &prelu, &parg, &pdc, &sf, &sn, &si, &sj, &sr, &sg, &f, &n,
+                          &hh, &wh, &wq))
         return NULL;
     float *v = PyMem_RawMalloc(sizeof(float) * wq);
     if (!v)
         return PyErr_NoMemory();
     Py_BEGIN_ALLOW_THREADS
     pool_grad_work((const float *)pdy, (const float *)prelu, (const unsigned char *)parg, (float *)pdc, sf, sn, si,
-                   sj, sr, f, n, hh, wh, wq, v);
+                   sj, sr, sg, f, n, hh, wh, wq, v);
     Py_END_ALLOW_THREADS
     PyMem_RawFree(v);
     Py_RETURN_NONE;

@@ -23,7 +23,7 @@ import numpy
 
 __all__ = ["enabled", "available", "im2col", "max4", "pool_grad", "col2im"]
 
-ABI_VERSION = 1         # kernels/conv_pool_cpu.c's ABI_VERSION: a stale build of older source is not used
+ABI_VERSION = 2         # kernels/conv_pool_cpu.c's ABI_VERSION: a stale build of older source is not used
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,60 +72,70 @@ def _check_planes(h, w, kh, kw, pad, hq, wq, run):
         raise ValueError(f"cpu kernel: {hq}x{wq} planes do not hold a {h}x{w} input padded {pad} and runs of {run}")
 
 
+def _rows(a, name):
+    """Return the row stride (elements) of a 2-d array whose rows are contiguous (a view of a wider array is fine)."""
+    if a.ndim != 2 or a.strides[1] != a.itemsize or a.strides[0] % a.itemsize or a.strides[0] < a.shape[1] * a.itemsize:
+        raise ValueError(f"cpu kernel: {name} must be 2-d with contiguous rows (unit column stride), got shape "
+                         f"{a.shape} and strides {a.strides}")
+    return a.strides[0] // a.itemsize
+
+
 def im2col(x, col, kh, kw, pad, hq, wq, run):
-    """Fill rows 0..C*kh*kw-1 of ``col`` (K + 1, 4*n*run) from x (C, n, H, W), any strides, as the numpy im2col
-    of ``NumpyOps._conv_pool_part`` does (planes of hq x wq, runs of ``run``)."""
+    """Fill rows 0..C*kh*kw-1 of ``col`` (at least K rows of 4*n*run; a column range of a wider matrix is fine) from
+    x (C, n, H, W), any strides, as the numpy im2col of ``NumpyOps._conv_pool_part`` does (planes of hq x wq, runs
+    of ``run``, columns ordered (a, b, n, t))."""
     _f32(x, col)
     c, n, h, w = x.shape
     sc, sn, sh, sw = _strides(x, 4)
-    cols = 4 * n * run
-    if col.ndim != 2 or col.shape[0] < c * kh * kw or col.shape[1] != cols or not col.flags.c_contiguous:
-        raise ValueError(f"cpu kernel im2col: col {col.shape} does not fit {c}x{kh}x{kw} rows of {cols}")
+    stride = _rows(col, "col")
+    if col.shape[0] < c * kh * kw or col.shape[1] != 4 * n * run:
+        raise ValueError(f"cpu kernel im2col: col {col.shape} does not hold {c}x{kh}x{kw} rows of {4 * n * run}")
     _check_planes(h, w, kh, kw, pad, hq, wq, run)
     _module().im2col(x.ctypes.data, col.ctypes.data, sc, sn, sh, sw, c, n, h, w, kh, kw, pad[0], pad[1], hq, wq,
-                     run, cols)
+                     run, stride)
+
+
 def max4(y, out, arg, relu):
-    """out (F, m), any row stride, = max of y (F, 4, m) over axis 1 (then ReLU); arg (F, m) uint8 = first argmax."""
+    """out (F, m) = max of y (F, 4, m) over axis 1 (then ReLU); arg (F, m) uint8 = the first argmax.  out and arg
+    may be column ranges of wider arrays."""
     _f32(y, out)
-    f, four, m = y.shape
+    f, _, m = y.shape
     _contiguous(y, (f, 4, m))
-    _contiguous(arg, (f, m))
-    so, s1 = _strides(out, 2)
-    if out.shape != (f, m) or s1 != 1 or arg.dtype != numpy.uint8:
-        raise ValueError("cpu kernel max4: out must be (F, m) with unit column stride and arg uint8")
-    _module().max4(y.ctypes.data, out.ctypes.data, arg.ctypes.data, f, m, so, int(bool(relu)))
+    if out.shape != (f, m) or arg.shape != (f, m) or arg.dtype != numpy.uint8:
+        raise ValueError(f"cpu kernel max4: out and arg must be ({f}, {m}), arg uint8")
+    _module().max4(y.ctypes.data, out.ctypes.data, arg.ctypes.data, f, m, _rows(out, "out"), _rows(arg, "arg"),
+                   int(bool(relu)))
 
 
 def pool_grad(dy, relu_out, arg, dconv, wq):
-    """dconv (F, 4, m) from dy (F, n, hh, wh), any strides, the uint8 ``arg`` (F, m) and, unless None, the
-    fused ReLU's pooled output relu_out (F, m) (unit column stride), m = n*hh*wq."""
+    """dconv (F, 4, m) from dy (F, n, hh, wh), any strides, the uint8 ``arg`` (F, m) and, unless None, the fused
+    ReLU's pooled output relu_out (F, m), m = n*hh*wq (arg and relu_out may be column ranges of wider arrays)."""
     f, n, hh, wh = dy.shape
     m = n * hh * wq
     _f32(dy, dconv)
     sf, sn, si, sj = _strides(dy, 4)
-    _contiguous(arg, (f, m))
     _contiguous(dconv, (f, 4, m))
-    if arg.dtype != numpy.uint8 or wh > wq:
-        raise ValueError("cpu kernel pool_grad: arg must be uint8 and wh <= wq")
+    if arg.shape != (f, m) or arg.dtype != numpy.uint8 or wh > wq:
+        raise ValueError(f"cpu kernel pool_grad: arg must be uint8 ({f}, {m}) and wh <= wq")
     pr, sr = 0, 0
     if relu_out is not None:
         _f32(relu_out)
-        sr, s1 = _strides(relu_out, 2)
-        if relu_out.shape != (f, m) or s1 != 1:
-            raise ValueError("cpu kernel pool_grad: relu_out must be (F, m) with unit column stride")
-        pr = relu_out.ctypes.data
-    _module().pool_grad(dy.ctypes.data, pr, arg.ctypes.data, dconv.ctypes.data, sf, sn, si, sj, sr, f, n, hh, wh,
-                        wq)
+        if relu_out.shape != (f, m):
+            raise ValueError(f"cpu kernel pool_grad: relu_out must be ({f}, {m})")
+        pr, sr = relu_out.ctypes.data, _rows(relu_out, "relu_out")
+    _module().pool_grad(dy.ctypes.data, pr, arg.ctypes.data, dconv.ctypes.data, sf, sn, si, sj, sr,
+                        _rows(arg, "arg"), f, n, hh, wh, wq)
 
 
 def col2im(dcol, dx, kh, kw, pad, hq, wq, run):
-    """dx (C, n, H, W), any strides, = the adjoint of ``im2col`` applied to dcol (C*kh*kw, 4*n*run)."""
+    """dx (C, n, H, W), any strides, = the adjoint of ``im2col`` applied to dcol (C*kh*kw rows of 4*n*run; a column
+    range of a wider matrix is fine)."""
     _f32(dcol, dx)
     c, n, h, w = dx.shape
     sc, sn, sh, sw = _strides(dx, 4)
-    cols = 4 * n * run
-    _contiguous(dcol, (c * kh * kw, cols))
+    stride = _rows(dcol, "dcol")
+    if dcol.shape != (c * kh * kw, 4 * n * run):
+        raise ValueError(f"cpu kernel col2im: dcol {dcol.shape} is not ({c * kh * kw}, {4 * n * run})")
     _check_planes(h, w, kh, kw, pad, hq, wq, run)
     _module().col2im(dcol.ctypes.data, dx.ctypes.data, sc, sn, sh, sw, c, n, h, w, kh, kw, pad[0], pad[1], hq, wq,
-                     run, cols)
-
+                     run, stride)
