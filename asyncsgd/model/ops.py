@@ -23,6 +23,10 @@ Threads.  ``NumpyOps(threads=T)`` (default: the BLAS thread count of the environ
 ``asyncsgd.model.parallel``) runs the fused conv+pool of a batch as T batch parts at once, each part's GEMMs on one
 BLAS thread; the results equal one thread's up to the order in which the parts' weight gradients are summed.
 
+Compiled kernels.  Where the optional extension ``_asyncsgd_cpu`` is built (``pip install`` builds it), the fused
+conv+pool runs its copies and masks in C (``asyncsgd.model.cpu_kernels``) on float32, bit-identical to the numpy
+code here, which runs otherwise (float64, no build, ``ASYNCSGD_CPU_KERNELS=0``); ``ops.cpu_kernels_on`` says which.
+
 Weight gradients are written INTO the given ``dw``/``db`` arrays (views into the network's flat gradient vector),
 overwriting them.  Inputs may be non-contiguous views (a method copies what it needs); outputs may be too.
 
