@@ -41,8 +41,8 @@ static void make_planes(const float *x, idx sh, idx sw, idx h, idx w, idx ph, id
  * PyArg_ParseTuple, and a loop bounded by such a local is not vectorised (gcc must assume the loop's stores may
  * change it). */
 
-/* Rows (c, p, q) of col, each `cols` = 4 * n * run wide, ordered (a, b, n, t), from x (c, n, h, w) with strides
- * sc, sn, sh, sw; planes is scratch of 4 * hq * wq floats. */
+/* Rows (c, p, q) of col (row stride cols), each 4 * n * run values ordered (a, b, n, t), from x (c, n, h, w) with
+ * strides sc, sn, sh, sw; planes is scratch of 4 * hq * wq floats. */
 static void im2col_work(const float *x, float *col, idx sc, idx sn, idx sh, idx sw, idx c, idx n, idx h, idx w,
                         idx kh, idx kw, idx ph, idx pw, idx hq, idx wq, idx run, idx cols, float *planes)
 {
@@ -120,9 +120,9 @@ static void route_row(const float *restrict v, const float *restrict r, const un
 }
 
 /* dconv (f, 4, m), m = n * hh * wq: the pooled gradient dy (f, n, hh, wh; strides sf, sn, si, sj) routed to each
- * window's first maximum arg (row stride sg), zero in the junk columns j >= wh, and with relu (the pooled output, row stride sr;
- * NULL for none) masked where the pooled value is <= 0: NumpyOps' dyq, ReLU mask and four masked products.
- * v is scratch of wq floats. */
+ * window's first maximum arg (row stride sg), zero in the junk columns j >= wh, and with relu (the pooled output,
+ * row stride sr; NULL for none) masked where the pooled value is <= 0: NumpyOps' dyq, ReLU mask and four masked
+ * products.  v is scratch of wq floats. */
 static void pool_grad_work(const float *dy, const float *relu, const unsigned char *arg, float *dconv, idx sf,
                            idx sn, idx si, idx sj, idx sr, idx sg, idx f, idx n, idx hh, idx wh, idx wq, float *v)
 {
@@ -137,7 +137,8 @@ static void pool_grad_work(const float *dy, const float *relu, const unsigned ch
                     v[j] = src[j * sj];
                 for (idx j = wh; j < wq; j++)           /* junk columns: zero gradient */
                     v[j] = 0.0f;
-                route_row(v, relu ? relu + fi * sr + base : NULL, arg + fi * sg + base, d0 + base, d0 + m + base, d0 + 2 * m + base, d0 + 3 * m + base, wq);
+                route_row(v, relu ? relu + fi * sr + base : NULL, arg + fi * sg + base, d0 + base, d0 + m + base,
+                          d0 + 2 * m + base, d0 + 3 * m + base, wq);
             }
     }
 }

@@ -159,6 +159,10 @@ def test_wrappers_refuse_what_c_would_misread():
         cpu_kernels.max4(y.astype(np.float64), out, arg, False)
     with pytest.raises(ValueError, match="unit column stride"):
         cpu_kernels.max4(y, np.zeros((f, 2 * m), np.float32)[:, ::2], arg, False)
+    frozen = out.copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        cpu_kernels.max4(y, frozen, arg, False)
     with pytest.raises(ValueError, match="arg uint8"):
         cpu_kernels.max4(y, out, np.zeros((f, m + 1), np.uint8), False)
     with pytest.raises(ValueError, match="C-contiguous"):

@@ -61,6 +61,12 @@ def _f32(*arrays):
             raise TypeError(f"cpu kernel: float32 arrays only, got {a.dtype}")
 
 
+def _writable(*arrays):
+    for a in arrays:
+        if not a.flags.writeable:
+            raise ValueError("cpu kernel: an output array is read-only")
+
+
 def _contiguous(a, shape):
     if a.shape != tuple(shape) or not a.flags.c_contiguous:
         raise ValueError(f"cpu kernel: expected a C-contiguous array of shape {tuple(shape)}, got {a.shape}")
@@ -85,6 +91,7 @@ def im2col(x, col, kh, kw, pad, hq, wq, run):
     x (C, n, H, W), any strides, as the numpy im2col of ``NumpyOps._conv_pool_part`` does (planes of hq x wq, runs
     of ``run``, columns ordered (a, b, n, t))."""
     _f32(x, col)
+    _writable(col)
     c, n, h, w = x.shape
     sc, sn, sh, sw = _strides(x, 4)
     stride = _rows(col, "col")
@@ -99,6 +106,7 @@ def max4(y, out, arg, relu):
     """out (F, m) = max of y (F, 4, m) over axis 1 (then ReLU); arg (F, m) uint8 = the first argmax.  out and arg
     may be column ranges of wider arrays."""
     _f32(y, out)
+    _writable(out, arg)
     f, _, m = y.shape
     _contiguous(y, (f, 4, m))
     if out.shape != (f, m) or arg.shape != (f, m) or arg.dtype != numpy.uint8:
@@ -113,6 +121,7 @@ def pool_grad(dy, relu_out, arg, dconv, wq):
     f, n, hh, wh = dy.shape
     m = n * hh * wq
     _f32(dy, dconv)
+    _writable(dconv)
     sf, sn, si, sj = _strides(dy, 4)
     _contiguous(dconv, (f, 4, m))
     if arg.shape != (f, m) or arg.dtype != numpy.uint8 or wh > wq:
@@ -131,6 +140,7 @@ def col2im(dcol, dx, kh, kw, pad, hq, wq, run):
     """dx (C, n, H, W), any strides, = the adjoint of ``im2col`` applied to dcol (C*kh*kw rows of 4*n*run; a column
     range of a wider matrix is fine)."""
     _f32(dcol, dx)
+    _writable(dx)
     c, n, h, w = dx.shape
     sc, sn, sh, sw = _strides(dx, 4)
     stride = _rows(dcol, "dcol")
