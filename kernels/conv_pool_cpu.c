@@ -21,6 +21,12 @@
 
 typedef Py_ssize_t idx;
 
+/* The element of padded position (u, v) in the four parity planes: plane (u % 2, v % 2), row u / 2, column v / 2. */
+static inline idx plane_index(idx u, idx v, idx hq, idx wq)
+{
+    return ((u % 2) * 2 + v % 2) * hq * wq + (u / 2) * wq + v / 2;
+}
+
 /* Fill planes (4 * hq * wq floats) with the zero-padded parity planes of one (channel, image) slice of x. */
 static void make_planes(const float *x, idx sh, idx sw, idx h, idx w, idx ph, idx pw, idx hq, idx wq, float *planes)
 {
@@ -28,12 +34,8 @@ static void make_planes(const float *x, idx sh, idx sw, idx h, idx w, idx ph, id
     for (idx i = 0; i < h; i++) {
         idx u = i + ph;
         const float *row = x + i * sh;
-        float *even = planes + ((u % 2) * 2 + 0) * hq * wq + (u / 2) * wq;
-        float *odd = planes + ((u % 2) * 2 + 1) * hq * wq + (u / 2) * wq;
-        for (idx j = 0; j < w; j++) {
-            idx v = j + pw;
-            ((v % 2) ? odd : even)[v / 2] = row[j * sw];
-        }
+        for (idx j = 0; j < w; j++)
+            planes[plane_index(u, j + pw, hq, wq)] = row[j * sw];
     }
 }
 
@@ -55,7 +57,7 @@ static void im2col_work(const float *x, float *col, idx sc, idx sn, idx sh, idx 
                     for (idx a = 0; a < 2; a++)
                         for (idx b = 0; b < 2; b++) {
                             idx u = a + p, v = b + q;
-                            const float *src = planes + ((u % 2) * 2 + v % 2) * hq * wq + (u / 2) * wq + v / 2;
+                            const float *src = planes + plane_index(u, v, hq, wq);
                             memcpy(row + ((a * 2 + b) * n + ni) * run, src, sizeof(float) * run);
                         }
                 }
@@ -89,27 +91,24 @@ static void max4_work(const float *y, float *out, unsigned char *arg, idx f, idx
     }
 }
 
-/* One row of wq pooled gradients v routed to the four slabs by the window maxima g: slab t gets v * (g == t), the
- * products numpy's masked multiplies make; with r (the fused ReLU's pooled output, else NULL) v is first multiplied
- * by (r > 0), as numpy does.  Restrict pointers and float compares in a function of their own: the form gcc
- * vectorises ((float)(g == t) inside the caller's loop nest compiled to branches). */
-static void route_row(const float *restrict v, const float *restrict r, const unsigned char *restrict g,
-                      float *restrict d0, float *restrict d1, float *restrict d2, float *restrict d3, idx wq)
+/* v[j] *= (r[j] > 0): the fused ReLU's mask, as numpy multiplies by the bool array.  The test is taken from the
+ * float's bits (positive and at most +inf, so not NaN): a float > may trap, and gcc will not vectorise it without
+ * -fno-trapping-math (with which it stops vectorising max4_work). */
+static void relu_mask_row(float *restrict v, const float *restrict r, idx wq)
 {
-    if (r) {
-        const int32_t *restrict ri = (const int32_t *)r;
-        for (idx j = 0; j < wq; j++) {
-            /* r > 0 from the bits: positive and at most +inf (so not NaN).  A float > would be a compare that may
-             * trap, which gcc will not vectorise without -fno-trapping-math (and with it max4_work is not). */
-            float keep = ((ri[j] > 0) & (ri[j] <= 0x7f800000)) ? 1.0f : 0.0f;
-            float vj = v[j] * keep, t = g[j];
-            d0[j] = vj * (t == 0.0f ? 1.0f : 0.0f);
-            d1[j] = vj * (t == 1.0f ? 1.0f : 0.0f);
-            d2[j] = vj * (t == 2.0f ? 1.0f : 0.0f);
-            d3[j] = vj * (t == 3.0f ? 1.0f : 0.0f);
-        }
-        return;
+    const int32_t *restrict ri = (const int32_t *)r;
+    for (idx j = 0; j < wq; j++) {
+        float keep = ((ri[j] > 0) & (ri[j] <= 0x7f800000)) ? 1.0f : 0.0f;
+        v[j] = v[j] * keep;
     }
+}
+
+/* One row of wq pooled gradients v routed to the four slabs by the window maxima g: slab t gets v * (g == t), the
+ * products numpy's masked multiplies make.  Restrict pointers and float compares in a function of their own: the
+ * form gcc vectorises ((float)(g == t) inside the caller's loop nest compiled to branches). */
+static void route_row(const float *restrict v, const unsigned char *restrict g, float *restrict d0,
+                      float *restrict d1, float *restrict d2, float *restrict d3, idx wq)
+{
     for (idx j = 0; j < wq; j++) {
         float vj = v[j], t = g[j];
         d0[j] = vj * (t == 0.0f ? 1.0f : 0.0f);
@@ -137,8 +136,9 @@ static void pool_grad_work(const float *dy, const float *relu, const unsigned ch
                     v[j] = src[j * sj];
                 for (idx j = wh; j < wq; j++)           /* junk columns: zero gradient */
                     v[j] = 0.0f;
-                route_row(v, relu ? relu + fi * sr + base : NULL, arg + fi * sg + base, d0 + base, d0 + m + base,
-                          d0 + 2 * m + base, d0 + 3 * m + base, wq);
+                if (relu)
+                    relu_mask_row(v, relu + fi * sr + base, wq);
+                route_row(v, arg + fi * sg + base, d0 + base, d0 + m + base, d0 + 2 * m + base, d0 + 3 * m + base, wq);
             }
     }
 }
@@ -157,20 +157,16 @@ static void col2im_work(const float *dcol, float *dx, idx sc, idx sn, idx sh, id
                     for (idx a = 0; a < 2; a++)
                         for (idx b = 0; b < 2; b++) {
                             idx u = a + p, v = b + q;
-                            float *restrict dst = planes + ((u % 2) * 2 + v % 2) * hq * wq + (u / 2) * wq + v / 2;
+                            float *restrict dst = planes + plane_index(u, v, hq, wq);
                             const float *restrict src = row + ((a * 2 + b) * n + ni) * run;
                             for (idx t = 0; t < run; t++)
                                 dst[t] += src[t];
                         }
                 }
             float *out = dx + ci * sc + ni * sn;
-            for (idx i = 0; i < h; i++) {
-                idx u = i + ph;
-                for (idx j = 0; j < w; j++) {
-                    idx v = j + pw;
-                    out[i * sh + j * sw] = planes[((u % 2) * 2 + v % 2) * hq * wq + (u / 2) * wq + v / 2];
-                }
-            }
+            for (idx i = 0; i < h; i++)
+                for (idx j = 0; j < w; j++)
+                    out[i * sh + j * sw] = planes[plane_index(i + ph, j + pw, hq, wq)];
         }
     }
 }

@@ -8,12 +8,12 @@ module must have been built, so a broken build fails here instead of silently ru
 import os
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
 
 from asyncsgd.model import NumpyOps, build_model, cpu_kernels
+from c_build import can_build_c_extensions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 built = pytest.mark.skipif(not cpu_kernels.available(), reason="the compiled module _asyncsgd_cpu is not built")
@@ -56,10 +56,7 @@ def _assert_same(a, b, nan=False):
 
 def test_built_wherever_a_compiler_and_python_headers_exist():
     """pip install builds the module as an optional extension: where it can be built it must have been."""
-    include = sysconfig.get_paths()["include"]
-    cc = sysconfig.get_config_var("CC") or "cc"
-    has_compiler = subprocess.run(f"command -v {cc.split()[0]}", shell=True, capture_output=True).returncode == 0
-    if not (has_compiler and os.path.exists(os.path.join(include, "Python.h"))):
+    if not can_build_c_extensions():
         pytest.skip("no C compiler or Python headers here: the numpy path is the one that runs")
     assert cpu_kernels.available(), ("_asyncsgd_cpu is missing or stale: reinstall (pip install .) or, in a source "
                                      "checkout, python setup.py build_ext --inplace")

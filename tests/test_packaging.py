@@ -17,12 +17,12 @@ import shutil
 import site
 import subprocess
 import sys
-import sysconfig
 import textwrap
 
 import pytest
 
 from asyncsgd.launch import mpi_env
+from c_build import can_build_c_extensions
 
 pytestmark = pytest.mark.slow
 
@@ -126,14 +126,8 @@ def test_console_script_runs(venv, tmp_path):
     assert "usage" in out.lower()
 
 
-def _can_build_c_extensions():
-    include = sysconfig.get_paths()["include"]
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    return shutil.which(cc) is not None and os.path.exists(os.path.join(include, "Python.h"))
-
-
 def test_installed_copy_has_its_compiled_cpu_kernels(venv, tmp_path):
-    if not _can_build_c_extensions():
+    if not can_build_c_extensions():
         pytest.skip("no C compiler or Python headers: pip installs the numpy path only")
     cpu = _probe(venv, tmp_path, cpu=True)["cpu"]
     assert cpu["file"] and os.path.realpath(cpu["file"]).startswith(os.path.realpath(venv)), cpu

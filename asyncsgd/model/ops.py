@@ -424,6 +424,10 @@ class NumpyOps:
         cache = (x.shape, pad, hh, wh, wq, relu, parts, caches, out)
         return out.reshape(f, n, hh, wq)[:, :, :, :wh], cache
 
+    def _runs_cpu_kernels(self, dtype) -> bool:
+        """True when the fused conv+pool of ``dtype`` arrays runs in asyncsgd.model.cpu_kernels (float32 only)."""
+        return self.cpu_kernels_on and dtype == numpy.float32
+
     def _batch_parts(self, n):
         """Return the [(start, stop), ...] parts of a batch of ``n`` that run at once (one part on one thread)."""
         threads = getattr(self, "threads", 1)
@@ -452,7 +456,7 @@ class NumpyOps:
         hq, wq = (h + 2 * ph + 1) // 2 + 1, (wd + 2 * pw + 1) // 2   # +1 row: slack for the last run's junk tail
         k, run = c * kh * kw, hh * wq
         m = n * run
-        if self.cpu_kernels_on and x.dtype == numpy.float32:   # the same columns and maxima, made in C
+        if self._runs_cpu_kernels(x.dtype):                 # the same columns and maxima, made in C
             col = self.conv_columns(ws, k, 4 * m, x.dtype)
             cpu_kernels.im2col(x, col, kh, kw, pad, hq, wq, run)
             y = self.conv_gemm_forward(w, b, col, ws).reshape(f, 4, m)
@@ -557,7 +561,7 @@ class NumpyOps:
         run = hh * wq
         m = n * run
         hq = (h + 2 * pad[0] + 1) // 2 + 1
-        if self.cpu_kernels_on and dy.dtype == numpy.float32:  # the same gradients, routed and summed in C
+        if self._runs_cpu_kernels(dy.dtype):                # the same gradients, routed and summed in C
             dconv = cached_buffer(ws, "dconv", (f, 4, m), dy.dtype, xp)
             cpu_kernels.pool_grad(dy, relu_out, arg, dconv, wq)
             dcol = self.conv_gemm_backward(dconv.reshape(f, 4 * m), col, w, dw, db, dx is not None, ws)
