@@ -191,6 +191,8 @@ def _check_layout(mode, options, size):
     if mode == "downpour" and options.servers >= size:
         raise OptionError("servers", f"{options.servers} leaves no worker among {size} ranks; "
                                      f"use at most {size - 1}")
+    from .model.cpu_kernels import switch
+    switch()  # ASYNCSGD_CPU_KERNELS: a typo is a usage error here, not a silent choice inside every rank's ops
     store = "rma"
     if mode == "downpour":  # the store transport (ASYNCSGD_STORE, docs/NETWORK.md) is checked before any work
         from .store.served import store_transport

@@ -13,6 +13,8 @@ Points (each one line in the code it names):
 
 - ``data``: reading training or test rows (``DataSource.train_range`` / ``test_set``);
 - ``step``: a replica's gradient computation (every SGD mode);
+- ``conv``: one batch part of a fused convolution + max pool's forward pass (NumpyOps; a part runs on an intra-op
+  thread when the ops have several, and the C kernels run inside it where they are built);
 - ``fetch``, ``push``: a Downpour worker's fetch from, and push to, the parameter store;
 - ``minishard``: a Sandblaster replica computing one mini-shard; ``coordinator``: rank 0's per-iteration work;
 - ``evaluate``: test-set evaluation (rank 0 in serial, sync and downpour; every rank's slice in sandblaster);
@@ -35,7 +37,7 @@ import time
 __all__ = ["InjectedFault", "fault_point", "parse_faults", "set_killer", "POINTS", "ENV"]
 
 ENV = "ASYNCSGD_FAULT"
-POINTS = ("data", "step", "fetch", "push", "minishard", "coordinator", "evaluate", "checkpoint", "checkpoint_write",
+POINTS = ("data", "step", "conv", "fetch", "push", "minishard", "coordinator", "evaluate", "checkpoint", "checkpoint_write",
           "end", "heartbeat", "recover")
 
 

@@ -60,7 +60,7 @@ def test_built_wherever_a_compiler_and_python_headers_exist():
         pytest.skip("no C compiler or Python headers here: the numpy path is the one that runs")
     assert cpu_kernels.available(), ("_asyncsgd_cpu is missing or stale: reinstall (pip install .) or, in a source "
                                      "checkout, python setup.py build_ext --inplace")
-    assert NumpyOps().cpu_kernels_on or os.environ.get("ASYNCSGD_CPU_KERNELS", "1") in ("0", "off", "no", "false")
+    assert NumpyOps().cpu_kernels_on or not cpu_kernels.switch()
 
 
 @built
@@ -134,12 +134,21 @@ def test_float64_networks_use_numpy():
 
 
 def test_switches(monkeypatch):
-    """ASYNCSGD_CPU_KERNELS=0 turns them off; cpu_kernels_on=True without a build is a clear error."""
+    """ASYNCSGD_CPU_KERNELS=0 turns them off and a value it does not know is an error; cpu_kernels_on must be a
+    bool or None, and True without a build is a clear error."""
     monkeypatch.setenv("ASYNCSGD_CPU_KERNELS", "0")
     assert not cpu_kernels.enabled() and not NumpyOps().cpu_kernels_on
     monkeypatch.setenv("ASYNCSGD_CPU_KERNELS", "1")
     assert cpu_kernels.enabled() == cpu_kernels.available() == NumpyOps().cpu_kernels_on
     assert not NumpyOps(cpu_kernels_on=False).cpu_kernels_on
+    for word, on in (("off", False), ("No", False), ("", True), ("yes", True), (" true ", True)):
+        assert cpu_kernels.switch({"ASYNCSGD_CPU_KERNELS": word}) is on
+    monkeypatch.setenv("ASYNCSGD_CPU_KERNELS", "maybe")
+    with pytest.raises(ValueError, match="ASYNCSGD_CPU_KERNELS='maybe' is not a switch"):
+        NumpyOps()
+    monkeypatch.setenv("ASYNCSGD_CPU_KERNELS", "1")
+    with pytest.raises(TypeError, match="None, True or False"):
+        NumpyOps(cpu_kernels_on="yes")
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     with pytest.raises(RuntimeError, match="build_ext --inplace"):
         NumpyOps(cpu_kernels_on=True)

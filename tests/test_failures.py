@@ -31,13 +31,15 @@ MODES = {
 }
 
 
-def _run_with_fault(tmp_path, ranks, mode, fault, extra=()):
+def _run_with_fault(tmp_path, ranks, mode, fault, extra=(), env_extra=None):
     """Run a tiny job with ``ASYNCSGD_FAULT=fault``; return (exit status, seconds from the fault to the end, output).
 
-    ``ranks`` None runs without mpiexec.  The seconds are None when the fault never fired.
+    ``ranks`` None runs without mpiexec.  The seconds are None when the fault never fired.  ``env_extra``: more
+    environment variables for the job.
     """
     argv = TRAIN + TINY + MODES[mode] + list(extra)
-    env = {**mpi_env(), "PYTHONPATH": REPO, "ASYNCSGD_FAULT": fault, "ASYNCSGD_HEARTBEAT_TIMEOUT": "60"}
+    env = {**mpi_env(), "PYTHONPATH": REPO, "ASYNCSGD_FAULT": fault, "ASYNCSGD_HEARTBEAT_TIMEOUT": "60",
+           **(env_extra or {})}
     if ranks is None:
         cmd = argv
     else:
@@ -61,8 +63,8 @@ def _run_with_fault(tmp_path, ranks, mode, fault, extra=()):
     return proc.returncode, (None if fired is None else ended - fired), "".join(lines)
 
 
-def _check(tmp_path, ranks, mode, fault, extra=()):
-    rc, seconds, out = _run_with_fault(tmp_path, ranks, mode, fault, extra)
+def _check(tmp_path, ranks, mode, fault, extra=(), env_extra=None):
+    rc, seconds, out = _run_with_fault(tmp_path, ranks, mode, fault, extra, env_extra)
     point, rank = re.match(r"(\w+)@(\d+)", fault).groups()
     tail = out[-4000:]
     assert seconds is not None, f"the fault {fault} never fired:\n{tail}"
@@ -111,6 +113,7 @@ CASES_3 = [
     ("sandblaster", "evaluate@2", ()),
     ("sandblaster", "end@1", ()),
     ("downpour", "heartbeat@2", ("--steps", "100000", "--time-limit", "20")),  # an exception in a thread
+    ("downpour", "conv@2:3", ("--model", "speech_cnn")),  # inside the fused conv + pool (the C kernels' caller)
 ]
 
 
@@ -146,6 +149,14 @@ CASES_SERIAL = [
 def test_fault_ends_serial_run(tmp_path, mode, fault, extra):
     """Without mpiexec: the tagged traceback once and exit status 1."""
     _check(tmp_path, None, mode, fault, extra)
+
+
+def test_fault_in_a_batch_part_thread_ends_serial_run(tmp_path):
+    """Two intra-op threads: the fused conv + pool's batch parts run at once, one on a pool thread; the exception of
+    whichever part raises reaches the rank's main thread and ends the run with its traceback."""
+    out = _check(tmp_path, None, "serial", "conv@0:2", ("--model", "speech_cnn"),
+                 env_extra={"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"})
+    assert "asyncsgd/model/ops.py" in out
 
 
 def test_fault_spec_is_checked():

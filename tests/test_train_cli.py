@@ -110,6 +110,19 @@ def test_store_transport_is_checked_before_work(store, args, needle, tmp_path):
     assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("n, mode", [(3, "downpour"), (1, "serial")])
+def test_cpu_kernels_switch_is_checked_before_work(n, mode, tmp_path):
+    """ASYNCSGD_CPU_KERNELS (the compiled CPU kernels on or off) with a typo: one error line from rank 0, exit 2."""
+    env = {**_env(), "ASYNCSGD_CPU_KERNELS": "maybe"}
+    argv = TRAIN + ["--mode", mode, "--run-dir", str(tmp_path / "run")]
+    proc = run_mpi(n, argv, timeout=90, env=env, cwd=REPO) if n > 1 else \
+        subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=90, env=env,
+                       cwd=REPO)
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    _one_error(proc.stdout, "ASYNCSGD_CPU_KERNELS='maybe' is not a switch: use 1")
+    assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
+
+
 def test_fault_tolerance_is_off_with_the_served_store():
     from asyncsgd import fault_tolerance as ft
     on_ulfm = {ft.FT_ENV: "1"}

@@ -21,7 +21,7 @@ import os
 
 import numpy
 
-__all__ = ["enabled", "available", "im2col", "max4", "pool_grad", "col2im"]
+__all__ = ["ENV", "switch", "enabled", "available", "im2col", "max4", "pool_grad", "col2im"]
 
 ABI_VERSION = 2         # kernels/conv_pool_cpu.c's ABI_VERSION: a stale build of older source is not used
 
@@ -40,11 +40,26 @@ def available() -> bool:
     return _module() is not None
 
 
+ENV = "ASYNCSGD_CPU_KERNELS"
+_ON, _OFF = ("1", "on", "yes", "true"), ("0", "off", "no", "false")
+
+
+def switch(environ=None) -> bool:
+    """What ``ASYNCSGD_CPU_KERNELS`` asks for: True (unset, empty, 1/on/yes/true) or False (0/off/no/false);
+    ValueError for anything else, which a run checks before it starts (so a typo is a usage error, not a silent
+    choice)."""
+    value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
+    if value in _ON or not value:
+        return True
+    if value in _OFF:
+        return False
+    raise ValueError(f"{ENV}={value!r} is not a switch: use 1 (the compiled CPU kernels where they are built, the "
+                     f"default) or 0 (numpy only)")
+
+
 def enabled() -> bool:
     """True when the kernels may be used: built, current, and not turned off by ``ASYNCSGD_CPU_KERNELS=0``."""
-    if os.environ.get("ASYNCSGD_CPU_KERNELS", "1").strip().lower() in ("0", "off", "no", "false"):
-        return False
-    return available()
+    return switch() and available()
 
 
 def _strides(a, ndim):

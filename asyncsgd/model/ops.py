@@ -47,6 +47,7 @@ import contextlib
 
 import numpy
 
+from ..faults import fault_point
 from . import cpu_kernels
 from .parallel import PartRunner, blas_pinnable, intra_op_threads, single_thread_blas, split_batch
 
@@ -116,11 +117,13 @@ class NumpyOps:
             raise ValueError(f"NumpyOps threads must be >= 1, got {threads}; use 1 for no intra-op threads")
         self.threads = int(threads) if blas_pinnable() else 1
         self._runner = PartRunner(self.threads) if self.threads > 1 else None
+        if cpu_kernels_on is not None and not isinstance(cpu_kernels_on, bool):
+            raise TypeError(f"NumpyOps cpu_kernels_on must be None, True or False, got {cpu_kernels_on!r}")
         if cpu_kernels_on and not cpu_kernels.available():
             raise RuntimeError("NumpyOps(cpu_kernels_on=True): the compiled module _asyncsgd_cpu is not built for this "
                                "source; reinstall with a C compiler (pip install .) or run python setup.py "
                                "build_ext --inplace in a source checkout")
-        use = cpu_kernels.enabled() if cpu_kernels_on is None else bool(cpu_kernels_on)
+        use = cpu_kernels.enabled() if cpu_kernels_on is None else cpu_kernels_on
         self.cpu_kernels_on = use and self.xp is numpy
 
     def pass_section(self):
@@ -448,6 +451,7 @@ class NumpyOps:
 
     def _conv_pool_part(self, x, w, b, pad, ws, out, relu):
         """The fused forward of one batch part: writes the pooled values into ``out`` (F, n*run); returns its cache."""
+        fault_point("conv")  # test tool: an exception inside a batch part (on an intra-op thread, where there are some)
         xp = self.xp
         ph, pw = pad
         c, n, h, wd = x.shape
