@@ -126,7 +126,9 @@ CASES_6 = [
     ("downpour", "push@5:2", ("--servers", "2")),
     ("downpour", "end@1", ("--servers", "2")),  # a server that only hosts a shard
     ("sync", "step@4:2", ()),
-    ("sandblaster", "minishard@5:2", ()),
+    # mini-shards are claimed dynamically: a rank that starts late on 6 oversubscribed ranks may claim few of them
+    # (once in CI rank 5 did not reach its 2nd in 4 iterations), so give the run iterations to spare
+    ("sandblaster", "minishard@5:2", ("--max-iter", "20")),
 ]
 
 
