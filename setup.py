@@ -1,7 +1,7 @@
 """Packaging for asyncsgd.
 
 The CUDA sources live in the top-level ``kernels/`` folder (so they can be read, compiled and reviewed on their
-own) and are installed as the package ``asyncsgd.kernels``; ``asyncsgd.gpu.kernels`` finds them there after a
+own) and are installed as the package ``asyncsgd.kernels``; ``asyncsgd.backends.cuda_kernels`` finds them there after a
 non-editable install and in ``kernels/`` in a source checkout.  The bundled data set ``data/fsdd.h5`` is installed
 the same way, as ``asyncsgd.bundled``, so the default trainer runs from any directory.
 """
@@ -30,7 +30,7 @@ setup(
         # benchmarks/bench_conv.py and bench_peers.py compare against PyTorch; never needed by the tests
         "bench": ["torch==2.13.0"],
     },
-    # The CPU kernels of the fused conv + max pool (asyncsgd/model/cpu_kernels.py): optional, so an install without a
+    # The CPU kernels of the fused conv + max pool (asyncsgd/backends/cpu_kernels.py): optional, so an install without a
     # C compiler or Python headers still succeeds and runs the same layers in numpy.  Portable flags only (no
     # -march=native): a cluster's login node, where pip runs, may have newer CPUs than its compute nodes.
     ext_modules=[Extension("_asyncsgd_cpu", ["kernels/conv_pool_cpu.c"], extra_compile_args=["-O3"],

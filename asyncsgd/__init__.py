@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 import sys as _sys
 
 if "numpy" not in _sys.modules:  # BLAS reads its thread count once, when numpy loads
-    from .launcher import limit_blas_threads as _limit_blas_threads
+    from asyncsgd.runtime.env import limit_blas_threads as _limit_blas_threads
     _limit_blas_threads()
 
 # public name -> the module that defines it
@@ -31,8 +31,8 @@ _HOMES.update(dict.fromkeys(("Network", "Layer", "Conv2D", "MaxPool2D", "AvgPool
                              "Flatten", "Dense", "Dropout", "register_layer", "layer_from_spec", "register_model",
                              "resolve_model", "build_model", "check_model", "speech_cnn", "mnist_cnn", "logreg",
                              "load_model", "save_model", "NumpyOps"), "model"))
-# the per-rank compute object (asyncsgd.backend)
-_HOMES.update(dict.fromkeys(("select_ops",), "backend"))
+# the per-rank compute object (asyncsgd.backends)
+_HOMES.update(dict.fromkeys(("select_ops",), "backends"))
 
 __all__ = ["__version__", *_HOMES]
 

@@ -1,6 +1,6 @@
 """``python -m asyncsgd`` is ``python -m asyncsgd.train``."""
 import sys
 
-from .train import main
+from asyncsgd.train import main
 
 sys.exit(main())

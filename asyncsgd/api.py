@@ -22,10 +22,10 @@ import functools
 
 import numpy
 
-from .model import resolve_model
-from .mpiutil import abort_on_error
-from .options import (CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
-                      options_to_dict)
+from asyncsgd.model import resolve_model
+from asyncsgd.runtime.mpi import abort_on_error
+from asyncsgd.options import (CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
+                    options_to_dict)
 
 __all__ = ["train_mode", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "prepare",
            "PreparedRun", "TrainResult", "build_network", "resolve_model", "default_comm", "MODES"]
@@ -44,13 +44,13 @@ def default_comm():
 # ---- models ------------------------------------------------------------------------------------------------------
 def build_network(model, input_shape, n_classes: int, backend, seed: int = 0, dtype=numpy.float32):
     """Build the network of ``model`` (a registered name, ``'PACKAGE.MODULE:FUNCTION'`` or a factory) on this
-    rank's compute object ``backend`` (asyncsgd.backend.select_ops).
+    rank's compute object ``backend`` (asyncsgd.backends.select_ops).
 
     Every network of a run is built here, once per rank, from the same seed (so every rank starts from the same
     parameters).  ``dtype`` float32, or float64 (Sandblaster's convex logreg).  Raises ValueError when the model is
     unknown or does not fit the data (asyncsgd.model.build_model says why).
     """
-    from .model import build_model
+    from asyncsgd.model import build_model
     return build_model(model, tuple(int(d) for d in input_shape), int(n_classes), seed=seed, xp=backend.xp,
                        dtype=dtype, ops=backend)
 
@@ -80,8 +80,8 @@ class TrainResult:
         return self.summary.get("test_accuracy")
 
     def save_model(self, path, config: dict | None = None) -> None:
-        """Write the trained model to ``path`` (HDF5; asyncsgd.ops.modelio format)."""
-        from .ops.modelio import save_model
+        """Write the trained model to ``path`` (HDF5; asyncsgd.model.files format)."""
+        from asyncsgd.model.files import save_model
         save_model(path, numpy.asarray(self.params), self.layout,
                    {"model": self.model, "input_shape": list(self.input_shape), "n_classes": int(self.n_classes),
                     "config": dict(config if config is not None else self.summary.get("config", {})),
@@ -112,7 +112,7 @@ class PreparedRun:
 
     def execute(self, reporter=None):
         """Train; return a TrainResult on rank 0 (None elsewhere).  An exception on any rank aborts the job."""
-        from .algorithms import get_mode
+        from asyncsgd.algorithms import get_mode
         run = get_mode(self.mode).run
 
         def work():
@@ -135,7 +135,7 @@ class PreparedRun:
 
 
 def _open(data):
-    from .data import DataSource, open_source
+    from asyncsgd.data import DataSource, open_source
     return data if isinstance(data, DataSource) else open_source(data)
 
 
@@ -165,8 +165,8 @@ def _check_split(mode, options, stop, src, size, model_name):
     run's length (ValueError alike on every rank: the data and the options are the same everywhere)."""
     if mode == "sandblaster":
         return
-    from .algorithms.common import sgd_defaults
-    from .data.holdout import class_counts
+    from asyncsgd.algorithms.common import sgd_defaults
+    from asyncsgd.data.holdout import class_counts
     workers = size - options.servers if mode == "downpour" else size
     labels = numpy.asarray(src.train_labels())
     n_val = int(class_counts(options.validation, numpy.bincount(labels)).sum()) if labels.size else 0
@@ -191,17 +191,17 @@ def _check_layout(mode, options, size):
     if mode == "downpour" and options.servers >= size:
         raise OptionError("servers", f"{options.servers} leaves no worker among {size} ranks; "
                                      f"use at most {size - 1}")
-    from .model.cpu_kernels import switch
+    from asyncsgd.backends.cpu_kernels import switch
     switch()  # ASYNCSGD_CPU_KERNELS: a typo is a usage error here, not a silent choice inside every rank's ops
     store = "rma"
     if mode == "downpour":  # the store transport (ASYNCSGD_STORE, docs/NETWORK.md) is checked before any work
-        from .store.served import store_transport
+        from asyncsgd.runtime.env import store_transport
         store = store_transport()
         if store == "messages" and options.optimizer == "adagrad":
             raise OptionError("optimizer", "adagrad needs the RMA store: unset ASYNCSGD_STORE=messages "
                                            "(the served store applies plain SGD deltas)")
     if mode != "serial":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
-        from .fault_tolerance import resolve
+        from asyncsgd.ulfm.primitives import resolve
         try:
             resolve(options.fault_tolerance, getattr(options, "optimizer", "sgd") if mode == "downpour" else "sgd",
                     store=store)
@@ -222,10 +222,10 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     ``device`` cpu, gpu or auto; ``checkpoint`` CheckpointOptions or None; ``root_check`` a callable rank 0 runs
     first (the command line checks its output folders there).
     """
-    from .backend import BackendError, select_backend
-    from .mpiutil import UsageError, check_on_root, local_rank
-    from .algorithms.resume import Checkpointer, load_resume
-    from .algorithms import sandblaster
+    from asyncsgd.backends import BackendError, select_ops
+    from asyncsgd.runtime.mpi import UsageError, check_on_root, local_rank
+    from asyncsgd.algorithms.resume import Checkpointer, load_resume
+    from asyncsgd.algorithms.sandblaster import coordinator as sandblaster
 
     options, stop = _check_options_type(mode, options, stop, checkpoint)
     if mode == "serial":
@@ -256,7 +256,7 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     # cheap after rank 0 validated the file; every rank reads its own slice (a node may still lack the file)
     src = everywhere(lambda: src if rank == 0 else _open(data))
     node_rank = 0 if comm is None else local_rank(comm)  # picks this rank's GPU among the node's
-    backend = everywhere(lambda: select_backend(device, node_rank))
+    backend = everywhere(lambda: select_ops(device, node_rank))
     _check_split(mode, options, stop, src, size, model_name)
     dtype = numpy.float32
     if mode == "sandblaster":
@@ -282,15 +282,15 @@ def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device=
     ``progress`` auto, bar, lines or none (rank 0's display).  Invalid input raises ValueError/TypeError on every
     rank before any work; an exception while training aborts the whole job.
     """
-    from .ops.metrics import Reporter
+    from asyncsgd.io.metrics import Reporter
     run = prepare(mode, model, data, options, stop, comm=comm, device=device, checkpoint=checkpoint)
     reporter = None
     if run.comm is None or run.comm.rank == 0:
         reporter = Reporter(log, progress=progress, append=run.resume is not None)
     watchdog = None
     if run.comm is not None:
-        from .watchdog import Watchdog
-        from .fault_tolerance import for_options
+        from asyncsgd.runtime.watchdog import Watchdog
+        from asyncsgd.ulfm.primitives import for_options
         watchdog = Watchdog(run.comm, fault_tolerant=for_options(run.options))
     try:
         result = run.execute(reporter)

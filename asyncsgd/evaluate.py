@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     loss, accuracy, predicted, probability = evaluate_model(net, x, y, args.batch_size)
     correct = int((predicted == numpy.asarray(y)).sum())
     if args.predictions is not None:
-        from asyncsgd.ops.atomic import atomic_path
+        from asyncsgd.io.atomic import atomic_path
         with atomic_path(args.predictions) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write("index,label,predicted,probability\n")

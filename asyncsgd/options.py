@@ -6,7 +6,7 @@
 
 A bad value raises ``OptionError`` (a ValueError) naming the field and what to do; the command line turns the field
 into its ``--flag``.  ``None`` means "the model's default" (see ``asyncsgd.algorithms.common.sgd_defaults`` and
-``asyncsgd.algorithms.sandblaster.defaults``); the filled-in copy is made with ``dataclasses.replace``.  The
+``asyncsgd.algorithms.sandblaster.coordinator.defaults``); the filled-in copy is made with ``dataclasses.replace``.  The
 attribute names are the command line's option names with underscores (``n_push``, ``mini_shard_size``).
 
 Policies are objects, not strings: ``staleness`` is any callable ``tau -> factor`` (``NoDecay()``,
@@ -21,7 +21,7 @@ import math
 import numbers
 from collections.abc import Mapping
 
-from .schedule import Schedule, parse_schedule
+from asyncsgd.schedule import Schedule, parse_schedule
 
 __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterOptions", "CheckpointOptions",
            "NoDecay", "InverseDecay", "ExponentialDecay", "parse_staleness", "options_to_dict", "OPTIMIZERS",
@@ -29,7 +29,7 @@ __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterO
 
 OPTIMIZERS = ("sgd", "adagrad")
 SCHEDULES = ("dynamic", "static")
-OVERLAP = ("off", "push", "all")  # asyncsgd.algorithms.overlap
+OVERLAP = ("off", "push", "all")  # asyncsgd.algorithms.downpour.overlap
 FAULT_TOLERANCE = ("auto", "on", "off")  # Downpour's run-through of a dead rank (docs/FAULT_TOLERANCE.md)
 # The SGD modes' defaults (README, "Benchmarks": five seeds each): a 5% warm-up then a cosine decay to 0, so a run
 # ends at a low rate instead of wherever a constant rate's oscillation lands; and a tenth of the training set held
@@ -269,7 +269,7 @@ class DownpourOptions(SGDOptions):
 
 @dataclasses.dataclass(frozen=True)
 class SandblasterOptions:
-    """Sandblaster L-BFGS.  None values take the model's defaults (``asyncsgd.algorithms.sandblaster.defaults``):
+    """Sandblaster L-BFGS.  None values take the model's defaults (``asyncsgd.algorithms.sandblaster.coordinator.defaults``):
     ``batch_size`` the L-BFGS batch, ``mini_shard_size`` the unit of work a replica claims, ``max_iter`` the
     iteration cap, ``l2`` the penalty l2/2 |x|^2.  ``schedule`` 'static' (an even split, for benchmarks) or
     'dynamic'; ``slow_ranks`` {rank: factor >= 1} makes ranks stragglers (tests and benchmarks only)."""

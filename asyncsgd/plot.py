@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .ops.metrics import read_log
+from asyncsgd.io.metrics import read_log
 
 __all__ = ["main", "plot_runs", "staleness_counts"]
 

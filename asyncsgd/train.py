@@ -10,13 +10,13 @@ import os
 import sys
 import time
 
-from .config import OUTPUT_OPTIONS, config_to_dict, parse_config, to_options, to_toml, usage_error, validate
-from .mpiutil import EXIT_USAGE, UsageError
+from asyncsgd.cli import OUTPUT_OPTIONS, config_to_dict, parse_config, to_options, to_toml, usage_error, validate
+from asyncsgd.runtime.mpi import EXIT_USAGE, UsageError
 
 __all__ = ["main"]
 
-from .launcher import RANK_VARIABLES as _RANK_VARIABLES, SIZE_VARIABLES as _SIZE_VARIABLES
-from .launcher import launcher_value as _launcher_value, limit_blas_threads as _limit_blas_threads
+from asyncsgd.runtime.env import RANK_VARIABLES as _RANK_VARIABLES, SIZE_VARIABLES as _SIZE_VARIABLES
+from asyncsgd.runtime.env import launcher_value as _launcher_value, limit_blas_threads as _limit_blas_threads
 
 
 def _fail(message: str, rank: int) -> int:
@@ -39,7 +39,7 @@ def _fail_job(message: str, comm=None) -> int:
             return _fail(message, 0)
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
-    from .mpiutil import polled_barrier
+    from asyncsgd.runtime.mpi import polled_barrier
     code = _fail(message, comm.rank)
     try:
         polled_barrier(comm, timeout=10)
@@ -122,7 +122,7 @@ def _check_model_fits(cfg, src):
 
 def _write_outputs(cfg, result, reporter):
     """Rank 0: final model, summary JSON, and the final accuracy line that job scripts look for."""
-    from .ops.metrics import write_json_atomic
+    from asyncsgd.io.metrics import write_json_atomic
 
     summary = result.summary
     summary["config"] = config_to_dict(cfg)
@@ -156,8 +156,8 @@ def _write_outputs(cfg, result, reporter):
 
 def _prepare(cfg, comm):
     """Translate the options and check every input (all ranks); return the PreparedRun or raise UsageError."""
-    from .api import prepare
-    from .options import OptionError
+    from asyncsgd.api import prepare
+    from asyncsgd.options import OptionError
     options, stop, checkpoint = to_options(cfg)
     try:
         run = prepare(cfg.mode, cfg.model, cfg.data, options, stop, comm=comm, device=cfg.device,
@@ -170,14 +170,14 @@ def _prepare(cfg, comm):
     if comm is None:
         _make_run_dir(cfg)
     else:
-        from .mpiutil import check_on_root
+        from asyncsgd.runtime.mpi import check_on_root
         check_on_root(comm, lambda: _make_run_dir(cfg), root=0)
     return run
 
 
 def _run_serial(cfg) -> int:
-    from .mpiutil import abort_on_error
-    from .ops.metrics import Reporter
+    from asyncsgd.runtime.mpi import abort_on_error
+    from asyncsgd.io.metrics import Reporter
     try:
         run = _prepare(cfg, None)
     except UsageError as exc:
@@ -195,8 +195,8 @@ def _run_serial(cfg) -> int:
 
 def _run_distributed(cfg) -> int:
     from mpi4py import MPI
-    from .mpiutil import abort_on_error, install_abort_hook
-    from .ops.metrics import Reporter
+    from asyncsgd.runtime.mpi import abort_on_error, install_abort_hook
+    from asyncsgd.io.metrics import Reporter
 
     world = MPI.COMM_WORLD
     comm = world.Dup()
@@ -209,11 +209,11 @@ def _run_distributed(cfg) -> int:
         code = _fail_job(str(exc), comm)
         comm.Free()
         return code
-    from .watchdog import Watchdog
+    from asyncsgd.runtime.watchdog import Watchdog
     # An exception on this rank, anywhere below, prints its rank-tagged traceback once and aborts every rank at
     # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
     # reporter's file is closed.
-    from .fault_tolerance import for_options
+    from asyncsgd.ulfm.primitives import for_options
     with abort_on_error(comm), Watchdog(comm, fault_tolerant=for_options(run.options)):
         reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None) if rank == 0 else None
         try:
@@ -223,7 +223,7 @@ def _run_distributed(cfg) -> int:
         finally:
             if reporter is not None:
                 reporter.close()  # local: the log keeps every record written before a failure
-    from .fault_tolerance import end_after_failures
+    from asyncsgd.ulfm.primitives import end_after_failures
     end_after_failures()  # after running through a dead rank: exit 0 now, no MPI_Finalize (docs/FAULT_TOLERANCE.md)
     comm.Free()
     return 0

@@ -6,10 +6,10 @@ Each thread count runs in its own subprocess with OMP_NUM_THREADS / OPENBLAS_NUM
 BLAS thread pools read them at import) and torch.set_num_threads; inside it the two frameworks are timed in
 alternating rounds and the best round counts, so load from other processes on the machine hurts both alike.
 asyncsgd's NumpyOps reads the same variables: at n threads each convolution runs its batch in n parts at once, each
-part's GEMMs on one BLAS thread (asyncsgd/model/parallel.py); the "parts" column shows the count it used.
+part's GEMMs on one BLAS thread (asyncsgd/backends/threads.py); the "parts" column shows the count it used.
 Prints samples/s and the ratio asyncsgd/torch per thread count, and the fraction of numpy's own float32 GEMM FLOP/s
 (a GEMM of the conv2 forward's shape) that asyncsgd's two convolutions (forward + backward) reach.  The "C" column
-says whether asyncsgd ran its compiled CPU kernels (asyncsgd/model/cpu_kernels.py); "numpy/s" is the same network
+says whether asyncsgd ran its compiled CPU kernels (asyncsgd/backends/cpu_kernels.py); "numpy/s" is the same network
 with them off (pure numpy), timed in the same rounds.  The kernels are built by pip install; in a source checkout
 run ``python setup.py build_ext --inplace`` first, or the benchmark measures the numpy path only.
 PyTorch is needed only here: pip install torch.

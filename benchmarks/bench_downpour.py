@@ -23,7 +23,7 @@ import numpy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from asyncsgd.launch import run_mpi  # noqa: E402
+from asyncsgd.testing.launch import run_mpi  # noqa: E402
 
 
 def _train(n, args, timeout=900):

@@ -39,7 +39,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid  # noqa: E402
+from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid  # noqa: E402
 
 CASES = ("undisturbed", "worker", "outside", "undisturbed2", "server")
 REFERENCE = {"worker": "undisturbed", "outside": "undisturbed", "server": "undisturbed2"}

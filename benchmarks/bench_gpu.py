@@ -7,7 +7,7 @@ Prints, each measured in this one run (median of --repeats after warm-up; GPUs a
    (im2col/col2im kernels + cuBLAS) against cuDNN, through cupyx.cudnn when CuPy has it (CuPy < 14; v14 dropped
    cuDNN), else PyTorch CUDA's cuDNN; TF32 off on both sides (CuPy's default), so both compute in full float32;
    goal: asyncsgd at >= 0.8x cuDNN's speed;
-2. sparse selection of --fraction of --n float32 entries with error feedback: asyncsgd.gpu.sparse.select_topk
+2. sparse selection of --fraction of --n float32 entries with error feedback: asyncsgd.backends.cuda_sparse.select_topk
    (exact k, and with tolerance 0.05) against cupy.argpartition and a full cupy.argsort; goal: >= 3x faster than
    the sort;
 3. one Downpour worker step (loss_and_grad of speech_cnn on a --batch mini-batch + top-k selection of the gradient +
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy  # noqa: E402
 
-from asyncsgd import backend  # noqa: E402
+from asyncsgd.backends import device as backend  # noqa: E402
 
 # (model, layer, C, H, W, F, k, pad) of every convolution of the two CNNs (stride 1), asyncsgd/model/builders.py
 CONV_LAYERS = [("speech_cnn", "conv1", 1, 40, 64, 16, 5, 2), ("speech_cnn", "conv2", 16, 20, 32, 32, 3, 1),
@@ -103,7 +103,7 @@ def torch_conv(n, c, h, w_, f, k, pad):
 
 
 def bench_conv(cupy, args):
-    from asyncsgd.gpu.cupy_ops import CupyOps
+    from asyncsgd.backends.cupy_ops import CupyOps
     print(f"1. convolution forward+backward, batch {args.batch}, float32 (ms; ratio = asyncsgd / cuDNN)")
     ops, sync = CupyOps(), cupy.cuda.get_current_stream().synchronize
     rng = numpy.random.default_rng(0)
@@ -142,8 +142,8 @@ def bench_conv(cupy, args):
 
 
 def bench_select(cupy, args):
-    from asyncsgd.gpu import sparse as gsparse
-    from asyncsgd.sparse import topk_count
+    from asyncsgd.backends import cuda_sparse as gsparse
+    from asyncsgd.backends.sparse import topk_count
     n, frac = args.n, args.fraction
     k = topk_count(n, frac)
     print(f"2. top-k selection with residual, n = {n:,}, fraction {frac} (k = {k:,}), float32 (ms)")
@@ -191,8 +191,8 @@ def bench_select(cupy, args):
 
 
 def bench_worker_step(cupy, args):
-    from asyncsgd import sparse as cpu_sparse
-    from asyncsgd.gpu import sparse as gsparse
+    from asyncsgd.backends import sparse as cpu_sparse
+    from asyncsgd.backends import cuda_sparse as gsparse
     from asyncsgd.model import build_model
     print(f"3. Downpour worker step: speech_cnn loss_and_grad (batch {args.batch}) + top-k {args.fraction} "
           f"+ pairs to host (ms)")
@@ -236,7 +236,7 @@ def main(argv=None):
         print(f"bench_gpu: needs a CUDA GPU, but {why}; nothing measured. Run it on a GPU node "
               f"(pip install 'asyncsgd[gpu]').", file=sys.stderr)
         return 2
-    cupy = backend._import_cupy()
+    cupy = backend.import_cupy()
     dev = cupy.cuda.Device()
     name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
     print(f"device {dev.id}: {name}; CuPy {cupy.__version__}")

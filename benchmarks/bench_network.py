@@ -3,7 +3,7 @@
     sudo python benchmarks/bench_network.py [--rates 1gbit 10gbit] [--delay 100us] [--sizes speech_cnn 25000000]
                                             [--blocks 1 32] [--only ops,step] [--step-rates 1gbit]
 
-Builds two hosts on this machine (tests/hosts.py: network namespaces on a bridge, ``tc tbf`` link limits, MPI over
+Builds two hosts on this machine (tests/support/hosts.py: network namespaces on a bridge, ``tc tbf`` link limits, MPI over
 TCP between them; needs root and iproute2), puts the store's one server rank on host0 and one worker rank on host1,
 so every byte crosses a limited link, and measures, for each link rate:
 
@@ -33,7 +33,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
 sys.path.insert(0, ROOT)
 
 DENSITIES = (0.01, 0.10)
@@ -57,7 +57,7 @@ def _sparse_indices(rng, n: int, density: float, block: int):
     """Indices as the trainer's selection gives them: top-k of a random vector, single entries or whole blocks."""
     import numpy as np
 
-    from asyncsgd.sparse import select_topk_blocks
+    from asyncsgd.backends.sparse import select_topk_blocks
 
     if block == 1:
         return rng.choice(n, max(1, int(density * n)), replace=False)  # unsorted, as top-k gives them
@@ -71,8 +71,8 @@ def rank_program(sizes: list, budget_s: float, blocks: list):
     import numpy as np
     from mpi4py import MPI
 
-    from asyncsgd.mpiutil import polled_barrier
-    from asyncsgd.store import open_store  # ASYNCSGD_STORE (tests/hosts.py: messages under Open MPI)
+    from asyncsgd.runtime.mpi import polled_barrier
+    from asyncsgd.store import open_store  # ASYNCSGD_STORE (tests/support/hosts.py: messages under Open MPI)
 
     comm = MPI.COMM_WORLD
     results = []
@@ -103,7 +103,7 @@ def rank_program(sizes: list, budget_s: float, blocks: list):
         print("RESULT " + json.dumps(results), flush=True)
 
 
-_POLL_S = 0.0005  # asyncsgd.algorithms.downpour's _COMM_POLL_S
+_POLL_S = 0.0005  # asyncsgd.algorithms.downpour.worker's _COMM_POLL_S
 
 
 def step_program(steps: int, reps: int, sparse_block: int):
@@ -118,9 +118,9 @@ def step_program(steps: int, reps: int, sparse_block: int):
     import numpy as np
     from mpi4py import MPI
 
-    from asyncsgd.algorithms.downpour import DownpourWorker
-    from asyncsgd.backend import select_backend
-    from asyncsgd.mpiutil import polled_barrier
+    from asyncsgd.algorithms.downpour.worker import DownpourWorker
+    from asyncsgd.backends import select_ops
+    from asyncsgd.runtime.mpi import polled_barrier
     from asyncsgd.model import build_model
     from asyncsgd.options import NoDecay
     from asyncsgd.schedule import Constant
@@ -146,7 +146,7 @@ def step_program(steps: int, reps: int, sparse_block: int):
     with ShardedParameters(comm, net.n_params, n_servers=1, initial=net.params) as store:
         polled_barrier(comm)
         if comm.rank == 1:
-            backend = select_backend("cpu")
+            backend = select_ops("cpu")
             workers = {name: DownpourWorker(c or cfg(sparsity=1.0), net, store, backend, seed=0)
                        for name, c in variants.items()}
             net.loss_and_grad(x, y)

@@ -27,7 +27,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from asyncsgd.mpiutil import polled_barrier
+from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.store import ShardedParameters, sharded
 
 MIB = 1 << 20

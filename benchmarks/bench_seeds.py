@@ -6,7 +6,7 @@ COMMAND is the training command as a user types it, e.g. ``.venv/bin/mpirun -n 6
 asyncsgd.train`` or ``.venv/bin/python -m asyncsgd.train --mode serial``; each run appends ``--seed S
 --summary-json FILE`` (so COMMAND must not set them).  Runs go one after another (the machines are small and shared;
 concurrent runs would measure each other), each under a wall-clock limit, with the environment both PyPI MPIs need
-(asyncsgd.launch.mpi_env).  The accuracy read from each summary is ``selected_test_accuracy`` (the model chosen by
+(asyncsgd.testing.launch.mpi_env).  The accuracy read from each summary is ``selected_test_accuracy`` (the model chosen by
 validation accuracy) when the summary has it, else ``test_accuracy`` (runs without a validation split), and the
 line says which.
 
@@ -30,7 +30,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from asyncsgd.launch import mpi_env  # noqa: E402
+from asyncsgd.testing.launch import mpi_env  # noqa: E402
 
 ACCURACY_KEYS = ("selected_test_accuracy", "test_accuracy")
 TOLERANCE = 1e-9

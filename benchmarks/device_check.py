@@ -9,7 +9,7 @@ step never stops the next ones:
   install       pip-installs the wheels carried in --wheels (benchmarks/fetch_device_wheels.sh) into --site, and
                 unpacks MPICH's libraries there (pip --target drops a wheel's data files outside the package);
   preflight     versions, the GPU's name from CuPy, CPUs, and that mpiexec starts ranks of the MPI mpi4py loads;
-  kernels       ASYNCSGD_REQUIRE_GPU=1 pytest of the CUDA kernels and CupyOps against numpy (tests/test_kernels.py,
+  kernels       ASYNCSGD_REQUIRE_GPU=1 pytest of the CUDA kernels and CupyOps against numpy (tests/backends/test_cuda_kernels.py,
                 the tests marked gpu: float32 within 1e-5 relative error);
   gpu_downpour  Downpour on FSDD with 1 server + 5 GPU workers sharing the GPU (--device gpu), its accuracy;
   bench_gpu     benchmarks/bench_gpu.py: conv against cuDNN, top-k against a sort, GPU worker step against CPU;
@@ -268,7 +268,7 @@ class Check:
 
     def step_kernels(self, log, timeout):
         junit = os.path.join(self.logs, "kernels.xml")
-        argv = [self.python, "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider", "tests/test_kernels.py",
+        argv = [self.python, "-m", "pytest", "-p", "pytest_timeout", "-p", "no:cacheprovider", "tests/backends/test_cuda_kernels.py",
                 "-m", "gpu", "-q", "-rfEs", "-o", "junit_family=xunit2", "--junitxml", junit]
         # The image's own pytest plugins are not ours to depend on: load only pytest-timeout.
         env = self.env(ASYNCSGD_REQUIRE_GPU="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")

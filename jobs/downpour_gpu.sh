@@ -30,7 +30,7 @@ launch() {
     case "${LAUNCHER:-srun}" in
         srun) srun --mpi="${SRUN_MPI:-pmi2}" "$@" ;;
         mpirun) read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
-                "${MPIEXEC:-$("$PY" -c 'from asyncsgd.launch import mpiexec_path; print(mpiexec_path())')}" \
+                "${MPIEXEC:-$("$PY" -c 'from asyncsgd.testing.launch import mpiexec_path; print(mpiexec_path())')}" \
                     -n "$SLURM_NTASKS" "${MPIRUN_EXTRA[@]}" "$@" ;;
         *) echo "LAUNCHER must be srun or mpirun, got '${LAUNCHER}'" >&2; exit 2 ;;
     esac

@@ -1,4 +1,4 @@
-// Convolution as im2col + GEMM in the network's channel-major layout (asyncsgd/model/ops.py):
+// Convolution as im2col + GEMM in the network's channel-major layout (asyncsgd/backends/numpy_ops.py):
 //   x   (C, N, H, W)                 activations, C order
 //   col (C, KH, KW, N, OH, OW)       = a (C*KH*KW, N*OH*OW) matrix: row (c*KH + kh)*KW + kw, column (n*OH + oh)*OW + ow
 //   col[c, kh, kw, n, oh, ow] = x[c, n, oh*SH - PH + kh, ow*SW - PW + kw], zero outside x (zero padding)

@@ -1,6 +1,6 @@
 /* CPU kernels of the fused convolution + 2x2 max pooling (+ ReLU) of NumpyOps: the copies and masks around its
  * GEMMs, which numpy can only run as many whole-array passes.  Built by setup.py as the optional extension module
- * _asyncsgd_cpu; asyncsgd/model/cpu_kernels.py checks the arguments and calls it, and NumpyOps falls back to its numpy
+ * _asyncsgd_cpu; asyncsgd/backends/cpu_kernels.py checks the arguments and calls it, and NumpyOps falls back to its numpy
  * code where the module is missing.  Each function does what a block of NumpyOps._conv_pool_part(_backward) does,
  * with the same float operations in the same order, so results are bit-identical to the numpy path; what changes is
  * that one (channel, image) pair is finished at a time while its polyphase planes (a few KB) sit in L1, instead of
@@ -171,7 +171,7 @@ static void col2im_work(const float *dcol, float *dx, idx sc, idx sn, idx sh, id
     }
 }
 
-/* ---- Python entry points: pointers and sizes as integers (asyncsgd/model/cpu_kernels.py checks them) ---- */
+/* ---- Python entry points: pointers and sizes as integers (asyncsgd/backends/cpu_kernels.py checks them) ---- */
 
 /* im2col and col2im share their arguments: (source, destination, the 4-d array's strides sc, sn, sh, sw, then
  * c, n, h, w, kh, kw, ph, pw, hq, wq, run, cols), and a scratch of four planes. */

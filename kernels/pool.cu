@@ -1,4 +1,4 @@
-// Max and average pooling without padding in the network's channel-major layout (asyncsgd/model/ops.py):
+// Max and average pooling without padding in the network's channel-major layout (asyncsgd/backends/numpy_ops.py):
 // x (C, N, H, W), y (C, N, OH, OW) with OH = (H - KH) / SH + 1 (floor), OW = (W - KW) / SW + 1; each (c, n) is one
 // independent (H, W) plane.  Windows are KH x KW (rectangular, e.g. 2x1 pools over frequency only).
 // Max pooling records arg (C, N, OH, OW) uint8 = kh*KW + kw, the window offset of the maximum, exactly as

@@ -1,4 +1,4 @@
-// One fused pass for a replica's local update (asyncsgd.sparse.fused_update is the reference):
+// One fused pass for a replica's local update (asyncsgd.backends.sparse.fused_update is the reference):
 //   d = g;  if ADAGRAD: G += g*g, d = g / sqrt(G + eps);  if MOMENTUM: v = mu*v + d, d = v;
 //   params -= step_scale * d   (step_scale = staleness weight * lr);   if ACCRUE: accrued += d
 // Each element is read and written once, instead of once per numpy operation.  The loader compiles with

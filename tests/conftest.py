@@ -31,10 +31,16 @@ import traceback
 
 import pytest
 
-# The suite that tests/test_harness.py runs on purpose (it holds planted failures): its files are named fixture_*.py,
+# The suite that tests/harness/test_run_tests.py runs on purpose (it holds planted failures): its files are named fixture_*.py,
 # which pytest's file pattern does not collect, and the folder is ignored here as well.  Paths given explicitly on
 # the command line are still collected.
-collect_ignore = ["harness_fixture"]
+collect_ignore = ["support/harness_fixture"]
+
+# Shared test code (fixtures' helpers, fake jobs, the namespace hosts and SLURM fixtures) lives in tests/support and
+# is imported by module name (``from hosts import Hosts``) from every test folder.
+_SUPPORT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "support")
+if _SUPPORT not in sys.path:
+    sys.path.insert(0, _SUPPORT)
 
 _REPORT_TAG = 3117
 _POLL_S = 0.05
@@ -83,7 +89,7 @@ def pytest_runtest_setup(item):
 
 
 def _require_gpu():
-    from asyncsgd.backend import cupy_importable, gpu_count
+    from asyncsgd.backends import cupy_importable, gpu_count
     if gpu_count() > 0:
         return
     why = ("CuPy finds no usable CUDA device" if cupy_importable()
@@ -195,7 +201,7 @@ class MultiRankGuard:
 
     def pytest_sessionfinish(self, session):
         """Wait until every rank has finished its tests (a late failure is still reported), then stop listening."""
-        from asyncsgd.mpiutil import polled_barrier
+        from asyncsgd.runtime.mpi import polled_barrier
         polled_barrier(self.comm, sleep=0.01)
         self.done.set()
         if self.listener is not None:

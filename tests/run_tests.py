@@ -1,11 +1,11 @@
 """Run asyncsgd's whole test suite: the serial tests, then the multi-rank suites under mpiexec at 1, 2, 3 and 6 ranks.
 
-Usage, from the repository root with the virtualenv's python (its mpiexec is used, see asyncsgd.launch):
+Usage, from the repository root with the virtualenv's python (its mpiexec is used, see asyncsgd.testing.launch):
 
     python tests/run_tests.py                      # everything
     python tests/run_tests.py --only mpi --ranks 2,3 -k store
     python tests/run_tests.py --fast               # no `slow` tests; mpi stages at 2 and 3 ranks only
-    python tests/run_tests.py tests/test_store.py -x    # paths and other pytest options are passed through
+    python tests/run_tests.py tests/store/test_sharded.py -x    # paths and other pytest options are passed through
 
 Every stage runs with a per-test timeout by a thread (a signal is never delivered inside an MPI call), a whole-job
 timeout on mpiexec (MPIEXEC_TIMEOUT for MPICH, --timeout for Open MPI) and one on the process group from here, so
@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from asyncsgd.launch import mpi_env, mpi_flavour, mpiexec_command  # noqa: E402
+from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_command  # noqa: E402
 
 DEFAULT_RANKS = (1, 2, 3, 6)
 FAST_RANKS = (2, 3)

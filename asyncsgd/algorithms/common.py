@@ -8,11 +8,11 @@ import time
 
 import numpy
 
-from ..data.holdout import split_holdout
-from ..faults import fault_point
-from ..partition import class_strided_rows
-from ..schedule import RunBudget, Warmup
-from .best_model import BestModelTracker
+from asyncsgd.data.holdout import split_holdout
+from asyncsgd.runtime.faults import fault_point
+from asyncsgd.data.partition import class_strided_rows
+from asyncsgd.schedule import RunBudget, Warmup
+from asyncsgd.algorithms.best_model import BestModelTracker
 
 __all__ = ["sgd_defaults", "options_as_trained", "StopRule", "Evaluator", "TrainingSplit", "Evaluations",
            "schedule_budget"]
@@ -137,7 +137,7 @@ class TrainingSplit:
 
     Every rank computes the split itself from the training labels and the seed (asyncsgd.data.holdout), so no
     communication is needed and a resumed run gets the same split.  ``share(w, W)`` is worker w's class-strided
-    share of the *training* rows (asyncsgd.partition): disjoint, covering, never a validation row.  With fraction 0
+    share of the *training* rows (asyncsgd.data.partition): disjoint, covering, never a validation row.  With fraction 0
     every row trains and ``share`` is exactly ``DataSource.train_slice``.
     """
 

@@ -1,6 +1,6 @@
 """Periodic checkpoints of a training run and the resumption from one (``--checkpoint-every``, ``--resume``).
 
-What each mode keeps (all in one ``asyncsgd.ops.checkpoint`` file, written atomically):
+What each mode keeps (all in one ``asyncsgd.io.checkpoint`` file, written atomically):
 
 - serial and sync: parameters, momentum, samples and steps done;
 - downpour: the store's parameters and Adagrad sums, its version counter, and the samples each worker had done.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from ..mpiutil import UsageError
+from asyncsgd.runtime.mpi import UsageError
 
 __all__ = ["checkpoint_path", "load_resume", "Checkpointer", "RESUMABLE_MODES"]
 
@@ -39,7 +39,7 @@ def load_resume(ck, mode: str, model_name: str, n_params: int):
 
     Raises UsageError for a missing, corrupt or mismatched file, or a mode that cannot resume.
     """
-    from ..ops.checkpoint import load_checkpoint
+    from asyncsgd.io.checkpoint import load_checkpoint
 
     if ck is None or ck.resume is None:
         return None
@@ -83,7 +83,7 @@ class Checkpointer:
     def save(self, *, params, state: dict, version: int, data_position: dict):
         if self.path is None:
             return
-        from ..ops.checkpoint import save_checkpoint
+        from asyncsgd.io.checkpoint import save_checkpoint
 
         save_checkpoint(self.path, params=params, state=state, version=int(version), config=self.config,
                         data_position=data_position, seeds=self.seeds, model_name=self.model_name,

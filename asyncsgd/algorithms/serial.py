@@ -5,11 +5,12 @@ import time
 
 import numpy
 
-from ..data import BatchStream
-from ..data.augment import make_augmenter
-from ..faults import fault_point
-from .common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget, sgd_defaults
-from .resume import Checkpointer
+from asyncsgd.data import BatchStream
+from asyncsgd.data.augment import make_augmenter
+from asyncsgd.runtime.faults import fault_point
+from asyncsgd.algorithms.common import (Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget,
+                    sgd_defaults)
+from asyncsgd.algorithms.resume import Checkpointer
 
 __all__ = ["run"]
 
@@ -18,7 +19,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     """Train ``net`` on ``src`` in this process with SGDOptions ``cfg`` until ``stop``; return the summary dict
     (``comm`` is unused).
 
-    ``resume`` is a loaded checkpoint (asyncsgd.ops.checkpoint.Checkpoint) to continue from, or None.
+    ``resume`` is a loaded checkpoint (asyncsgd.io.checkpoint.Checkpoint) to continue from, or None.
     """
     cfg, stop_opts = sgd_defaults(cfg, stop, model_name)
     xp = backend.xp

@@ -14,14 +14,15 @@ import time
 import numpy
 from mpi4py import MPI
 
-from ..data import BatchStream
-from ..data.augment import make_augmenter
-from .. import fault_tolerance as ft
-from ..faults import fault_point
-from ..mpiutil import polled_barrier, wait
-from .common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget, sgd_defaults
-from .resume import Checkpointer
-from .sync_recovery import ReplicaGuard
+from asyncsgd.data import BatchStream
+from asyncsgd.data.augment import make_augmenter
+from asyncsgd.ulfm import primitives as ft
+from asyncsgd.runtime.faults import fault_point
+from asyncsgd.runtime.mpi import polled_barrier, wait
+from asyncsgd.algorithms.common import (Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget,
+                    sgd_defaults)
+from asyncsgd.algorithms.resume import Checkpointer
+from asyncsgd.ulfm.replica_guard import ReplicaGuard
 
 __all__ = ["run"]
 

@@ -7,8 +7,8 @@ log-mel speech features, and converters (FSDD, MNIST, synthetic).
 
 Command line: ``python -m asyncsgd.data {fsdd,mnist,synthetic,check}`` (see ``__main__``).
 """
-from .h5format import DataError, FileSummary, validate_file, write_dataset
-from .source import BatchStream, DataSource, H5Source, open_source, resolve_path
+from asyncsgd.data.h5format import DataError, FileSummary, validate_file, write_dataset
+from asyncsgd.data.source import BatchStream, DataSource, H5Source, open_source, resolve_path
 
 __all__ = ["DataError", "FileSummary", "validate_file", "write_dataset", "BatchStream", "DataSource", "H5Source",
            "open_source", "resolve_path"]

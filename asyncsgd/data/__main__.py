@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from .h5format import DataError
+from asyncsgd.data.h5format import DataError
 
 EXIT_DATA = 2
 
@@ -71,18 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> int:
     """Run one parsed command; return the exit status (raises DataError/ValueError on bad input)."""
     if args.command == "fsdd":
-        from .fsdd import convert_fsdd
+        from asyncsgd.data.fsdd import convert_fsdd
         if args.mantissa_bits is not None and (args.float32 or not 0 <= args.mantissa_bits <= 10):
             raise ValueError("--mantissa-bits takes 0-10 and applies to float16 storage only")
         convert_fsdd(args.recordings, args.out, frames=args.frames,
                      dtype=np.float32 if args.float32 else np.float16, mantissa_bits=args.mantissa_bits)
     elif args.command == "mnist":
-        from .mnist import convert_mnist
+        from asyncsgd.data.mnist import convert_mnist
         convert_mnist(args.idx_dir, args.out, dtype=np.float16 if args.float16 else np.float32, limit=args.limit,
                       compress=args.gzip)
     elif args.command == "synthetic":
         import time
-        from .synthetic import write_synthetic
+        from asyncsgd.data.synthetic import write_synthetic
         t0 = time.perf_counter()
         counts = write_synthetic(args.out, args.n, seed=args.seed,
                                  dtype=np.float16 if args.float16 else np.float32, compress=args.gzip)
@@ -95,8 +95,8 @@ def run(args) -> int:
 
 def check(spec: str):
     """Validate ``spec`` (reading every label and feature) and print its summary."""
-    from .h5format import validate_file
-    from .source import open_source, resolve_path
+    from asyncsgd.data.h5format import validate_file
+    from asyncsgd.data.source import open_source, resolve_path
     if spec.startswith("synthetic:"):
         print(open_source(spec).describe())
         return

@@ -16,8 +16,8 @@ import wave
 
 import numpy as np
 
-from .features import LogMelConfig, log_mel
-from .h5format import DataError, balanced_order, write_dataset
+from asyncsgd.data.features import LogMelConfig, log_mel
+from asyncsgd.data.h5format import DataError, balanced_order, write_dataset
 
 __all__ = ["read_recordings", "parse_name", "fsdd_features", "convert_fsdd", "FSDD_ATTRS", "TEST_INDICES",
            "DEFAULT_MANTISSA_BITS", "ORDER_SEED"]

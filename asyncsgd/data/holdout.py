@@ -29,7 +29,7 @@ import numbers
 
 import numpy as np
 
-from ..partition import contiguous_bounds
+from asyncsgd.data.partition import contiguous_bounds
 
 __all__ = ["DEFAULT_VALIDATION_FRACTION", "split_holdout", "partition_rows", "read_rows", "read_train_labels",
            "class_counts"]

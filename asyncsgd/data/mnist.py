@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .h5format import DataError, balanced_order, write_dataset
+from asyncsgd.data.h5format import DataError, balanced_order, write_dataset
 
 __all__ = ["read_idx", "read_mnist", "convert_mnist", "MNIST_FILES", "MNIST_ATTRS", "ORDER_SEED"]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .h5format import write_dataset_blocks
-from .source import DataSource
+from asyncsgd.data.h5format import write_dataset_blocks
+from asyncsgd.data.base import DataSource
 
 __all__ = ["SyntheticSource", "synthetic_block", "write_synthetic", "N_CLASSES", "INPUT_SHAPE", "n_test_for"]
 

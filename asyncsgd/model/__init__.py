@@ -8,27 +8,26 @@
 
 Train it with ``--model mymodule:small_cnn``; ``load_model(path)`` rebuilds a saved one without ``mymodule``.
 """
-from .builders import (DEFAULT_INPUT_SHAPES, MODEL_NAMES, MODELS, build_model, check_model, default_ops, logreg,
-                       mnist_cnn, register_model, resolve_model, speech_cnn)
-from .layers import (LAYER_TYPES, AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh,
-                     layer_from_spec, register_layer)
-from .network import Network
-from .ops import NumpyOps
+from asyncsgd.model.builders import (DEFAULT_INPUT_SHAPES, MODEL_NAMES, MODELS, build_model, check_model,
+                    default_ops, logreg, mnist_cnn, register_model, resolve_model, speech_cnn)
+from asyncsgd.model.layers import (LAYER_TYPES, AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU,
+                    Sigmoid, Tanh, layer_from_spec, register_layer)
+from asyncsgd.model import files
+from asyncsgd.model.network import Network
+from asyncsgd.backends.numpy_ops import NumpyOps
 
 
 def load_model(path, *, ops=None):
     """Return the Network saved in model file ``path``, rebuilt from its recorded layers (no user code needed).
 
-    See ``asyncsgd.ops.modelio.load_model``.
+    See ``asyncsgd.model.files.load_model``.
     """
-    from asyncsgd.ops.modelio import load_model as _load
-    return _load(path, ops=ops)
+    return files.load_model(path, ops=ops)
 
 
 def save_model(path, net, meta=None):
-    """Write ``net`` (architecture and parameters) to model file ``path``; see ``asyncsgd.ops.modelio.save_network``."""
-    from asyncsgd.ops.modelio import save_network
-    save_network(path, net, meta)
+    """Write ``net`` (architecture and parameters) to model file ``path``; see ``asyncsgd.model.files.save_network``."""
+    files.save_network(path, net, meta)
 
 
 __all__ = ["Network", "NumpyOps", "Layer", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Tanh", "Sigmoid", "Flatten",

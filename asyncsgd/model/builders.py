@@ -1,7 +1,7 @@
 """Model factories: the built-in networks, the registry, and ``resolve_model`` for user networks.
 
 A model factory is a callable ``factory(input_shape, n_classes, *, ops, seed=0) -> Network``: ``input_shape`` is one
-example's (C, H, W), ``ops`` the rank's compute object (``asyncsgd.backend.select_ops``), ``seed`` the parameters'
+example's (C, H, W), ``ops`` the rank's compute object (``asyncsgd.backends.select_ops``), ``seed`` the parameters'
 seed.  A factory that cannot take ``input_shape`` raises ValueError saying why.  The built-ins ``speech_cnn``,
 ``mnist_cnn`` and ``logreg`` are registered by name with ``register_model``; any other factory is named by its import
 path ``PACKAGE.MODULE:FUNCTION`` (importable from the working directory or an installed package), e.g.
@@ -20,9 +20,9 @@ import sys
 
 import numpy
 
-from .layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
-from .network import Network
-from .ops import NumpyOps
+from asyncsgd.model.layers import Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from asyncsgd.model.network import Network
+from asyncsgd.backends.numpy_ops import NumpyOps
 
 __all__ = ["MODELS", "MODEL_NAMES", "register_model", "resolve_model", "build_model", "check_model", "speech_cnn", "mnist_cnn",
            "logreg", "default_ops", "DEFAULT_INPUT_SHAPES"]
@@ -151,7 +151,7 @@ def default_ops(xp):
     if xp is numpy:
         return NumpyOps()
     if getattr(xp, "__name__", "") == "cupy":
-        from asyncsgd.gpu.cupy_ops import CupyOps
+        from asyncsgd.backends.cupy_ops import CupyOps
         return CupyOps()
     raise ValueError(f"no ops for array module {getattr(xp, '__name__', xp)!r}; use numpy or cupy, or pass ops=")
 

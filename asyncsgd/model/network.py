@@ -9,7 +9,7 @@ import math
 
 import numpy
 
-from .layers import Conv2D, Layer, MaxPool2D, layer_from_spec
+from asyncsgd.model.layers import Conv2D, Layer, MaxPool2D, layer_from_spec
 
 __all__ = ["Network"]
 

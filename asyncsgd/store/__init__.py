@@ -1,8 +1,24 @@
-"""The Downpour parameter store: ``ShardedParameters`` over MPI one-sided windows, kept moving by a progress thread,
-or ``ServedParameters`` (the same interface over two-sided messages served by a thread); ``open_store`` picks one."""
-from .counter import VersionCounter
-from .progress import ProgressThread
-from .served import ServedParameters, open_store
-from .sharded import ShardedParameters, shard_bounds
+"""The Downpour parameter store: ``ShardedParameters`` over MPI one-sided windows (kept moving by a progress
+thread), or ``ServedParameters`` (the same interface over two-sided messages served by a thread); ``open_store``
+picks one.  Both keep the staleness bookkeeping of ``store.sharded``; ``store.rebuild`` re-creates a store on the
+survivors of a failure."""
+from __future__ import annotations
 
-__all__ = ["ShardedParameters", "ServedParameters", "open_store", "shard_bounds", "VersionCounter", "ProgressThread"]
+from asyncsgd.runtime.env import TRANSPORTS, store_transport
+from asyncsgd.store.served import ServedParameters
+from asyncsgd.store.sharded import ShardedParameters, shard_bounds
+
+__all__ = ["ShardedParameters", "ServedParameters", "open_store", "shard_bounds"]
+
+
+def open_store(comm, n_params: int, *, transport: str | None = None, **kwargs):
+    """Return a ``ShardedParameters`` (``transport="rma"``) or a ``ServedParameters`` (``"messages"``).
+
+    ``transport=None`` reads ``ASYNCSGD_STORE`` (unset: "rma").  Every rank of ``comm`` must pick the same one.
+    The other keyword arguments are those of ``ShardedParameters``.
+    """
+    chosen = transport if transport is not None else store_transport()
+    if chosen not in TRANSPORTS:
+        raise ValueError(f"transport={chosen!r} is not a store transport: use one of {', '.join(TRANSPORTS)}")
+    cls = ServedParameters if chosen == "messages" else ShardedParameters
+    return cls(comm, n_params, **kwargs)

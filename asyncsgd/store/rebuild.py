@@ -1,4 +1,4 @@
-"""Re-host a ShardedParameters store on a shrunk communicator after a rank died (see asyncsgd.fault_tolerance).
+"""Re-host a ShardedParameters store on a shrunk communicator after a rank died (see asyncsgd.ulfm.primitives).
 
 Open MPI documents one-sided windows as working only until the first failure, so the old store is abandoned, never
 used again nor freed (its free is collective over a communicator that holds a dead rank), and a new store with the
@@ -22,7 +22,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-from .sharded import DTYPE, ShardedParameters
+from asyncsgd.store.sharded import DTYPE, ShardedParameters
 
 __all__ = ["Rebuilt", "rebuild", "abandon"]
 

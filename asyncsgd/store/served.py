@@ -17,20 +17,17 @@ Needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default, granted by both PyPI MPIs).
 from __future__ import annotations
 
 import atexit
-import os
 import sys
 import threading
 
 import numpy
 from mpi4py import MPI
 
-from ..mpiutil import polled_barrier
-from .sharded import _OWN_HISTORY, DTYPE, ShardedParameters, _as_count, _chunks, shard_bounds
+from asyncsgd.runtime.mpi import polled_barrier
+from asyncsgd.store.sharded import _OWN_HISTORY, DTYPE, ShardedParameters, _as_count, _chunks, shard_bounds
 
-__all__ = ["ServedParameters", "open_store", "store_transport", "TRANSPORTS", "STORE_ENV"]
+__all__ = ["ServedParameters"]
 
-TRANSPORTS = ("rma", "messages")
-STORE_ENV = "ASYNCSGD_STORE"            # the transport used when a caller names none
 
 # Request kinds (the first int64 of a request header) and the tags of the private communicators.
 _FETCH, _ADD, _ADD_SPARSE, _REPLACE, _COUNTER = range(5)
@@ -43,29 +40,6 @@ _HEADER = 4                             # int64 words of a header: kind, a, b, c
 _SWITCH_INTERVAL = 0.0005
 _JOIN_TIMEOUT = 10.0                    # s to wait for a stopping server thread
 _STARTED, _LANDED = 0, 1                # the two counters (as in counter.py)
-
-
-def store_transport(environ=None) -> str:
-    """The transport ``ASYNCSGD_STORE`` names ("rma" when unset); ValueError for anything else (checked before a run
-    starts, so a typo is a usage error and not a traceback from inside the job)."""
-    environ = os.environ if environ is None else environ
-    chosen = environ.get(STORE_ENV) or "rma"
-    if chosen not in TRANSPORTS:
-        raise ValueError(f"{STORE_ENV}={chosen!r} is not a store transport: use one of {', '.join(TRANSPORTS)}")
-    return chosen
-
-
-def open_store(comm, n_params: int, *, transport: str | None = None, **kwargs):
-    """Return a ``ShardedParameters`` (``transport="rma"``) or a ``ServedParameters`` (``"messages"``).
-
-    ``transport=None`` reads ``ASYNCSGD_STORE`` (unset: "rma").  Every rank of ``comm`` must pick the same one.
-    The other keyword arguments are those of ``ShardedParameters``.
-    """
-    chosen = transport if transport is not None else store_transport()
-    if chosen not in TRANSPORTS:
-        raise ValueError(f"transport={chosen!r} is not a store transport: use one of {', '.join(TRANSPORTS)}")
-    cls = ServedParameters if chosen == "messages" else ShardedParameters
-    return cls(comm, n_params, **kwargs)
 
 
 class _Counters:

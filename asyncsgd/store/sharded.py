@@ -35,11 +35,11 @@ from bisect import bisect_left
 import numpy
 from mpi4py import MPI
 
-from ..mpiutil import polled_barrier
-from ..partition import contiguous_bounds
-from .counter import VersionCounter
-from .owner import WindowOwner
-from .progress import ProgressThread
+from asyncsgd.runtime.mpi import polled_barrier
+from asyncsgd.data.partition import contiguous_bounds
+from asyncsgd.rma.counter import VersionCounter
+from asyncsgd.rma.owner import WindowOwner
+from asyncsgd.rma.progress_thread import ProgressThread
 
 __all__ = ["ShardedParameters", "shard_bounds"]
 
@@ -57,7 +57,7 @@ _OWN_HISTORY = 1 << 16
 def shard_bounds(n_params: int, n_servers: int) -> tuple:
     """Split ``range(n_params)`` into ``n_servers`` contiguous ``(start, stop)`` shards whose sizes differ by <= 1.
 
-    The first ``n_params % n_servers`` shards hold one extra element (``asyncsgd.partition.contiguous_bounds``).
+    The first ``n_params % n_servers`` shards hold one extra element (``asyncsgd.data.partition.contiguous_bounds``).
     """
     n_params = _as_count(n_params, "n_params", minimum=1)
     n_servers = _as_count(n_servers, "n_servers", minimum=1)

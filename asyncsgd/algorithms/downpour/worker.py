@@ -1,0 +1,604 @@
+"""Downpour SGD (Dean et al. 2012, Algorithm 1.1) with Chan & Lane's sparse, momentum and staleness-decayed updates.
+
+Ranks 0..S-1 host the parameter shards (``ShardedParameters``); the other ranks are model replicas.  A replica
+fetches the parameters every ``n_fetch`` steps, takes local steps on its own slice of the training set, accrues the
+update, and pushes it every ``n_push`` steps with one-sided accumulates, never waiting for a server's CPU.  Rank 0
+also evaluates the test set every ``eval_every`` seconds, reports progress, and raises the stop flag on the job board
+when the target accuracy is reached.
+
+What a push carries:
+- ``--optimizer sgd``: the parameter delta the replica applied locally since its last push (momentum included),
+  scaled by the staleness weight;
+- ``--optimizer adagrad``: the accrued (momentum-smoothed) gradient; the store turns it into
+  ``-lr * g / sqrt(sum g^2 + eps)`` one-sidedly (DistBelief's Adagrad at the parameter server).
+With ``--sparsity F < 1`` only the largest-magnitude fraction F of (accrued + residual) is pushed; the rest stays in
+the residual for later pushes (error feedback), and the velocity of the pushed coordinates is cleared (momentum
+factor masking, Lin et al. 2018, Deep Gradient Compression).  A worker's last push is dense and carries accrued +
+residual whole, so everything a worker accrued reaches the store.
+
+The learning rate follows ``lr_schedule`` as a function of *global* progress: at each fetch a worker turns the
+store's version (pushes by every worker so far) into the fraction of the run done (asyncsgd.schedule.global_progress),
+so asynchronous replicas decay together whatever their own speed; two workers that fetched the same version apply
+the same rate.
+
+Staleness tau of a push: the other workers' pushes that started before it and had not landed when this worker's
+last fetch began (``ShardedParameters.push`` states the bound); a worker's own pushes never count.
+
+``--sparse-block B`` makes sparse pushes choose whole blocks of B consecutive entries (``select_topk_blocks``): the
+store then sends a few long runs instead of scattered indices, which is what makes a sparse push cheap across a
+network (docs/NETWORK.md).
+
+``--overlap push|all`` (DistBelief's fetch and push threads): a worker's store calls run in a communication thread
+(``overlap.CommThread``, calls in submission order) while it computes.
+- ``push``: the push travels while the next steps compute.  A fetch is submitted at its fetch point ahead of the
+  push just prepared and waited for, so the parameters are as fresh as inline and tau as small.
+- ``all``: the fetch too: at a fetch point the worker applies the fetch it submitted at the previous fetch point and
+  submits the next one, so nothing waits for the network but the parameters are one fetch interval older (tau
+  grows by about the pushes of one interval).
+Either way the replica computes on the fetched parameters plus its own local steps that the fetch cannot hold
+(``since_fetch``: those after the last push queued ahead of the fetch).  A push's base version is the version of
+the fetch applied before its steps and its ticket is taken when the thread starts it, so tau keeps its bound; the
+final push is made inline after everything submitted has landed, so the store ends at the same sum as inline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import numpy
+
+from asyncsgd.data import BatchStream
+from asyncsgd.data.augment import make_augmenter
+from asyncsgd.ulfm import primitives as ft
+from asyncsgd.runtime.faults import fault_point
+from asyncsgd.runtime.mpi import polled_barrier
+from asyncsgd.schedule import RunBudget, global_progress
+from asyncsgd.backends.sparse import select_topk_blocks
+from asyncsgd.store import ShardedParameters, open_store
+from asyncsgd.rma.board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
+from asyncsgd.algorithms.common import (Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget,
+                    sgd_defaults)
+from asyncsgd.algorithms.downpour.recovery import Recovery
+from asyncsgd.algorithms.downpour.overlap import CommThread, overlap_mode, overlap_refusal
+from asyncsgd.algorithms.resume import Checkpointer
+
+__all__ = ["run", "DownpourWorker"]
+
+_FLAG_POLL_S = 0.01
+# Under --overlap the store tests the thread's transfers this often instead of spinning in a blocking Flush:
+# at 1 Gbit/s a socket drains about 60 KB in that time, far less than its buffer.
+_COMM_POLL_S = 0.0005
+
+
+def _progress(cfg, budget, version: int, start: float, samples_before: int) -> float:
+    """Global progress after ``version`` pushes (asyncsgd.schedule.global_progress); 0 without a budget."""
+    if budget is None:
+        return 0.0
+    return global_progress(version, budget, batch_size=cfg.batch_size, n_push=cfg.n_push,
+                           elapsed=time.monotonic() - start, samples_before=samples_before)
+
+
+class DownpourWorker:
+    """One model replica: local steps on its data, fetches and pushes against the store."""
+
+    def __init__(self, cfg, net, store: ShardedParameters, backend, *, seed: int, budget=None, start=None,
+                 samples_before: int = 0, overlap=None):
+        """``cfg`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
+        a constant rate); ``start`` the job's shared clock origin (time.monotonic() after the start barrier);
+        ``samples_before`` samples done before a resume (the store's version restarts at 0); ``overlap``
+        'off', 'push' or 'all' (None: ``cfg.overlap``; off, with a warning, where MPI's thread level does not
+        allow it)."""
+        self.cfg = cfg
+        self.schedule = cfg.lr_schedule.with_lr(cfg.lr)
+        self.budget = budget
+        self.start = time.monotonic() if start is None else start
+        self.samples_before = int(samples_before)
+        self.lr = self.schedule.rate(self.progress(0))  # updated at every fetch
+        self.net = net
+        self.store = store
+        self.backend = backend
+        self.xp = backend.xp
+        self.weight = cfg.staleness  # a callable tau -> factor (asyncsgd.options)
+        self.adagrad = cfg.optimizer == "adagrad"
+        self.velocity = self.xp.zeros_like(net.params)
+        self.accrued = self.xp.zeros_like(net.params)
+        # the residual lives where the accrual does: a GPU rank selects on the GPU and copies only the pairs
+        self.residual = self.xp.zeros_like(net.params) if cfg.sparsity < 1 else None
+        # staging buffer between the replica and the windows (pinned on a GPU rank so copies run at full speed);
+        # a replica whose parameters live in host memory fetches straight into them instead
+        self.host = backend.staging_buffer(net.n_params, numpy.float32)
+        self.params_on_host = isinstance(net.params, numpy.ndarray)
+        self.rng = numpy.random.default_rng(seed)
+        self.base_version = 0
+        self.first_version = -1  # the store version of the first fetch (after a warm start: at least its pushes)
+        self.steps = 0
+        self.pushes = 0
+        self.push_bytes = 0
+        self.pushed_entries = 0
+        self.skipped_nonfinite = 0
+        self.hist = numpy.zeros(HIST_BINS)
+        self.staleness_sum = 0
+        self.compute_s = 0.0
+        self.loss_ewma = None
+        self.resumed_samples = 0  # samples done before a resume: counted in budgets, not in rates
+        self._warned = False
+        self.sparse_block = int(getattr(cfg, "sparse_block", 1))
+        self.comm_thread = None
+        self.overlap = overlap_mode(getattr(cfg, "overlap", "off") if overlap is None else overlap)
+        if self.overlap != "off":
+            why = overlap_refusal()
+            if why is None:
+                self.comm_thread = CommThread()
+                store.poll_s = _COMM_POLL_S  # the thread sleeps while its data travels, leaving the CPU to compute
+                self.fetch_buf = backend.staging_buffer(net.n_params, numpy.float32)  # the thread's fetches
+                self.since_fetch = self.xp.zeros_like(net.params)  # own local steps since the pending fetch left
+                self._fetching = None  # Future of the fetch submitted at the last fetch point
+                self._pushing = None  # Future of the last push submitted
+                self._held = None  # 'push': a push prepared just before a fetch point, queued behind that fetch
+            else:
+                self.overlap = "off"
+                warnings.warn(f"--overlap is off: {why}", RuntimeWarning, stacklevel=2)
+
+    def progress(self, version: int) -> float:
+        """The run's global progress after ``version`` pushes by all workers (0 without a budget)."""
+        return _progress(self.cfg, self.budget, version, self.start, self.samples_before)
+
+    def fetch(self):
+        """Copy the store's parameters into the replica (DistBelief's 'fetch'); set the rate from the version."""
+        fault_point("fetch")
+        if self.comm_thread is not None:
+            (self._apply_prefetch if self.overlap == "all" else self._fetch_ahead_of_push)()
+        elif self.params_on_host:
+            self.base_version = self.store.fetch(self.net.params)
+        else:
+            self.base_version = self.store.fetch(self.host)
+            self.net.params[...] = self.backend.to_device(self.host)
+        if self.first_version < 0:
+            self.first_version = self.base_version
+        if self.budget is not None:
+            self.lr = self.schedule.rate(self.progress(self.base_version))
+
+    def _fetch_ahead_of_push(self):
+        """Overlap 'push': fetch now, ahead of the push held at the last push point (which then travels while the
+        next steps compute); the replica adds its steps since the last push queued before this fetch."""
+        fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
+        held, self._held = self._held, None
+        if held is not None:
+            self._pushing = self.comm_thread.submit(held)
+        version = fetching.result()
+        self.xp.add(self.backend.to_device(self.fetch_buf), self.since_fetch, out=self.net.params)
+        self.base_version = version
+        if held is not None:
+            self.since_fetch[...] = 0  # the held push's steps are behind this fetch in the queue, now in params
+
+    def _apply_prefetch(self):
+        """Overlap: take the fetch submitted at the last fetch point (the first one is waited for at once), add the
+        local steps taken since it left, and submit the next one behind any push already submitted."""
+        if self._fetching is None:
+            self.since_fetch[...] = 0
+            self._fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
+        version = self._fetching.result()
+        self._fetching = None
+        self.xp.add(self.backend.to_device(self.fetch_buf), self.since_fetch, out=self.net.params)
+        self.base_version = version
+        self.since_fetch[...] = 0
+        self._fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
+
+    def step(self, xb, yb) -> bool:
+        """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
+        cfg, xp = self.cfg, self.xp
+        fault_point("step")
+        t0 = time.perf_counter()
+        loss = self.net.loss_and_grad(self.backend.to_device(xb), self.backend.to_device(yb), rng=self.rng)
+        grads = self.net.grads
+        if not (numpy.isfinite(loss) and bool(xp.isfinite(grads).all())):
+            self.skipped_nonfinite += 1
+            if not self._warned:
+                warnings.warn(f"non-finite gradient at step {self.steps}: not pushed (skipped and counted; "
+                              f"lower --lr if this repeats)", RuntimeWarning, stacklevel=2)
+                self._warned = True
+            self.compute_s += time.perf_counter() - t0
+            return False
+        # v = momentum*v + g; params -= lr*v (one fused kernel on a GPU rank); Adagrad pushes the accrued v
+        self.backend.sgd_update(self.net.params, grads, lr=self.lr, momentum=cfg.momentum, velocity=self.velocity,
+                                accrued=self.accrued if self.adagrad else None)
+        if not self.adagrad:
+            self.accrued -= self.lr * self.velocity
+        if self.comm_thread is not None:
+            self.since_fetch -= self.lr * self.velocity  # the local step just taken (sgd_update's params -= lr*v)
+        self.compute_s += time.perf_counter() - t0
+        self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
+        return True
+
+    def push(self, *, final: bool = False):
+        """Send the accrued update to the store, scaled by the staleness weight; reset the accrual.
+
+        ``final``: the worker's last push.  In sparse mode it folds the residual into the accrual and pushes the
+        sum densely, so nothing held back by error feedback is lost when the worker returns.
+        """
+        fault_point("push")
+        cfg = self.cfg
+        inline = self.comm_thread is None or final
+        if self.comm_thread is not None:
+            self._collect_push()  # its buffers are free again, its tau counted
+            if final:
+                self.drain()
+        if final and self.residual is not None:
+            self.accrued += self.residual
+            self.residual[...] = 0
+        base, weight = self.base_version, self.weight
+        if self.residual is not None and not final:
+            if self.sparse_block > 1:
+                idx_dev, vals = select_topk_blocks(self.accrued, cfg.sparsity, self.residual, self.sparse_block)
+            else:
+                idx_dev, vals = self.backend.select_topk(self.accrued, cfg.sparsity, self.residual)
+            # momentum factor masking (Deep Gradient Compression): the velocity of coordinates just pushed is
+            # cleared, so their delayed update is not pushed again through the momentum of later steps; without
+            # it, sparse pushes with momentum 0.9 diverged in about one run in four on synthetic data
+            self.velocity[idx_dev] = 0
+            idx, vals = self.backend.to_host(idx_dev), self.backend.to_host(vals)  # fresh arrays every push
+            if self.adagrad:
+                def call(lr=self.lr):
+                    return self.store.push_adagrad_sparse(idx, vals, lr, cfg.adagrad_eps, base_version=base,
+                                                          weight=weight)
+            else:
+                def call():
+                    return self.store.push_sparse(idx, vals, base_version=base, weight=weight)
+            self.push_bytes += idx.nbytes + vals.nbytes
+            self.pushed_entries += idx.size
+        else:
+            # GPU: synchronises, then copies; the host buffer is the pushes' alone under overlap (fetch_buf fetches)
+            update = self.backend.to_host(self.accrued, out=self.host)
+            if self.adagrad:
+                def call(lr=self.lr):
+                    return self.store.push_adagrad(update, lr, cfg.adagrad_eps, base_version=base, weight=weight)
+            else:
+                def call():
+                    return self.store.push(update, base_version=base, weight=weight)
+            self.push_bytes += update.nbytes
+            self.pushed_entries += update.size
+        if inline:
+            self._count_tau(call())
+        elif self.overlap == "push" and self.steps % cfg.n_fetch == 0:
+            self._held = call  # a fetch comes next: it goes first (fresh parameters), this push right behind it
+        else:
+            self._pushing = self.comm_thread.submit(call)
+            if self.overlap == "push":
+                self.since_fetch[...] = 0  # the next fetch will hold these steps
+        self.accrued[...] = 0
+        self.pushes += 1
+
+    def _count_tau(self, tau: int):
+        self.staleness_sum += tau
+        self.hist[min(tau, HIST_BINS - 1)] += 1
+
+    def _collect_push(self):
+        """Overlap: wait for the push in flight (re-raising its error) and count its staleness."""
+        if self._pushing is not None:
+            pushing, self._pushing = self._pushing, None
+            self._count_tau(pushing.result())
+
+    def drain(self):
+        """Overlap: wait until every push (held ones too) has landed and the pending fetch has ended (no-op inline)."""
+        if self.comm_thread is None:
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            self._collect_push()
+            self._pushing = self.comm_thread.submit(held)
+        self._collect_push()
+        if self._fetching is not None:
+            fetching, self._fetching = self._fetching, None
+            fetching.result()
+
+    def finish(self):
+        """Push what is left when the worker stops: the accrual since the last push and, sparse, the residual.
+
+        Overlap: everything submitted lands first and the final push is made inline; the thread ends."""
+        if self.steps % self.cfg.n_push != 0 or self.residual is not None:
+            self.push(final=True)
+        self.close()
+
+    def close(self):
+        """Overlap: wait for what was submitted and end the communication thread (idempotent; no-op inline)."""
+        if self.comm_thread is not None:
+            try:
+                self.drain()
+            finally:
+                self.comm_thread.close()
+
+    def stats(self, samples: int, elapsed: float, done: bool = False) -> dict:
+        return {"steps": self.steps, "samples": samples, "pushes": self.pushes, "push_bytes": self.push_bytes,
+                "pushed_entries": self.pushed_entries, "skipped_nonfinite": self.skipped_nonfinite,
+                "loss": self.loss_ewma if self.loss_ewma is not None else float("nan"),
+                "staleness_sum": self.staleness_sum, "done": float(done), "compute_s": self.compute_s,
+                "elapsed_s": elapsed, "resumed_samples": self.resumed_samples, "first_version": self.first_version}
+
+
+# DistBelief's warm start by default: one replica alone over the first 9% of the run, then all of them.  Measured on
+# FSDD with 5 workers (30 epochs, 200 warm steps, docs/SCHEDULES.md section 10): selected-model test accuracy
+# 0.993-1.000 on seeds 10-14 against 0.983-1.000 without; asynchronous steps hurt most from the random start, where
+# gradients are large and change fastest, and a replica alone takes them without staleness.
+WARM_START_FRACTION = 0.09
+
+
+def warm_start_steps(cfg, stop, *, n_train: int, workers: int, resumed: bool) -> int:
+    """Return the steps worker 0 takes alone first: ``cfg.warm_start_steps``, or when it is None the first
+    ``WARM_START_FRACTION`` of the run's samples (epochs or steps; none for a run bounded only in time) in steps of
+    ``cfg.batch_size``; 0 with one worker and for a resumed run (it starts from a trained model)."""
+    if resumed or workers < 2:
+        return 0
+    if cfg.warm_start_steps is not None:
+        return int(cfg.warm_start_steps)
+    if stop.epochs is None and stop.steps is None:
+        return 0
+    total = RunBudget.from_limits(n_train=n_train, batch_size=cfg.batch_size, workers=workers, epochs=stop.epochs,
+                                  steps=stop.steps).total_samples
+    return int(round(WARM_START_FRACTION * total / cfg.batch_size))
+
+
+def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
+                 budget=None, samples_before=0, guard=None):
+    src = split.src
+    x, y = split.share(worker, n_workers)  # never a validation row
+    # re-seeded from the position, so a resumed worker does not replay the order it already saw
+    stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done))
+    overlap = overlap_mode(getattr(cfg, "overlap", "off"))
+    if overlap != "off" and guard is not None:
+        warnings.warn(f"--overlap is off: {overlap_refusal(fault_tolerant=True)}", RuntimeWarning, stacklevel=2)
+        overlap = "off"
+    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done,
+                             budget=budget, start=start, samples_before=samples_before, overlap=overlap)
+    augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
+    stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
+    samples = replica.resumed_samples = samples_done
+    last_publish = 0.0
+    warm = cfg.warm_start_steps if worker == 0 else 0  # run() set it to 0 for a resumed run
+    if guard is not None:  # what a recovery needs from this worker: its replica, the freshest it has
+        guard.replica = lambda: (backend.to_host(net.params).astype(numpy.float32, copy=True), replica.base_version)
+    if worker != 0 and cfg.warm_start_steps > 0:
+        # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag (a
+        # recovery that loses that replica raises the flag: Recovery._move_rows)
+        while board.flag(FLAG_WARM_DONE) == 0 and board.flag(FLAG_STOP) == 0:
+            time.sleep(_FLAG_POLL_S)
+            if guard is not None and guard.check():  # a safe point before any step, as in the loop below
+                board, share = _rejoin(guard, replica, cfg, stop_opts, split, start, samples)
+                if share is None:
+                    break
+                worker, n_workers, stream, stop = share
+    promoted = guard is not None and guard.role.kind == "server"  # while waiting: now hosts a dead server's shard
+    for xb, yb in (() if promoted else stream):
+        if replica.steps % cfg.n_fetch == 0:
+            replica.fetch()
+        replica.step(augment(xb), yb)
+        replica.steps += 1
+        samples += len(yb)
+        if replica.steps % cfg.n_push == 0:
+            replica.push()
+        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+            board, share = _rejoin(guard, replica, cfg, stop_opts, split, start, samples)
+            if share is None:
+                break  # this worker now hosts a dead server's shard
+            worker, n_workers, stream, stop = share
+            replica.fetch()  # versions of the rebuilt store; the accrual since the last push is still pushed
+            last_publish = 0.0
+        if warm and replica.steps == warm:
+            board.set_flag(FLAG_WARM_DONE)
+        now = stop.elapsed()
+        if stop.done(samples, replica.steps):
+            break
+        if now - last_publish >= 0.5:
+            board.publish(worker, replica.stats(samples, now), replica.hist)
+            last_publish = now
+            if board.flag(FLAG_STOP):
+                break
+    replica.finish()
+    if guard is not None and guard.role.kind == "server":
+        return  # its row was retired by rank 0 at the recovery
+    if warm and replica.steps < warm:
+        board.set_flag(FLAG_WARM_DONE)  # ended before the warm start did: release the others
+    board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
+
+
+def _rejoin(guard, replica, cfg, stop_opts, split, start, samples):
+    """After a recovery at a worker's safe point: point the replica at the rebuilt store; return the rebuilt board
+    and, while this rank is still a worker, its ``(worker, n_workers, stream, stop)`` over the survivors' share
+    (None: it now hosts a dead server's shard)."""
+    replica.store = guard.store
+    if guard.role.kind == "server":
+        return guard.board, None
+    worker, n_workers = guard.role.index, guard.n_workers
+    stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
+    return guard.board, (worker, n_workers, stream, stop)
+
+
+def _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples):
+    """After a worker died: this worker's share of the training rows over the survivors (they cover it all again)."""
+    x, y = split.share(worker, n_workers)  # never a validation row
+    stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples))
+    return stream, StopRule(stop_opts, samples_per_epoch=len(y), start=start)
+
+
+def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_workers, reporter, start, checkpointer,
+                  budget=None, samples_before=0, guard=None):
+    """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record
+    and the Evaluations (its tracker holds the best model)."""
+    evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience,
+                           selection_margin=cfg.selection_margin)
+    stop = StopRule(stop_opts, samples_per_epoch=split.n_train, start=start)
+    schedule = cfg.lr_schedule.with_lr(cfg.lr)
+    last_eval = time.monotonic()
+    last_samples, last_time = 0, 0.0
+    record = {}
+    time_to_target = None
+    while True:
+        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+            store, board = guard.store, guard.board
+        stats, hist = board.rows() if guard is None else guard.rows()
+        all_done = all(s["done"] for s in stats)
+        if all_done or time.monotonic() - last_eval >= cfg.eval_every:
+            # the rate workers apply now: what a worker fetching the current version computes
+            lr = schedule.rate(_progress(cfg, budget, store.version(), start, samples_before))
+            snapshot = store.read_all()  # one snapshot: scored on both sets and, if best, kept
+            elapsed = stop.elapsed()
+            figures = evaluate(snapshot, time=elapsed, samples=int(sum(s["samples"] for s in stats)))
+            last_eval = time.monotonic()
+            record = _record(stats, hist, elapsed, figures["test_loss"], figures["test_accuracy"], last_samples,
+                             last_time, eval_net.n_params)
+            record.update(figures, lr=lr)
+            last_samples, last_time = record["samples"], record["time"]
+            record["fraction_done"] = stop.fraction(record["samples"],
+                                                    min((s["steps"] for s in stats), default=0))
+            if reporter is not None:
+                reporter.record(record)
+            acc = evaluate.deciding_accuracy
+            if stop.target is not None and acc >= stop.target and time_to_target is None:
+                time_to_target = record["time"]
+                stop.reason = stop.reason or "target-accuracy"
+                board.set_flag(FLAG_STOP)
+            if evaluate.should_stop and not all_done and stop.reason is None:
+                stop.stop_early()
+                board.set_flag(FLAG_STOP)
+            if all_done:
+                record["last_params"] = snapshot
+                break
+        if checkpointer.due():
+            _checkpoint(cfg, store, checkpointer, stats)
+        time.sleep(0.05)
+    record["time_to_target"] = time_to_target
+    # without a target or early stop, the workers ended on their own limits
+    record["stop_reason"] = stop.reason or ("epochs" if stop_opts.epochs is not None else
+                                            "steps" if stop_opts.steps is not None else "time-limit")
+    return record, stats, hist, evaluate
+
+
+def _checkpoint(cfg, store, checkpointer, stats):
+    """Save the store's state (read one-sidedly while workers keep pushing) and each worker's position."""
+    state = {"adagrad_sums": store.adagrad_sums()} if cfg.optimizer == "adagrad" else {}
+    checkpointer.save(params=store.read_all(), state=state, version=store.version(),
+                      data_position={"worker_samples": [int(s["samples"]) for s in stats]})
+
+
+def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time, n_params):
+    samples = int(sum(s["samples"] for s in stats))
+    pushes = int(sum(s["pushes"] for s in stats))
+    total_hist = hist.sum(axis=0)
+    entries = sum(s["pushed_entries"] for s in stats)
+    losses = [s["loss"] for s in stats if numpy.isfinite(s["loss"])]
+    dt = max(elapsed - last_time, 1e-9)
+    return {
+        "time": elapsed, "samples": samples, "loss": float(numpy.mean(losses)) if losses else None,
+        "test_loss": test_loss, "test_accuracy": acc,
+        "samples_per_s": (samples - last_samples) / dt,
+        "per_worker_samples_per_s": [(s["samples"] - s["resumed_samples"]) / max(s["elapsed_s"], 1e-9)
+                                     for s in stats],
+        "pushes": pushes, "staleness_mean": float(sum(s["staleness_sum"] for s in stats) / max(pushes, 1)),
+        "staleness_hist": total_hist.astype(int).tolist()[:16],
+        "push_bytes": int(sum(s["push_bytes"] for s in stats)),
+        "push_density": float(entries) / max(pushes * n_params, 1),  # fraction of the parameters per push
+        "skipped_nonfinite": int(sum(s["skipped_nonfinite"] for s in stats)),
+    }
+
+
+def _percentile_from_hist(hist, q):
+    cum = numpy.cumsum(hist)
+    if cum[-1] == 0:
+        return 0
+    return int(numpy.searchsorted(cum, q * cum[-1]))
+
+
+def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
+    """Run Downpour (DownpourOptions ``cfg``) on every rank of ``comm`` until ``stop``; return the summary dict on
+    rank 0 (None elsewhere).
+
+    ``net`` is this rank's network, built from the same seed on every rank: a worker's replica, rank 0's evaluator,
+    and on every server the source of the initial parameters.  ``resume`` is a loaded checkpoint to continue from
+    (every rank gets it), or None.
+    """
+    n_servers = cfg.servers
+    n_workers = comm.size - n_servers
+    cfg, stop_opts = sgd_defaults(cfg, stop, model_name, async_replicas=n_workers)
+    rank = comm.rank
+    init = net
+    initial = (backend.to_host(net.params) if rank < n_servers else None) if resume is None else resume.params
+    done = [0] * n_workers
+    if resume is not None:
+        saved = resume.data_position.get("worker_samples", [])
+        # the same workers continue where they were; another worker count shares the samples done evenly
+        done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
+    checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": cfg.seed})
+    split = TrainingSplit(src, cfg.validation, cfg.seed)  # the same on every rank; workers read only training rows
+    # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
+    schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
+    cfg = dataclasses.replace(cfg, warm_start_steps=warm_start_steps(cfg, stop_opts, n_train=split.n_train,
+                                                                     workers=n_workers, resumed=resume is not None))
+    fault_tolerant = ft.for_options(cfg)
+    store = open_store(comm, init.n_params, n_servers=n_servers, initial=initial,  # ASYNCSGD_STORE picks
+                       adagrad=cfg.optimizer == "adagrad")
+    board = JobBoard(comm, n_workers)
+    # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
+    # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.
+    guard = Recovery(comm, enabled=fault_tolerant, store=store, board=board, n_servers=n_servers, start=0.0,
+                     reporter=reporter, checkpoint_path=checkpointer.path, kill_ranks=cfg.kill_ranks)
+    try:
+        if rank == 0 and resume is not None and "adagrad_sums" in resume.state:
+            store.load(resume.params, resume.state["adagrad_sums"])  # before any worker starts pushing
+        polled_barrier(comm)
+        start = guard.start = time.monotonic()
+        guard.arm_kill(cfg.kill_ranks.get(rank))
+        ft_guard = guard if fault_tolerant else None
+        result = None
+        if rank >= n_servers:
+            _worker_loop(cfg, stop_opts, net, split, backend, store, board, rank - n_servers, n_workers, start,
+                         samples_done=int(done[rank - n_servers]), budget=budget, samples_before=int(sum(done)),
+                         guard=ft_guard)
+        elif rank == 0:
+            record, stats, hist, evaluate = _monitor_loop(cfg, stop_opts, net, split, backend, store, board,
+                                                          n_workers, reporter, start, checkpointer, budget=budget,
+                                                          samples_before=int(sum(done)), guard=ft_guard)
+            store = guard.store
+            if checkpointer.path:
+                _checkpoint(cfg, store, checkpointer, stats)  # the final one
+            wall = time.monotonic() - start
+            params = record.pop("last_params")  # the final evaluation's snapshot: every worker had returned
+            total_hist = hist.sum(axis=0)
+            result = evaluate.finish({
+                "mode": "downpour", "model": model_name, "data": src.name, "workers": n_workers,
+                "servers": n_servers, "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
+                "final_loss": record["loss"], "samples": record["samples"],
+                "samples_per_s": (record["samples"] - sum(done)) / wall, "wall_s": wall,
+                "epochs": record["samples"] / split.n_train, "steps": int(sum(s["steps"] for s in stats)),
+                "pushes": record["pushes"], "push_bytes": record["push_bytes"],
+                "push_density": record["push_density"],
+                "staleness_mean": record["staleness_mean"],
+                "staleness_p95": _percentile_from_hist(total_hist, 0.95),
+                "staleness_hist": total_hist.astype(int).tolist(),
+                "skipped_nonfinite": record["skipped_nonfinite"],
+                "per_worker_samples_per_s": record["per_worker_samples_per_s"],
+                "per_worker_compute_samples_per_s": [(s["samples"] - s["resumed_samples"]) / max(s["compute_s"], 1e-9)
+                                                     for s in stats],
+                "time_to_target": record["time_to_target"], "n_params": int(init.n_params),
+                "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
+                "layout": init.param_layout(), "stop_reason": record["stop_reason"],
+                "lr_schedule": str(schedule), "final_lr": record["lr"],
+                **options_as_trained(cfg),
+                "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
+                            if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
+                "sparse_block": int(getattr(cfg, "sparse_block", 1)),
+                # the warm start as it happened: worker 0 alone for these steps, then each worker's first fetch
+                "warm_start_steps": int(cfg.warm_start_steps),
+                "first_fetch_versions": [int(s["first_version"]) for s in stats],
+            }, params)
+            if cfg.optimizer == "adagrad":
+                result["adagrad_sums"] = store.adagrad_sums()
+            result.update(guard.summary())
+        fault_point("end")
+        # Servers other than rank 0 only host shards: they wait here, sleeping, with their progress thread running
+        # (and, with fault tolerance, their heartbeat; a failure here is recovered and the meeting rerun).
+        guard.final_meet()
+    except BaseException as exc:
+        guard.free(type(exc))
+        raise
+    guard.free()
+    return result
