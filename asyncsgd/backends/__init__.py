@@ -4,7 +4,9 @@
 moves, pinned staging, top-k selection, the optimizer step and the network primitives.  The numpy code is the
 reference; the GPU overrides it with CUDA kernels (thinc's Ops pattern):
 
-- ``numpy_ops``: ``NumpyOps``, the base (layer primitives, the fused conv + max pool, optimizer steps);
+- ``numpy_ops``: ``NumpyOps``, the base (moves, optimizer step, layout, elementwise, dense and loss), built from
+  the mixins ``conv`` (``ConvOps``: convolutions and their one GEMM helper), ``conv_pool`` (``ConvPoolOps``: the
+  fused conv + max pool) and ``pooling`` (``PoolOps``); ``workspace``: the ``ws`` buffers and window sizes;
 - ``cpu_kernels``: the optional compiled C kernels of the fused conv + pool (``_asyncsgd_cpu``);
 - ``threads``: intra-op threads that split a batch into parts;
 - ``sparse``: top-k selection with error feedback, scatter-add and the fused local update on the CPU;

@@ -25,7 +25,7 @@ import numpy
 
 from asyncsgd.backends import device as _device
 from asyncsgd.backends import cuda_kernels as kernels
-from asyncsgd.backends.sparse import topk_count
+from asyncsgd.backends.sparse import check_vector, topk_count
 
 __all__ = ["select_topk", "scatter_add", "fused_update", "find_threshold", "key_dtype", "KEY_END"]
 
@@ -115,22 +115,6 @@ def _cupy():
     return cupy
 
 
-def _check_vector(cupy, name, a, dtype=None, n=None):
-    """Raise TypeError/ValueError unless ``a`` is a 1-D C-contiguous float32/float64 cupy array (of dtype, length n)."""
-    if not isinstance(a, cupy.ndarray):
-        raise TypeError(f"{name} must be a cupy.ndarray on the GPU, got {type(a).__module__}.{type(a).__name__}")
-    if a.dtype not in (numpy.float32, numpy.float64):
-        raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
-    if dtype is not None and a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {numpy.dtype(dtype)} like the other arrays, got {a.dtype}")
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if n is not None and a.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) like the parameter vector, got {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (pass cupy.ascontiguousarray({name}))")
-
-
 # ------------------------------------------------------------------ selection
 
 def _gpu_counter(cupy, residual, n):
@@ -158,9 +142,9 @@ def select_topk(accrued, fraction: float, residual, *, tolerance: float = 0.0, s
     ``m == k`` when ``tolerance == 0`` and ``k <= m <= k + floor(tolerance*k)`` otherwise.
     """
     cupy = _cupy()
-    _check_vector(cupy, "accrued", accrued)
+    check_vector("accrued", accrued, xp=cupy)
     n = accrued.shape[0]
-    _check_vector(cupy, "residual", residual, accrued.dtype, n)
+    check_vector("residual", residual, accrued.dtype, n, xp=cupy)
     if not 0.0 <= tolerance:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
     k = topk_count(n, fraction)
@@ -199,8 +183,8 @@ def scatter_add(dense, idx, values, *, check_bounds: bool = True):
     ``0 <= idx < n`` first (one small reduction and a synchronisation); the kernel never writes outside dense.
     """
     cupy = _cupy()
-    _check_vector(cupy, "dense", dense)
-    _check_vector(cupy, "values", values, dense.dtype)
+    check_vector("dense", dense, xp=cupy)
+    check_vector("values", values, dense.dtype, xp=cupy)
     if not isinstance(idx, cupy.ndarray) or idx.dtype != numpy.int64:
         raise TypeError(f"idx must be a cupy int64 array, got {getattr(idx, 'dtype', type(idx).__name__)}")
     if idx.shape != values.shape or not idx.flags.c_contiguous:
@@ -229,14 +213,14 @@ def fused_update(params, grad, *, lr: float, momentum: float = 0.0, velocity=Non
     All arrays (n,) cupy of one float dtype, C-contiguous; velocity, sum_sq and accrued optional.
     """
     cupy = _cupy()
-    _check_vector(cupy, "params", params)
+    check_vector("params", params, xp=cupy)
     n, dtype = params.shape[0], params.dtype
-    _check_vector(cupy, "grad", grad, dtype, n)
+    check_vector("grad", grad, dtype, n, xp=cupy)
     flags = 0
     for name, a, flag in (("velocity", velocity, _MOMENTUM), ("sum_sq", sum_sq, _ADAGRAD),
                           ("accrued", accrued, _ACCRUE)):
         if a is not None:
-            _check_vector(cupy, name, a, dtype, n)
+            check_vector(name, a, dtype, n, xp=cupy)
             flags |= flag
     if velocity is None and momentum != 0.0:
         raise ValueError("momentum != 0 needs a velocity array to keep between steps")

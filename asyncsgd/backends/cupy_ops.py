@@ -1,6 +1,6 @@
 """CupyOps: the compute object of a GPU rank, with the kernels of ``kernels/*.cu``.
 
-A ``NumpyOps`` subclass (asyncsgd/backends/numpy_ops.py states every contract).  It overrides only what differs or what its
+A ``NumpyOps`` subclass (``asyncsgd.backends.numpy_ops`` and its mixins state every contract).  It overrides only what differs or what its
 kernels speed up: host/device moves and pinned staging buffers, top-k selection and the fused optimizer step
 (``kernels/sparse.cu``, ``kernels/update.cu`` through ``asyncsgd.backends.cuda_sparse``), and the convolution and pooling
 methods, whose numpy versions rely on ``as_strided`` views or one pass per window offset.  Everything else (ReLU,
@@ -16,7 +16,8 @@ import numpy
 
 from asyncsgd.backends import device as _device
 from asyncsgd.backends import cuda_kernels as kernels
-from asyncsgd.backends.numpy_ops import NumpyOps, cached_buffer, conv_output_size, pair
+from asyncsgd.backends.numpy_ops import NumpyOps
+from asyncsgd.backends.workspace import cached_buffer, conv_output_size, pair
 
 __all__ = ["CupyOps"]
 
@@ -200,54 +201,28 @@ class CupyOps(NumpyOps):
     # ---- pooling --------------------------------------------------------------------------------------------------
     def maxpool_forward(self, x, size, stride, ws=None):
         """NumpyOps.maxpool_forward in one kernel: y (C, N, Ho, Wo) and the uint8 window offset of each maximum."""
-        xp = self.xp
         ws = {} if ws is None else ws
-        self._check("x", x, 4, contiguous=False)
-        (kh, kw), (sh, sw), (ho, wo) = self._pool_shape(x.shape, size, stride, "maxpool")
-        if kh * kw > 256:
-            raise ValueError(f"maxpool: a {kh}x{kw} window has more offsets than the uint8 argmax can hold "
-                             f"(at most 256)")
-        x = xp.ascontiguousarray(x)
-        c, n, h, wd = x.shape
-        y = cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
-        arg = cached_buffer(ws, "arg", (c, n, ho, wo), numpy.uint8, xp)
-        kernels.kernel("pool", "maxpool_forward", x.dtype)(
-            (kernels.launch_blocks(y.size),), (kernels.THREADS,),
-            (x, y, arg) + _ints(c, n, h, wd, kh, kw, sh, sw, ho, wo))
-        return y, (x.shape, (kh, kw), (sh, sw), arg)
-
-    def _pool_dy(self, dy, pooled_shape):
-        self._check("dy", dy, 4, contiguous=False)
-        if dy.shape != tuple(pooled_shape):
-            raise ValueError(f"pool backward: dy must have the pooled shape {tuple(pooled_shape)}, got {dy.shape}")
-        return self.xp.ascontiguousarray(dy)
+        x, window, step, y = self._pool_input(x, size, stride, "maxpool", ws)
+        arg = cached_buffer(ws, "arg", y.shape, numpy.uint8, self.xp)
+        self._pool_kernel("maxpool_forward", (x, y, arg), y, x.shape, window, step, y.shape[2:])
+        return y, (x.shape, window, step, arg)
 
     def maxpool_backward(self, dy, cache, ws=None):
         """NumpyOps.maxpool_backward in one gathering kernel: dx (C, N, H, W), every element written."""
         ws = {} if ws is None else ws
-        xshape, (kh, kw), (sh, sw), arg = cache
+        xshape, window, step, arg = cache
         dy = self._pool_dy(dy, arg.shape)
-        c, n, h, wd = xshape
-        _, _, ho, wo = dy.shape
         dx = cached_buffer(ws, "dx", xshape, dy.dtype, self.xp)
-        kernels.kernel("pool", "maxpool_backward", dy.dtype)(
-            (kernels.launch_blocks(dx.size),), (kernels.THREADS,),
-            (dy, arg, dx) + _ints(c, n, h, wd, kh, kw, sh, sw, ho, wo))
+        self._pool_kernel("maxpool_backward", (dy, arg, dx), dx, xshape, window, step, dy.shape[2:])
         return dx
 
     def avgpool_forward(self, x, size, stride, ws=None):
         """NumpyOps.avgpool_forward in one kernel (same summation order and scale rounding: equal bit for bit)."""
-        xp = self.xp
         ws = {} if ws is None else ws
-        self._check("x", x, 4, contiguous=False)
-        (kh, kw), (sh, sw), (ho, wo) = self._pool_shape(x.shape, size, stride, "avgpool")
-        x = xp.ascontiguousarray(x)
-        c, n, h, wd = x.shape
-        y = cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, xp)
-        kernels.kernel("pool", "avgpool_forward", x.dtype)(
-            (kernels.launch_blocks(y.size),), (kernels.THREADS,),
-            (x, y) + _ints(c, n, h, wd, kh, kw, sh, sw, ho, wo) + (x.dtype.type(1.0 / (kh * kw)),))
-        return y, (x.shape, (kh, kw), (sh, sw))
+        x, window, step, y = self._pool_input(x, size, stride, "avgpool", ws)
+        self._pool_kernel("avgpool_forward", (x, y), y, x.shape, window, step, y.shape[2:],
+                          x.dtype.type(1.0 / (window[0] * window[1])))
+        return y, (x.shape, window, step)
 
     def avgpool_backward(self, dy, cache, ws=None):
         """NumpyOps.avgpool_backward in one gathering kernel: dx (C, N, H, W), every element written."""
@@ -257,7 +232,29 @@ class CupyOps(NumpyOps):
         pooled = (c, n, conv_output_size(h, kh, sh, 0), conv_output_size(wd, kw, sw, 0))
         dy = self._pool_dy(dy, pooled)
         dx = cached_buffer(ws, "dx", xshape, dy.dtype, self.xp)
-        kernels.kernel("pool", "avgpool_backward", dy.dtype)(
-            (kernels.launch_blocks(dx.size),), (kernels.THREADS,),
-            (dy, dx) + _ints(c, n, h, wd, kh, kw, sh, sw, pooled[2], pooled[3]) + (dy.dtype.type(1.0 / (kh * kw)),))
+        self._pool_kernel("avgpool_backward", (dy, dx), dx, xshape, (kh, kw), (sh, sw), pooled[2:],
+                          dy.dtype.type(1.0 / (kh * kw)))
         return dx
+
+    def _pool_input(self, x, size, stride, kind, ws):
+        """Check x (C, N, H, W) of a ``kind`` pooling; return (contiguous x, (kh, kw), (sh, sw), y buffer)."""
+        self._check("x", x, 4, contiguous=False)
+        window, step, (ho, wo) = self._pool_shape(x.shape, size, stride, kind)
+        x = self.xp.ascontiguousarray(x)
+        c, n, _, _ = x.shape
+        return x, window, step, cached_buffer(ws, "y", (c, n, ho, wo), x.dtype, self.xp)
+
+    def _pool_dy(self, dy, pooled_shape):
+        self._check("dy", dy, 4, contiguous=False)
+        if dy.shape != tuple(pooled_shape):
+            raise ValueError(f"pool backward: dy must have the pooled shape {tuple(pooled_shape)}, got {dy.shape}")
+        return self.xp.ascontiguousarray(dy)
+
+    @staticmethod
+    def _pool_kernel(name, arrays, out, xshape, window, step, pooled, *scalars):
+        """Launch ``name`` of kernels/pool.cu, one thread per element of ``out``, with the arguments every pooling
+        kernel takes: ``arrays``, then C, N, H, W, kh, kw, sh, sw, Ho, Wo as int32, then ``scalars``."""
+        c, n, h, wd = xshape
+        kernels.kernel("pool", name, out.dtype)(
+            (kernels.launch_blocks(out.size),), (kernels.THREADS,),
+            tuple(arrays) + _ints(c, n, h, wd, *window, *step, *pooled) + scalars)

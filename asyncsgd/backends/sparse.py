@@ -17,8 +17,8 @@ Contracts (all arrays 1-D and C-contiguous, float32 or float64; ``n`` = vector l
   and the target ``block`` times fewer entries than scattered indices (docs/NETWORK.md).  numpy or CuPy arrays.
 - ``scatter_add(dense, idx, values)``: ``dense[idx] += values`` in place; repeated indices are summed.
 - ``fused_update(params, grad, lr=..., ...)``: one local step of a replica (momentum, Adagrad, staleness weight).
-- ``adagrad_step(grad, old_sum_sq, lr, eps, weight) -> step``: the step a worker pushes after ``Get_accumulate``
-  returned the store's old sums of squares.
+  The Adagrad step a worker pushes to the store is ``asyncsgd.store.base.adagrad_step``: this update's change of
+  the parameters with no momentum, bit for bit.
 """
 from __future__ import annotations
 
@@ -26,30 +26,30 @@ import math
 
 import numpy
 
-__all__ = ["topk_count", "select_topk", "select_topk_blocks", "scatter_add", "fused_update", "adagrad_step"]
+__all__ = ["topk_count", "select_topk", "select_topk_blocks", "scatter_add", "fused_update"]
 
 # Above this size select_topk estimates the threshold from a sample and partitions only the candidates above it.
 _SAMPLE_MIN_N = 1 << 16
 _SAMPLE_SIZE = 1 << 14
 
 
-def _check_vector(name, a, dtype=None):
-    """Raise TypeError/ValueError unless ``a`` is a 1-D C-contiguous float32/float64 numpy array (of ``dtype``)."""
-    if not isinstance(a, numpy.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+def check_vector(name, a, dtype=None, n=None, *, xp=numpy):
+    """Raise TypeError/ValueError unless ``a`` is a 1-D C-contiguous float32/float64 array of ``xp`` (numpy, or cupy
+    for ``asyncsgd.backends.cuda_sparse``), of ``dtype`` and length ``n`` when they are given."""
+    module = "numpy" if xp is numpy else "cupy"   # a test's CPU emulation of CuPy has another module name
+    if not isinstance(a, xp.ndarray):
+        where = "" if xp is numpy else " on the GPU"
+        raise TypeError(f"{name} must be a {module}.ndarray{where}, got {type(a).__module__}.{type(a).__name__}")
     if a.dtype not in (numpy.float32, numpy.float64):
         raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {numpy.dtype(dtype)} like the other arrays, got {a.dtype}")
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (pass numpy.ascontiguousarray({name}))")
-
-
-def _check_same_length(name, a, n):
-    if a.shape != (n,):
+    if n is not None and a.shape[0] != n:
         raise ValueError(f"{name} must have shape ({n},) like the parameter vector, got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (pass {module}.ascontiguousarray({name}))")
 
 
 def topk_count(n: int, fraction: float) -> int:
@@ -71,10 +71,9 @@ def select_topk(accrued, fraction: float, residual, *, rng=None):
     ``rng`` (numpy Generator) only picks the sample used to estimate the threshold; the result does not depend on it
     except in the order of ties.
     """
-    _check_vector("accrued", accrued)
-    _check_vector("residual", residual, accrued.dtype)
+    check_vector("accrued", accrued)
     n = accrued.shape[0]
-    _check_same_length("residual", residual, n)
+    check_vector("residual", residual, accrued.dtype, n)
     k = topk_count(n, fraction)
     numpy.add(residual, accrued, out=residual)
     v = residual
@@ -101,9 +100,8 @@ def select_topk_blocks(accrued, fraction: float, residual, block: int, *, rng=No
         raise ValueError(f"block must be an int >= 1 (entries per block), got {block!r}")
     xp = _array_module(accrued)
     if xp is numpy:
-        _check_vector("accrued", accrued)
-        _check_vector("residual", residual, accrued.dtype)
-        _check_same_length("residual", residual, accrued.shape[0])
+        check_vector("accrued", accrued)
+        check_vector("residual", residual, accrued.dtype, accrued.shape[0])
     if block == 1 and xp is numpy:
         return select_topk(accrued, fraction, residual, rng=rng)
     n = accrued.shape[0]
@@ -186,7 +184,7 @@ def scatter_add(dense, idx, values):
 
     Repeated indices are summed (numpy.add.at semantics); select_topk's indices are unique.
     """
-    _check_vector("dense", dense)
+    check_vector("dense", dense)
     _check_indices(idx, values, dense.shape[0], dense.dtype)
     numpy.add.at(dense, idx, values)
 
@@ -204,12 +202,11 @@ def fused_update(params, grad, *, lr: float, momentum: float = 0.0, velocity=Non
     Scalars are rounded to the arrays' dtype first (``weight*lr`` as one scalar), so a kernel that performs the
     same operations without fused multiply-adds reproduces this bit for bit.
     """
-    _check_vector("params", params)
+    check_vector("params", params)
     n, dtype = params.shape[0], params.dtype
     for name, a in (("grad", grad), ("velocity", velocity), ("sum_sq", sum_sq), ("accrued", accrued)):
         if a is not None:
-            _check_vector(name, a, dtype)
-            _check_same_length(name, a, n)
+            check_vector(name, a, dtype, n)
     if velocity is None and momentum != 0.0:
         raise ValueError("momentum != 0 needs a velocity array to keep between steps")
     if lr < 0 or weight < 0 or eps < 0:
@@ -226,23 +223,3 @@ def fused_update(params, grad, *, lr: float, momentum: float = 0.0, velocity=Non
     params -= step_scale * d
     if accrued is not None:
         accrued += d
-
-
-def adagrad_step(grad, old_sum_sq, lr: float, eps: float, weight: float = 1.0, out=None):
-    """Return the Adagrad step ``(weight*lr) * g / sqrt(G_old + g*g + eps)`` (n,), to be SUBTRACTED from params.
-
-    ``old_sum_sq`` (n,) is the store's sum of squared gradients before this push (what ``Get_accumulate`` returns
-    while it adds ``g*g``), so the step uses the sums including this gradient, as DistBelief's Adagrad does.
-    Neither input is modified; ``out`` (n,) receives the step when given.
-    """
-    _check_vector("grad", grad)
-    _check_vector("old_sum_sq", old_sum_sq, grad.dtype)
-    _check_same_length("old_sum_sq", old_sum_sq, grad.shape[0])
-    if out is not None:
-        _check_vector("out", out, grad.dtype)
-        _check_same_length("out", out, grad.shape[0])
-    dtype = grad.dtype
-    denom = numpy.sqrt(old_sum_sq + grad * grad + dtype.type(eps))
-    step = numpy.divide(grad, denom, out=out)
-    step *= dtype.type(weight * lr)
-    return step

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 
-from asyncsgd.backends.numpy_ops import conv_output_size, pair
+from asyncsgd.backends.workspace import conv_output_size, pair
 
 __all__ = ["Layer", "Conv2D", "MaxPool2D", "AvgPool2D", "ReLU", "Tanh", "Sigmoid", "Flatten", "Dense", "Dropout",
            "LAYER_TYPES", "register_layer", "layer_from_spec"]

@@ -1,14 +1,20 @@
-"""The Downpour parameter store: ``ShardedParameters`` over MPI one-sided windows (kept moving by a progress
-thread), or ``ServedParameters`` (the same interface over two-sided messages served by a thread); ``open_store``
-picks one.  Both keep the staleness bookkeeping of ``store.sharded``; ``store.rebuild`` re-creates a store on the
-survivors of a failure."""
+"""The Downpour parameter store.
+
+- ``base``: ``ParameterStore``, the interface, argument checks and staleness bookkeeping every store shares, the
+  shard layout (``shard_bounds``), the chunking of transfers and the Adagrad step (``adagrad_step``);
+- ``sharded``: ``ShardedParameters``, the shards in MPI one-sided windows (kept moving by a progress thread);
+- ``served``: ``ServedParameters``, the same interface over two-sided messages served by a thread;
+- ``rebuild``: re-creates a ``ShardedParameters`` on the survivors of a failure.
+
+``open_store`` picks the transport."""
 from __future__ import annotations
 
 from asyncsgd.runtime.env import TRANSPORTS, store_transport
+from asyncsgd.store.base import ParameterStore, shard_bounds
 from asyncsgd.store.served import ServedParameters
-from asyncsgd.store.sharded import ShardedParameters, shard_bounds
+from asyncsgd.store.sharded import ShardedParameters
 
-__all__ = ["ShardedParameters", "ServedParameters", "open_store", "shard_bounds"]
+__all__ = ["ParameterStore", "ShardedParameters", "ServedParameters", "open_store", "shard_bounds"]
 
 
 def open_store(comm, n_params: int, *, transport: str | None = None, **kwargs):

@@ -22,7 +22,8 @@ import time
 import numpy
 from mpi4py import MPI
 
-from asyncsgd.store.sharded import DTYPE, ShardedParameters
+from asyncsgd.store.base import DTYPE
+from asyncsgd.store.sharded import ShardedParameters
 
 __all__ = ["Rebuilt", "rebuild", "abandon"]
 

@@ -9,8 +9,8 @@ add a sparse delta, replace, bump or read a version counter) on a private commun
 shard itself: one request and one reply per shard per operation, whatever the MPI.  The thread applies requests one
 at a time, so a push is atomic per shard (as ``Accumulate`` is per element) and no update is lost.
 
-``ServedParameters`` has the interface of ``ShardedParameters`` (the staleness bookkeeping is inherited unchanged;
-only the data movement differs) except Adagrad, which needs the RMA store.  ``open_store`` picks the store:
+``ServedParameters`` is a ``ParameterStore`` (``asyncsgd.store.base``: the interface and the staleness bookkeeping)
+like ``ShardedParameters``, its RMA sibling; only the data movement differs, and Adagrad needs the RMA store.  ``open_store`` picks the store:
 ``transport="messages"`` (or the environment's ``ASYNCSGD_STORE=messages``) for this one, else the RMA store.
 Needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default, granted by both PyPI MPIs).
 """
@@ -23,8 +23,9 @@ import threading
 import numpy
 from mpi4py import MPI
 
+from asyncsgd.rma.counter import LANDED, STARTED
 from asyncsgd.runtime.mpi import polled_barrier
-from asyncsgd.store.sharded import _OWN_HISTORY, DTYPE, ShardedParameters, _as_count, _chunks, shard_bounds
+from asyncsgd.store.base import DTYPE, ParameterStore, chunks
 
 __all__ = ["ServedParameters"]
 
@@ -39,7 +40,6 @@ _HEADER = 4                             # int64 words of a header: kind, a, b, c
 # a request waited up to 5 ms: a fetch + push (10 requests) against servers busy in pure Python took 0.7 s.
 _SWITCH_INTERVAL = 0.0005
 _JOIN_TIMEOUT = 10.0                    # s to wait for a stopping server thread
-_STARTED, _LANDED = 0, 1                # the two counters (as in counter.py)
 
 
 class _Counters:
@@ -55,16 +55,16 @@ class _Counters:
         return int(reply[0])
 
     def start(self) -> int:
-        return self._op(_STARTED, 1)
+        return self._op(STARTED, 1)
 
     def land(self) -> int:
-        return self._op(_LANDED, 1)
+        return self._op(LANDED, 1)
 
     def started(self) -> int:
-        return self._op(_STARTED, 0)
+        return self._op(STARTED, 0)
 
     def landed(self) -> int:
-        return self._op(_LANDED, 0)
+        return self._op(LANDED, 0)
 
     def read(self) -> int:
         return self.landed()
@@ -168,51 +168,29 @@ class _ShardServer:
         self._reply(numpy.zeros(1, numpy.int64), MPI.INT64_T, source)  # applied
 
 
-class ServedParameters(ShardedParameters):
-    """``ShardedParameters`` with the shards kept in server ranks' memory and served by a thread (see module).
+class ServedParameters(ParameterStore):
+    """A ``ParameterStore`` with the shards kept in server ranks' memory and served by a thread (see module).
 
-    Same constructor (``adagrad=True`` is refused: use the RMA store), same methods and staleness statement.
-    Collective over ``comm``: construction, ``free()`` and leaving the ``with`` block.
+    The constructor of ``ShardedParameters`` (``adagrad=True`` is refused: use the RMA store), the same methods and
+    staleness statement.  Collective over ``comm``: construction, ``free()`` and leaving the ``with`` block.
     """
+
+    _NAME = "ServedParameters"
 
     def __init__(self, comm, n_params: int, *, n_servers: int = 1, initial=None, adagrad: bool = False,
                  version: int = 0):
-        n_params = _as_count(n_params, "n_params", minimum=1)
-        n_servers = _as_count(n_servers, "n_servers", minimum=1)
         if adagrad:
             raise ValueError("adagrad=True needs the RMA store: use transport='rma' (ASYNCSGD_STORE=rma)")
-        if n_servers > comm.size:
-            raise ValueError(f"n_servers={n_servers} exceeds the communicator's {comm.size} ranks: host the "
-                             f"shards on at most {comm.size} ranks")
         if isinstance(version, bool) or not isinstance(version, (int, numpy.integer)) or version < 0:
             raise ValueError(f"version must be a non-negative int (the version to start from), got {version!r}")
-        bounds = shard_bounds(n_params, n_servers)
-        if initial is not None:
-            initial = self._float_vector(initial, "initial", n_params)
-        # The fields ShardedParameters' inherited methods use (statistics, staleness history, scratch).
-        self._n_params, self._bounds, self._adagrad = n_params, bounds, False
-        self._freed = False
-        self._work = []
-        from array import array
-        self._own_landed = array("q")
-        self._own_floor = 0
-        self._fetch_overlap = 0
-        self.pushes = self.push_bytes = self.fetches = 0
-        self._params = self._sums = None
         self._deferred = []                 # (MPI request, callback) of replies collected later (_defer)
+        super().__init__(comm, n_params, n_servers=n_servers, initial=initial, version=version)
 
-        self._comm = comm.Dup()
-        self._own(self._comm)
+    def _open(self, shard, version: int):
         self._requests = self._comm.Dup()
         self._replies = self._comm.Dup()
-        self._progress_comm = None
         rank = self._comm.rank
-        self._is_server = rank < n_servers
-        self._progress = None               # this rank's _ShardServer (named as the RMA store's thread)
-        if self._is_server:
-            start, stop = bounds[rank]
-            shard = (numpy.zeros(stop - start, DTYPE) if initial is None
-                     else numpy.array(initial[start:stop], DTYPE))
+        if shard is not None:               # this rank's _ShardServer is its ``_progress`` thread
             counters = numpy.full(2, int(version), numpy.int64) if rank == 0 else None
             self._progress = _ShardServer(self._requests, self._replies, shard, counters).start()
         self._counter = _Counters(self)
@@ -266,11 +244,9 @@ class ServedParameters(ShardedParameters):
         if self._deferred:
             self._exchange([])
 
-    def _get_all(self, win, out: numpy.ndarray) -> numpy.ndarray:
-        # ``win`` is the RMA store's window argument (unused here): fetch and read_all are inherited.
+    def _read(self, out: numpy.ndarray) -> numpy.ndarray:
         for piece in self._rounds([(rank, (_FETCH, lo - start, hi - start, 0), (), [out[lo:hi], MPI.FLOAT])
-                                   for rank, (start, stop) in enumerate(self._bounds)
-                                   for lo, hi in _chunks(start, stop)]):
+                                   for rank, start, lo, hi in self._pieces()]):
             self._exchange(piece)
         return out
 
@@ -289,97 +265,43 @@ class ServedParameters(ShardedParameters):
 
     # ---------------------------------------------------------------- deferred counter replies
 
-    def fetch(self, out: numpy.ndarray) -> int:
-        self._check_alive()
-        out = self._buffer(out, "out", writeable=True)
-        version = self._counter.landed()
-        self._get_all(None, out)
-        # ``started`` after the reads, as ShardedParameters.fetch; its reply is only needed for fetch_overlap.
-        self._defer(0, (_COUNTER, _STARTED, 0, 0),
-                    lambda started: setattr(self, "_fetch_overlap", started - version))
-        self.fetches += 1
-        return version
-
-    fetch.__doc__ = ShardedParameters.fetch.__doc__
-
-    @property
-    def fetch_overlap(self) -> int:
-        self._settle()
-        return self._fetch_overlap
+    def _note_overlap(self, version: int):
+        # ``started`` after the reads, as the base's; its reply is only needed for fetch_overlap.
+        self._defer(0, (_COUNTER, STARTED, 0, 0), lambda started: setattr(self, "_fetch_overlap", started - version))
 
     def _land_push(self):
-        # As ShardedParameters._land_push (the data is applied at every server), but the position the push fell at
-        # is collected with the next request to rank 0: a push costs two round trips instead of three.
-        self._defer(0, (_COUNTER, _LANDED, 1, 0), self._remember_landed)
+        # As the base's (the data is applied at every server), but the position the push fell at is collected with
+        # the next request to rank 0: a push costs two round trips instead of three.
+        self._defer(0, (_COUNTER, LANDED, 1, 0), self._remember_landed)
 
-    def _remember_landed(self, position: int):
-        self._own_landed.append(position)
-        if len(self._own_landed) > 2 * _OWN_HISTORY:
-            self._own_floor = self._own_landed[_OWN_HISTORY - 1] + 1
-            del self._own_landed[:_OWN_HISTORY]
-
-    def version(self) -> int:
-        self._check_alive()
-        return self._counter.landed()      # ordered after this rank's deferred land (same server, same tag)
+    # version(): the landed read is ordered after this rank's deferred land (same server, same tag)
 
     # ---------------------------------------------------------------- pushes
 
-    def push(self, delta: numpy.ndarray, *, base_version: int, weight=None) -> int:
-        self._check_alive()
-        delta = self._buffer(delta, "delta")
-        tau, scale = self._start_push(base_version, weight)
-        update = delta if scale == 1.0 else numpy.multiply(delta, DTYPE.type(scale), out=self._scratch(1)[0])
+    def _add(self, update: numpy.ndarray):
         self._send_dense(_ADD, update)
-        self._land_push()
-        self.pushes += 1
-        self.push_bytes += update.nbytes
-        return tau
 
-    push.__doc__ = ShardedParameters.push.__doc__
-
-    def push_sparse(self, idx: numpy.ndarray, vals: numpy.ndarray, *, base_version: int, weight=None) -> int:
-        self._check_alive()
-        idx, vals = self._sparse(idx, vals)
-        tau, scale = self._start_push(base_version, weight)
-        if scale != 1.0:
-            vals = vals * DTYPE.type(scale)
+    def _add_sparse(self, idx: numpy.ndarray, vals: numpy.ndarray):
         requests = []
         for rank, disp, part in self._split(idx, vals):
-            for lo, hi in _chunks(0, disp.size):
+            for lo, hi in chunks(0, disp.size):
                 d = numpy.ascontiguousarray(disp[lo:hi], numpy.int64)
                 v = numpy.ascontiguousarray(part[lo:hi])
                 requests.append((rank, (_ADD_SPARSE, hi - lo, 0, 0), ([d, MPI.INT64_T], [v, MPI.FLOAT]), None))
                 self.push_bytes += v.nbytes + d.nbytes
         for piece in self._rounds(requests):
             self._exchange(piece)
-        self._land_push()
-        self.pushes += 1
-        return tau
 
-    push_sparse.__doc__ = ShardedParameters.push_sparse.__doc__
-
-    def load(self, params: numpy.ndarray, adagrad_sums: numpy.ndarray | None = None):
-        """Overwrite the parameters (float [n_params]); called by one rank while no rank pushes."""
-        self._check_alive()
-        params = self._float_vector(params, "params", self._n_params)
-        if adagrad_sums is not None:
-            self._need_adagrad("load(adagrad_sums=...)")
-        self._send_dense(_REPLACE, params)
+    def _replace(self, params: numpy.ndarray, sums: numpy.ndarray | None):
+        self._send_dense(_REPLACE, params)  # sums is None: ``adagrad=True`` was refused
 
     def _send_dense(self, kind: int, values: numpy.ndarray):
         for piece in self._rounds([(rank, (kind, lo - start, hi - start, 0), ([values[lo:hi], MPI.FLOAT],), None)
-                                   for rank, (start, stop) in enumerate(self._bounds)
-                                   for lo, hi in _chunks(start, stop)]):
+                                   for rank, start, lo, hi in self._pieces()]):
             self._exchange(piece)
 
-    def local_shard(self) -> numpy.ndarray:
-        """Return a copy of the shard this rank hosts (float32; empty on a rank that hosts none)."""
-        self._check_alive()
-        if not self._is_server:
-            return numpy.empty(0, DTYPE)
-        start, stop = self._bounds[self._comm.rank]
-        out = numpy.empty(stop - start, DTYPE)
-        for lo, hi in _chunks(0, stop - start):     # through the server thread: ordered after every applied push
+    def _read_own_shard(self, out: numpy.ndarray) -> numpy.ndarray:
+        for lo, hi in chunks(0, out.size):     # through the server thread: ordered after every applied push
             self._request(self._comm.rank, (_FETCH, lo, hi, 0), reply=[out[lo:hi], MPI.FLOAT])
         return out
 

@@ -88,7 +88,7 @@ def test_gpu_package_imports_without_cupy():
         "import asyncsgd.backends, asyncsgd.backends.cuda_kernels, asyncsgd.backends.cuda_sparse, asyncsgd.backends.cupy_ops\n"
         "from asyncsgd.model import build_model\n"
         "try:\n"
-        "    asyncsgd.backends.CupyOps()\n"
+        "    asyncsgd.backends.cupy_ops.CupyOps()\n"
         "except RuntimeError as e:\n"
         "    print('refused:', e)\n"
     )

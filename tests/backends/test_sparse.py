@@ -4,8 +4,7 @@ import math
 import numpy
 import pytest
 
-from asyncsgd.backends.sparse import (adagrad_step, fused_update, scatter_add, select_topk, select_topk_blocks,
-                    topk_count)
+from asyncsgd.backends.sparse import fused_update, scatter_add, select_topk, select_topk_blocks, topk_count
 
 DTYPES = [numpy.float32, numpy.float64]
 
@@ -160,23 +159,6 @@ def test_fused_update_rejects_momentum_without_velocity():
         fused_update(numpy.zeros(3), numpy.zeros(3), lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=r"shape \(3,\)"):
         fused_update(numpy.zeros(3), numpy.zeros(4), lr=0.1)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_adagrad_step_uses_sums_including_this_gradient(dtype):
-    rng = numpy.random.default_rng(4)
-    g = rng.standard_normal(500).astype(dtype)
-    old = rng.uniform(0, 3, 500).astype(dtype)
-    old_copy = old.copy()
-    step = adagrad_step(g, old, lr=0.1, eps=1e-6, weight=0.5)
-    want = 0.5 * 0.1 * g.astype(numpy.float64) / numpy.sqrt(old.astype(numpy.float64) + g.astype(numpy.float64) ** 2
-                                                           + 1e-6)
-    numpy.testing.assert_allclose(step, want, rtol=1e-5 if dtype == numpy.float32 else 1e-12)
-    assert numpy.array_equal(old, old_copy), "adagrad_step must not modify the store's sums"
-    # the same step as a fused update on a copy of the sums, with no momentum
-    p = numpy.zeros(500, dtype)
-    fused_update(p, g, lr=0.1, weight=0.5, sum_sq=old.copy(), eps=1e-6)
-    assert numpy.array_equal(-p, step)
 
 
 class _MisleadingSample:

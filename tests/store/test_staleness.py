@@ -38,11 +38,11 @@ class _Hooked(ShardedParameters):
             hook()
         return result
 
-    def _get_all(self, win, out):
+    def _read(self, out):
         hook, self.before_gets = self.before_gets, None
         if hook is not None:
             hook()
-        return super()._get_all(win, out)
+        return super()._read(out)
 
 
 class _Worker:
@@ -306,8 +306,8 @@ def test_lone_downpour_worker_with_decay_keeps_its_updates_whole(comm):
 @pytest.mark.mpi(min_size=1)
 def test_own_push_history_is_bounded_and_stays_exact(comm, monkeypatch):
     """Only the last pushes are remembered: recent bases keep tau exact, a base older than them is refused."""
-    from asyncsgd.store import sharded
-    monkeypatch.setattr(sharded, "_OWN_HISTORY", 2)
+    from asyncsgd.store import base
+    monkeypatch.setattr(base, "_OWN_HISTORY", 2)
     n = 3
     failures = []
     with ShardedParameters(comm, n, n_servers=1) as store:
