@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -176,6 +179,7 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.6, help="length of one timing round")
+    ap.add_argument("--json-out", help="write every thread count's figures here (docs/BENCHMARKS.md)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -207,6 +211,8 @@ def main():
         print(f"{r['threads']:>7} {r['parts']:>5} {'yes' if r['cpu_kernels'] else 'no':>3} {r['ours']:>11.0f} "
               f"{r['torch']:>9.0f} {r['ours'] / r['torch']:>6.2f} {r['numpy']:>8.0f} {r['ours'] / r['numpy']:>7.2f} "
               f"{r['conv_gflops']:>10.1f} {r['gemm_gflops']:>10.1f} {r['conv_gflops'] / r['gemm_gflops']:>9.2f}")
+    record.write(args.json_out, [{**r, "ratio": r["ours"] / r["torch"]} for r in rows],
+                 started_load=[load_before])
 
 
 if __name__ == "__main__":

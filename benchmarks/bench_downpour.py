@@ -20,6 +20,9 @@ import time
 
 import numpy
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -88,7 +91,7 @@ def bench_overhead(quick):
     r = json.loads(line[7:])
     print(f"overhead: step {r['compute'] * 1e3:.1f} ms compute only, {r['fetch+push'] * 1e3:.1f} ms with fetch+push "
           f"of {661834 * 4 / 2**20:.1f} MiB -> ratio {r['fetch+push'] / r['compute']:.3f} (goal <= 1.05)")
-    return r["fetch+push"] / r["compute"]
+    return {"compute_s": r["compute"], "fetch_push_s": r["fetch+push"], "ratio": r["fetch+push"] / r["compute"]}
 
 
 _COMPUTE_ONLY = r"""
@@ -132,7 +135,8 @@ def bench_scaling(quick):
         eff = agg / (w * base)
         rows.append((w, agg, eff))
         print(f"scaling: {w} worker(s): {agg:.0f} samples/s aggregate, efficiency {eff:.2f}")
-    return rows
+    return {"ceiling_samples_per_s": ceiling,
+            "workers": [{"workers": w, "samples_per_s": agg, "efficiency": eff} for w, agg, eff in rows]}
 
 
 def bench_tta(quick):
@@ -146,7 +150,7 @@ def bench_tta(quick):
     for w in (2, 5):
         if out[1][0] and out[w][0]:
             print(f"tta: {w} workers against 1: {out[1][0] / out[w][0]:.2f}x faster")
-    return out
+    return {w: {"time_to_95_s": t, "test_accuracy": a, "wall_s": wall} for w, (t, a, wall) in out.items()}
 
 
 def bench_sparse(quick):
@@ -158,18 +162,22 @@ def bench_sparse(quick):
         rows[label] = (per_push, s["test_accuracy"], s["pushes"])
         print(f"sparse: {label:>5}: {per_push / 1024:.0f} KiB per push, {s['pushes']} pushes in {limit} s, "
               f"accuracy {s['test_accuracy']:.3f}")
-    return rows
+    return {label: {"bytes_per_push": b, "test_accuracy": a, "pushes": n} for label, (b, a, n) in rows.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run, noisier figures)")
     ap.add_argument("--only", default="overhead,scaling,tta,sparse")
+    ap.add_argument("--json-out", help="write every figure here (docs/BENCHMARKS.md)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
-    parts = args.only.split(",")
-    for name in parts:
-        {"overhead": bench_overhead, "scaling": bench_scaling, "tta": bench_tta, "sparse": bench_sparse}[name](args.quick)
+    load = list(os.getloadavg())
+    results = {}
+    for name in args.only.split(","):
+        results[name] = {"overhead": bench_overhead, "scaling": bench_scaling, "tta": bench_tta,
+                         "sparse": bench_sparse}[name](args.quick)
+        record.write(args.json_out, results, started_load=load)  # after each part: a later failure keeps these
 
 
 if __name__ == "__main__":

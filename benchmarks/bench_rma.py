@@ -20,12 +20,16 @@ compare the ratios, not the absolute figures.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import numpy as np
 from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record  # noqa: E402
 
 from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.store import ShardedParameters, sharded
@@ -116,6 +120,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64], help="shard sizes in MiB")
     parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.1], help="sparse push densities")
+    parser.add_argument("--json-out", help="rank 0 writes every figure here (docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD.Dup()
     if comm.size < 2:
@@ -147,6 +152,7 @@ def main(argv=None):
     print("1 MiB fetch + push + push_adagrad while the host computes in pure Python (max / median latency):")
     for label, (worst, median) in progress.items():
         print(f"  {label:<20} {worst * 1e3:8.2f} ms / {median * 1e3:6.2f} ms")
+    record.write(args.json_out, {"seconds_by_shard_mib": rows, "progress_latency_max_median_s": progress})
     comm.Free()
 
 

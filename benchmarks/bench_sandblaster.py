@@ -26,6 +26,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from mpi4py import MPI  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record  # noqa: E402
 from asyncsgd import SandblasterOptions, Stop, prepare  # noqa: E402
 from asyncsgd.data import open_source  # noqa: E402
 
@@ -38,11 +40,13 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5, help="L-BFGS iterations per run")
     p.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
     p.add_argument("--factor", type=float, default=4.0, help="how many times slower the slow rank is")
+    p.add_argument("--json-out", help="rank 0 writes every run and the medians here (docs/BENCHMARKS.md)")
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     if comm.size < 2:
         sys.exit("run under mpiexec with at least 2 ranks, e.g. mpiexec -n 6 python benchmarks/bench_sandblaster.py")
     src = open_source(args.data)
+    load = list(os.getloadavg())
     slow = {comm.size - 1: args.factor}
     configs = {"a": ("dynamic", slow), "b": ("static", slow), "c": ("dynamic", {})}
     per_eval = {k: [] for k in configs}
@@ -71,6 +75,10 @@ def main(argv=None):
             print(f"({k}) {label:30s} {med[k] * 1000:8.1f} ms per evaluation (median of {len(per_eval[k])})")
         print(f"ratio (a)/(c) = {med['a'] / med['c']:.2f}")
         print(f"ratio (b)/(c) = {med['b'] / med['c']:.2f}")
+        record.write(args.json_out, {"ranks": comm.size, "model": args.model, "slow_rank": comm.size - 1,
+                                     "factor": args.factor, "seconds_per_evaluation": per_eval,
+                                     "median_s": med, "ratio_a_c": med["a"] / med["c"],
+                                     "ratio_b_c": med["b"] / med["c"]}, started_load=load)
 
 
 if __name__ == "__main__":
