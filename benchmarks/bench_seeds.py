@@ -13,7 +13,7 @@ line says which.
 Prints one line per run (seed, accuracy, selected model, stop reason, wall time), then min / median / max and
 max - min.  Exit status: 0, or 1 when a given --min-accuracy or --max-spread is not met, or 2 when a run failed.
 ``--json-out FILE`` writes every run's figures (with the 1-minute load average as it ended) and the statistics for
-the README tables.
+docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 

@@ -60,7 +60,7 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
     """Build the store again on ``new_comm`` (collective over it); return a Rebuilt.
 
     ``old_rank``: this rank's rank in the old store's communicator.  ``failed``: the old ranks that died (the same
-    list everywhere, from ``fault_tolerance.survivors``).  ``version``: the old store's version, read by new rank 0
+    list everywhere, from ``ulfm.primitives.survivors``).  ``version``: the old store's version, read by new rank 0
     (which must be old rank 0, the counter's host) before anything else; other ranks pass None.
     ``replica``: ``(vector float32 [n_params], version)`` this rank last fetched, or None (servers).
     ``local``: this rank's copy of the shard it hosted (``old_store.local_shard()``, read before an earlier attempt
@@ -75,7 +75,7 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
     n_servers = old_store.n_servers
     bounds = old_store.bounds
     me = new_comm.rank
-    if new_comm.size < n_servers:  # whether a worker is left is the trainer's question (fault_tolerance.roles)
+    if new_comm.size < n_servers:  # whether a worker is left is the trainer's question (ulfm.roles.reassign_roles)
         raise ValueError(f"{new_comm.size} survivors cannot host {n_servers} shards")
     # The old store's version travels from rank 0; replicas' versions are gathered to choose the freshest.
     offer = -1 if replica is None else int(replica[1])

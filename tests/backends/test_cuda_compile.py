@@ -1,7 +1,7 @@
 """Every CUDA source compiles with nvcc, defines exactly the kernels the loader expects, and the loader finds it.
 
 These run without a GPU: the compile tests need only nvcc (skipped where it is absent) and the loader tests nothing
-but the package.  The kernels' results are checked against numpy on a GPU in tests/test_kernels.py.
+but the package.  The kernels' results are checked against numpy on a GPU in tests/backends/test_cuda_kernels.py.
 """
 import importlib.util
 import re

@@ -1,6 +1,6 @@
 """The compute object of a rank (``select_ops``): numpy is the reference, CuPy (on a GPU, or the CPU emulation of the
 kernels) must agree.  Moves, staging, top-k selection and the optimizer step are tested here; the network primitives
-in tests/model/test_layers.py and tests/test_kernels.py."""
+in tests/model/test_layers.py and tests/backends/test_cuda_kernels.py."""
 import numpy
 import pytest
 

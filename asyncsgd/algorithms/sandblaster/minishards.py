@@ -15,7 +15,7 @@ first result to arrive counted ("backup tasks", as in MapReduce).  Here, over on
 A batch ends when every flag is set.  Mini-shards deal the batch's rows round-robin in class order
 (``mini_shard_rows``), so each holds every class even of a file written in class order.  All windows live on
 rank 0 (the coordinator, itself a replica), which runs a progress thread while they exist: under MPICH a
-passive-target operation aimed at a busy rank otherwise waits until that rank next calls MPI (store/progress.py).
+passive-target operation aimed at a busy rank otherwise waits until that rank next calls MPI (rma/progress_thread.py).
 
 Run-through of a dead replica (``check``, ``fault_tolerant``; docs/FAULT_TOLERANCE.md): the backups already finish
 the dead replica's unfinished mini-shards, but the gradients its winning copies summed died with it, so the batch
