@@ -201,7 +201,7 @@ def _check_layout(mode, options, size):
             raise OptionError("optimizer", "adagrad needs the RMA store: unset ASYNCSGD_STORE=messages "
                                            "(the served store applies plain SGD deltas)")
     if mode != "serial":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
-        from asyncsgd.ulfm.primitives import resolve
+        from asyncsgd.ulfm.policy import resolve
         try:
             resolve(options.fault_tolerance, getattr(options, "optimizer", "sgd") if mode == "downpour" else "sgd",
                     store=store)
@@ -290,7 +290,7 @@ def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device=
     watchdog = None
     if run.comm is not None:
         from asyncsgd.runtime.watchdog import Watchdog
-        from asyncsgd.ulfm.primitives import for_options
+        from asyncsgd.ulfm.policy import for_options
         watchdog = Watchdog(run.comm, fault_tolerant=for_options(run.options))
     try:
         result = run.execute(reporter)

@@ -112,7 +112,7 @@ def validate_fault_tolerance(cfg, size: int | None = None):
         raise UsageError("--fault-tolerance on and --kill-ranks do not apply to --mode serial (one process); use "
                          "--mode downpour, sync or sandblaster under mpirun --with-ft ulfm")
     if cfg.mode != "serial" and cfg.fault_tolerance == "on":
-        from asyncsgd.ulfm.primitives import require_ulfm
+        from asyncsgd.ulfm.policy import require_ulfm
         try:
             require_ulfm(cfg.optimizer)
         except ValueError as exc:

@@ -213,7 +213,7 @@ def _run_distributed(cfg) -> int:
     # An exception on this rank, anywhere below, prints its rank-tagged traceback once and aborts every rank at
     # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
     # reporter's file is closed.
-    from asyncsgd.ulfm.primitives import for_options
+    from asyncsgd.ulfm.policy import for_options
     with abort_on_error(comm), Watchdog(comm, fault_tolerant=for_options(run.options)):
         reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None) if rank == 0 else None
         try:

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from asyncsgd.data import BatchStream
 from asyncsgd.data.augment import make_augmenter
-from asyncsgd.ulfm import primitives as ft
+from asyncsgd.ulfm.policy import for_options
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import polled_barrier, wait
 from asyncsgd.algorithms.common import (Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget,
@@ -63,7 +63,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     # one start for every rank (rank 0 built its evaluator first): --kill-ranks and the log's times agree
     polled_barrier(comm)
     stop.start = time.monotonic()
-    guard = ReplicaGuard(comm, enabled=ft.for_options(cfg), start=stop.start, reporter=reporter,
+    guard = ReplicaGuard(comm, enabled=for_options(cfg), start=stop.start, reporter=reporter,
                          kill_ranks=cfg.kill_ranks, root_lost_hint=_resume_hint(checkpointer.path))
     guard.arm_kill(cfg.kill_ranks.get(comm.rank))
     last_eval = time.monotonic()

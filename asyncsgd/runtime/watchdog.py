@@ -30,10 +30,11 @@ import warnings
 import numpy
 from mpi4py import MPI
 
-from asyncsgd.ulfm.primitives import starved
+from asyncsgd.rma.owner import WindowOwner
 from asyncsgd.runtime.env import heartbeat_timeout
 from asyncsgd.runtime.faults import fault_point
-from asyncsgd.rma.owner import WindowOwner
+from asyncsgd.ulfm.primitives import RankFailure, failed_ranks, is_failure, safe_point
+from asyncsgd.ulfm.processes import kill_local_process, starved
 
 __all__ = ["Watchdog"]
 
@@ -91,7 +92,6 @@ class Watchdog(WindowOwner):
         try:
             self._watch()
         except MPI.Exception as exc:
-            from asyncsgd.ulfm.primitives import failed_ranks, is_failure
             if not is_failure(self.comm, exc):  # only under ULFM does MPI report a dead peer instead of ending
                 raise
             if self.fault_tolerant:
@@ -123,7 +123,7 @@ class Watchdog(WindowOwner):
             for p, seen in list(last_seen.items()):
                 pid, host = self.peers_info[p]
                 if self.fault_tolerant and starved(host, pid, now - seen, self.timeout):
-                    continue  # runnable: starved on an overloaded host, not hung (fault_tolerance.starved)
+                    continue  # runnable: starved on an overloaded host, not hung (asyncsgd.ulfm.processes.starved)
                 if now - seen > self.timeout and self.fault_tolerant and self._kill(p):
                     del last_seen[p]  # now a dead rank: the trainer's recovery takes it from here
                     continue
@@ -135,7 +135,6 @@ class Watchdog(WindowOwner):
 
     def _kill(self, rank: int) -> bool:
         """Fault tolerance: SIGKILL a silent peer on this host (a stopped process is alive to MPI); say so."""
-        from asyncsgd.ulfm.primitives import kill_local_process
         pid, host = self.peers_info[rank]
         if not kill_local_process(host, pid):
             return False
@@ -194,8 +193,6 @@ class Watchdog(WindowOwner):
     def _stop_fault_tolerant(self) -> bool:
         """Meet the peers if all are alive (return True: stop as usual); else stop this rank's thread and free
         nothing (the communicator holds a dead rank) and return False."""
-        from asyncsgd.ulfm.primitives import RankFailure, safe_point
-
         if not self.peer_failed:
             try:
                 safe_point(self.comm, timeout=60)

@@ -124,7 +124,7 @@ def test_cpu_kernels_switch_is_checked_before_work(n, mode, tmp_path):
 
 
 def test_fault_tolerance_is_off_with_the_served_store():
-    from asyncsgd.ulfm import primitives as ft
+    from asyncsgd.ulfm import policy as ft
     on_ulfm = {ft.FT_ENV: "1"}
     assert not ft.resolve("auto", environ=on_ulfm, store="messages")
     with pytest.raises(ValueError, match="ASYNCSGD_STORE=messages"):

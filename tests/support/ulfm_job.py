@@ -29,9 +29,13 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from asyncsgd.ulfm import primitives as ft  # noqa: E402
+from asyncsgd.rma.heartbeats import Heartbeats  # noqa: E402
 from asyncsgd.store import ShardedParameters  # noqa: E402
 from asyncsgd.store.rebuild import rebuild  # noqa: E402
+from asyncsgd.ulfm import primitives as ft  # noqa: E402
+from asyncsgd.ulfm.policy import ulfm_enabled  # noqa: E402
+from asyncsgd.ulfm.processes import kill_rank  # noqa: E402
+from asyncsgd.ulfm.roles import reassign_roles  # noqa: E402
 
 SLOTS = 8  # count slots per shard: worker ids < SLOTS
 
@@ -85,7 +89,7 @@ def main():
     args = parse()
     world = ft.manage(MPI.COMM_WORLD.Dup())
     t0 = world.bcast(time.monotonic())  # one clock for every rank (CLOCK_MONOTONIC is system-wide on a node)
-    enabled = ft.ulfm_enabled()
+    enabled = ulfm_enabled()
     S, size = args.servers, world.size
     if size - S > SLOTS or size <= S:
         raise SystemExit(f"ulfm_job: need {S + 1}..{S + SLOTS} ranks")
@@ -96,7 +100,7 @@ def main():
     delta = delta_for(wid, bounds, n_params) if wid is not None else None
     plan = victims(args, size)
     server_victim = (args.scenario == "server" and world.rank == 1) or (args.scenario == "root" and world.rank == 0)
-    hb = ft.Heartbeats(world)
+    hb = Heartbeats(world)
     comm = world
     pushes, replica, base = 0, None, 0
     restored_total, lost_total = set(), 0
@@ -112,7 +116,7 @@ def main():
         hb.beat()
         if comm.rank == 0:
             for r in hb.stale(args.heartbeat_timeout):
-                killed = ft.kill_rank(hb, r)
+                killed = kill_rank(hb, r)
                 log(f"rank {r} sent no heartbeat for {args.heartbeat_timeout:g} s: "
                     f"{'killed it' if killed else 'cannot kill it (another host)'}")
 
@@ -183,12 +187,12 @@ def main():
                     log(f"rank {world.rank}: SIGKILL to itself inside the recovery at {time.monotonic() - t0:.2f} s")
                     time.sleep(0.1)
                     os.kill(os.getpid(), signal.SIGKILL)
-                roles = ft.roles(old.size, failed, S)
+                roles = reassign_roles(old.size, failed, S)
                 ok, rb, hb_new = True, None, None
                 try:
                     rb = rebuild(store, old.rank, new, failed, version=held[0], replica=replica,
                                  timeout=args.wait_timeout, local=held[1])
-                    hb_new = ft.Heartbeats(new)
+                    hb_new = Heartbeats(new)
                 except (ft.RankFailure, MPI.Exception) as exc:
                     if isinstance(exc, MPI.Exception) and not ft.is_failure(new, exc):
                         raise

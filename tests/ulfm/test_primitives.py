@@ -14,8 +14,9 @@ import time
 
 import pytest
 
-from asyncsgd.ulfm import primitives as ft
 from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_path
+from asyncsgd.ulfm import policy
+from asyncsgd.ulfm.roles import reassign_roles
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = os.path.join(REPO, "tests", "support", "ulfm_job.py")
@@ -68,23 +69,23 @@ def _ok(rc, out):
 # ---------------------------------------------------------------- without a launch
 
 def test_ulfm_detected_from_the_launcher_marker():
-    assert not ft.ulfm_enabled({})
-    assert not ft.ulfm_enabled({ft.FT_ENV: "0"})
-    expected = "open mpi" in ft.MPI.Get_library_version().lower()
-    assert ft.ulfm_enabled({ft.FT_ENV: "1"}) is expected  # the marker counts under Open MPI only
+    assert not policy.ulfm_enabled({})
+    assert not policy.ulfm_enabled({policy.FT_ENV: "0"})
+    expected = "open mpi" in policy.MPI.Get_library_version().lower()
+    assert policy.ulfm_enabled({policy.FT_ENV: "1"}) is expected  # the marker counts under Open MPI only
 
 
 def test_roles_after_a_worker_and_a_server_die():
     # 6 ranks, 2 servers: server rank 1 and worker rank 4 die; worker rank 2 moves up to host shard 1.
-    got = ft.roles(6, [1, 4], 2)
+    got = reassign_roles(6, [1, 4], 2)
     assert got == {0: (0, ("server", 0), ("server", 0)),
                    2: (1, ("worker", 0), ("server", 1)),
                    3: (2, ("worker", 1), ("worker", 0)),
                    5: (3, ("worker", 3), ("worker", 1))}
     with pytest.raises(ValueError, match="rank 0 died"):
-        ft.roles(4, [0], 1)
+        reassign_roles(4, [0], 1)
     with pytest.raises(ValueError, match="at least one worker"):
-        ft.roles(3, [2], 2)
+        reassign_roles(3, [2], 2)
 
 
 # ---------------------------------------------------------------- Open MPI with ULFM
@@ -143,7 +144,7 @@ def test_two_workers_killed_at_different_times():
 @pytest.mark.slow
 def test_worker_dying_inside_the_recovery_is_run_through_exactly():
     """A second worker dies after the survivors' shrink, as they rebuild the store: the attempt fails everywhere
-    (ft.commit), they shrink again and rebuild from the shards and version they held; no push of a survivor lost."""
+    (commit), they shrink again and rebuild from the shards and version they held; no push of a survivor lost."""
     _require_ulfm()
     rc, _, out = _run(6, ["--scenario", "during"])
     _ok(rc, out)

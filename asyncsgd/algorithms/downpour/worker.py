@@ -50,7 +50,7 @@ import numpy
 
 from asyncsgd.data import BatchStream
 from asyncsgd.data.augment import make_augmenter
-from asyncsgd.ulfm import primitives as ft
+from asyncsgd.ulfm.policy import for_options
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.schedule import RunBudget, global_progress
@@ -533,7 +533,7 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
     schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
     cfg = dataclasses.replace(cfg, warm_start_steps=warm_start_steps(cfg, stop_opts, n_train=split.n_train,
                                                                      workers=n_workers, resumed=resume is not None))
-    fault_tolerant = ft.for_options(cfg)
+    fault_tolerant = for_options(cfg)
     store = open_store(comm, init.n_params, n_servers=n_servers, initial=initial,  # ASYNCSGD_STORE picks
                        adagrad=cfg.optimizer == "adagrad")
     board = JobBoard(comm, n_workers)

@@ -31,7 +31,7 @@ import time
 import numpy
 from mpi4py import MPI
 
-from asyncsgd.ulfm import primitives as ft
+from asyncsgd.ulfm.policy import for_options
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import polled_barrier, wait
 from asyncsgd.model.layers import Dropout
@@ -219,7 +219,7 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
     batch_rng = numpy.random.default_rng(cfg.seed + 7)
     counts = _Counts()
     polled_barrier(comm)  # one start for every rank: --kill-ranks and the log's times agree
-    guard = ReplicaGuard(comm, enabled=ft.for_options(cfg), start=time.monotonic(), reporter=reporter,
+    guard = ReplicaGuard(comm, enabled=for_options(cfg), start=time.monotonic(), reporter=reporter,
                          kill_ranks=cfg.kill_ranks, root_lost_hint="sandblaster writes no checkpoints, so "
                          "--resume cannot continue it: start the run again")
     guard.arm_kill(cfg.kill_ranks.get(rank))
