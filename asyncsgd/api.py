@@ -9,10 +9,11 @@
 Run it under ``mpiexec -n 6 python script.py``.  Every rank calls the same function with the same arguments.
 
 Two phases.  ``prepare`` checks everything (options against the data and the job size, the data file, each rank's
-device, the network, the checkpoint to resume) and raises the same ValueError on every rank before any rank starts
-work, so a bad option never leaves half a job running.  ``PreparedRun.execute`` then trains; an exception on any
-rank there prints that rank's traceback and aborts the whole job (``comm.Abort(1)``), because the other ranks would
-otherwise wait for it for ever.  ``python -m asyncsgd.train`` (the command line) uses the same two phases.
+device, the network, the checkpoint to resume), resolves every run-level fact once into a frozen ``RunPlan``
+(asyncsgd.plan: workers, servers, fault tolerance, store transport, filled defaults, warm start, overlap) and raises
+the same ValueError on every rank before any rank starts work, so a bad option never leaves half a job running.
+``PreparedRun.execute`` then trains; an exception on any rank there prints that rank's traceback and aborts the whole
+job (``comm.Abort(1)``), because the other ranks would otherwise wait for it for ever.  ``python -m asyncsgd.train`` (the command line) uses the same two phases.
 (The generic function is ``train_mode``: ``asyncsgd.train`` is the command line's module.)
 """
 from __future__ import annotations
@@ -24,14 +25,11 @@ import numpy
 
 from asyncsgd.model import resolve_model
 from asyncsgd.runtime.mpi import abort_on_error
-from asyncsgd.options import (CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
-                    options_to_dict)
+from asyncsgd.options import DownpourOptions, SandblasterOptions, SGDOptions, Stop
+from asyncsgd.plan import MODES, RunPlan, check_inputs, network_dtype, plan_job, plan_run
 
 __all__ = ["train_mode", "train_serial", "train_sync", "train_downpour", "train_sandblaster", "prepare",
            "PreparedRun", "TrainResult", "build_network", "resolve_model", "default_comm", "MODES"]
-
-MODES = ("serial", "sync", "downpour", "sandblaster")
-_OPTIONS = {"serial": SGDOptions, "sync": SGDOptions, "downpour": DownpourOptions, "sandblaster": SandblasterOptions}
 
 
 @functools.lru_cache(maxsize=1)
@@ -92,7 +90,9 @@ class TrainResult:
 # ---- the two phases ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class PreparedRun:
-    """A run whose every input has been checked on every rank; ``execute()`` trains it."""
+    """A run whose every input has been checked on every rank; ``execute()`` trains it.
+
+    ``options`` and ``stop`` are as given; ``plan`` holds what prepare resolved from them (asyncsgd.plan.RunPlan)."""
     mode: str
     comm: object
     net: object
@@ -103,21 +103,25 @@ class PreparedRun:
     model_name: str
     checkpointer: object
     resume: object
+    plan: RunPlan | None = None
 
     @property
     def config(self) -> dict:
         """The run's options as one plain dict (mode, model, data, every option), as logs and files record it."""
-        return {"mode": self.mode, "model": self.model_name, "data": self.src.name,
-                **options_to_dict(self.options, self.stop)}
+        return dict(self.plan.config)
 
-    def execute(self, reporter=None):
-        """Train; return a TrainResult on rank 0 (None elsewhere).  An exception on any rank aborts the job."""
+    def execute(self, reporter=None, *, config: dict | None = None):
+        """Train; return a TrainResult on rank 0 (None elsewhere).  An exception on any rank aborts the job.
+
+        ``config`` is the summary's record of the run (default: ``self.config``; the command line records its
+        flags and output files)."""
         from asyncsgd.algorithms import get_mode
         run = get_mode(self.mode).run
 
         def work():
             return run(self.comm, self.net, self.src, self.options, self.stop, self.backend, reporter,
-                       model_name=self.model_name, checkpointer=self.checkpointer, resume=self.resume)
+                       plan=self.plan, model_name=self.model_name, checkpointer=self.checkpointer,
+                       resume=self.resume)
 
         if self.comm is None:
             summary = work()
@@ -129,7 +133,7 @@ class PreparedRun:
         params = summary.pop("params", None)
         layout = summary.pop("layout", None)
         extras = {k: summary.pop(k) for k in ("adagrad_sums", "last_params") if k in summary}
-        summary["config"] = self.config
+        summary["config"] = dict(config) if config is not None else self.config
         return TrainResult(summary, params, layout, self.model_name, tuple(self.src.input_shape),
                            int(self.src.n_classes), extras, spec=self.net.spec(), name=self.net.name)
 
@@ -137,78 +141,6 @@ class PreparedRun:
 def _open(data):
     from asyncsgd.data import DataSource, open_source
     return data if isinstance(data, DataSource) else open_source(data)
-
-
-def _check_options_type(mode, options, stop, checkpoint):
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    cls = _OPTIONS[mode]
-    if options is None:
-        options = cls()
-    # Downpour options are SGD options too, but serial/sync ignore their Downpour fields: refuse them plainly
-    if not isinstance(options, cls) or (cls is SGDOptions and type(options) is not SGDOptions):
-        raise TypeError(f"--mode {mode} takes {cls.__name__}, got {type(options).__name__}")
-    stop = Stop() if stop is None else stop
-    if not isinstance(stop, Stop):
-        raise TypeError(f"stop must be a Stop, got {type(stop).__name__}")
-    if checkpoint is not None and not isinstance(checkpoint, CheckpointOptions):
-        raise TypeError(f"checkpoint must be CheckpointOptions or None, got {type(checkpoint).__name__}")
-    if mode == "sandblaster" and checkpoint is not None and checkpoint != CheckpointOptions():
-        raise OptionError("checkpoint", "works with --mode downpour, sync and serial, not sandblaster")
-    if stop.patience is not None and (mode == "sandblaster" or options.validation == 0):
-        raise OptionError("patience", "needs a validation split (validation > 0; modes serial, sync, downpour)")
-    return options, stop
-
-
-def _check_split(mode, options, stop, src, size, model_name):
-    """SGD modes: the validation split must leave every worker a training row, and a decaying schedule needs the
-    run's length (ValueError alike on every rank: the data and the options are the same everywhere)."""
-    if mode == "sandblaster":
-        return
-    from asyncsgd.algorithms.common import sgd_defaults
-    from asyncsgd.data.holdout import class_counts
-    workers = size - options.servers if mode == "downpour" else size
-    labels = numpy.asarray(src.train_labels())
-    n_val = int(class_counts(options.validation, numpy.bincount(labels)).sum()) if labels.size else 0
-    if labels.size - n_val < workers:
-        raise OptionError("validation", f"{options.validation:g} leaves {labels.size - n_val} training rows for "
-                                        f"{workers} workers; use a smaller fraction (0 = none) or more data")
-    _, filled = sgd_defaults(options, stop, model_name)
-    if not options.lr_schedule.is_constant and all(v is None for v in (filled.epochs, filled.steps,
-                                                                           filled.time_limit)):
-        raise OptionError("lr_schedule", f"{options.lr_schedule} needs the run's length: set epochs, steps or "
-                                         f"time_limit (a target accuracy alone does not say when the run ends), "
-                                         f"or use 'constant'")
-
-
-def _check_layout(mode, options, size):
-    if mode in ("downpour", "sync") and size < 2:
-        raise ValueError(f"--mode {mode} needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
-                         f"run under mpiexec -n 6, or use --mode serial")
-    if mode == "serial" and size != 1:
-        raise ValueError("--mode serial runs in one process; start it without mpiexec "
-                         "(or choose --mode downpour, sync or sandblaster)")
-    if mode == "downpour" and options.servers >= size:
-        raise OptionError("servers", f"{options.servers} leaves no worker among {size} ranks; "
-                                     f"use at most {size - 1}")
-    from asyncsgd.backends.cpu_kernels import switch
-    switch()  # ASYNCSGD_CPU_KERNELS: a typo is a usage error here, not a silent choice inside every rank's ops
-    store = "rma"
-    if mode == "downpour":  # the store transport (ASYNCSGD_STORE, docs/NETWORK.md) is checked before any work
-        from asyncsgd.runtime.env import store_transport
-        store = store_transport()
-        if store == "messages" and options.optimizer == "adagrad":
-            raise OptionError("optimizer", "adagrad needs the RMA store: unset ASYNCSGD_STORE=messages "
-                                           "(the served store applies plain SGD deltas)")
-    if mode != "serial":  # fault tolerance (docs/FAULT_TOLERANCE.md): 'on' needs ULFM; kill_ranks names ranks
-        from asyncsgd.ulfm.policy import resolve
-        try:
-            resolve(options.fault_tolerance, getattr(options, "optimizer", "sgd") if mode == "downpour" else "sgd",
-                    store=store)
-        except ValueError as exc:
-            raise OptionError("fault_tolerance", str(exc)) from None
-        if any(r >= size for r in options.kill_ranks):
-            raise OptionError("kill_ranks", f"names rank {max(options.kill_ranks)} but the job has ranks 0..{size - 1}")
 
 
 def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cpu", checkpoint=None,
@@ -225,15 +157,16 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     from asyncsgd.backends import BackendError, select_ops
     from asyncsgd.runtime.mpi import UsageError, check_on_root, local_rank
     from asyncsgd.algorithms.resume import Checkpointer, load_resume
-    from asyncsgd.algorithms.sandblaster import coordinator as sandblaster
+    from asyncsgd.backends.cpu_kernels import switch
 
-    options, stop = _check_options_type(mode, options, stop, checkpoint)
+    options, stop = check_inputs(mode, options, stop, checkpoint)
     if mode == "serial":
         comm, size, rank = None, 1, 0
     else:
         comm = default_comm() if comm is None else comm
         size, rank = comm.size, comm.rank
-    _check_layout(mode, options, size)
+    job = plan_job(mode, options, stop, checkpoint, size)  # rank counts, store transport, fault tolerance
+    switch()  # ASYNCSGD_CPU_KERNELS: a typo is a usage error here, not a silent choice inside every rank's ops
 
     def on_root(check):
         return check() if comm is None else check_on_root(comm, check, root=0)
@@ -257,21 +190,19 @@ def prepare(mode, model, data, options=None, stop=None, *, comm=None, device="cp
     src = everywhere(lambda: src if rank == 0 else _open(data))
     node_rank = 0 if comm is None else local_rank(comm)  # picks this rank's GPU among the node's
     backend = everywhere(lambda: select_ops(device, node_rank))
-    _check_split(mode, options, stop, src, size, model_name)
-    dtype = numpy.float32
-    if mode == "sandblaster":
-        dtype = sandblaster.check_options(options, src.n_train, size, model_name, stop)["dtype"]
+    dtype = network_dtype(mode, model_name)
     net = everywhere(lambda: build_network(model, src.input_shape, src.n_classes, backend, options.seed, dtype))
-    if mode == "downpour" and options.servers > net.n_params:
-        raise OptionError("servers", f"{options.servers} is more shards than the model's {net.n_params} parameters")
     resume = on_root(lambda: load_resume(checkpoint, mode, model_name, net.n_params))
     if rank != 0 and checkpoint is not None and checkpoint.resume is not None:
         resume = load_resume(checkpoint, mode, model_name, net.n_params)  # known good: rank 0 read it
-    run = PreparedRun(mode, comm, net, src, options, stop, backend, model_name, None, resume)
+    # the data's rules, the filled defaults, the warm start and the overlap (the same on every rank)
+    plan = plan_run(job, options, stop, src=src, model_name=model_name, n_params=net.n_params,
+                    resumed=resume is not None)
+    checkpointer = None
     if mode != "sandblaster":
-        run.checkpointer = Checkpointer(checkpoint, net.n_params, {"seed": options.seed}, model_name=model_name,
-                                        config=run.config)
-    return run
+        checkpointer = Checkpointer(checkpoint, net.n_params, {"seed": options.seed}, model_name=model_name,
+                                    config=dict(plan.config))
+    return PreparedRun(mode, comm, net, src, options, stop, backend, model_name, checkpointer, resume, plan)
 
 
 def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device="cpu", checkpoint=None, log=None,
@@ -290,8 +221,7 @@ def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device=
     watchdog = None
     if run.comm is not None:
         from asyncsgd.runtime.watchdog import Watchdog
-        from asyncsgd.ulfm.policy import for_options
-        watchdog = Watchdog(run.comm, fault_tolerant=for_options(run.options))
+        watchdog = Watchdog(run.comm, fault_tolerant=run.plan.fault_tolerant)
     try:
         result = run.execute(reporter)
     finally:

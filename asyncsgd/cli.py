@@ -1,8 +1,11 @@
 """Every option of ``python -m asyncsgd.train``: one table, read by the command line and by TOML config files.
 
 A config file holds the same names as the options, with dashes or underscores (``n_push = 4``); the command line
-overrides it.  Values are validated here, on every rank identically and before any rank starts work, so the job
-fails with one clear line from rank 0 (``asyncsgd.train`` prints it).
+overrides it.  The command line only maps flags to the option dataclasses (``to_options``): every value is checked
+by its option class (asyncsgd.options), and the rules that need the mode, the job size or the data by the run's plan
+(asyncsgd.plan); this module adds only the rules about a flag given to a mode that takes no such option.  Every rank
+checks identically and before any rank starts work, so the job fails with one clear line from rank 0
+(``asyncsgd.train`` prints it).
 """
 from __future__ import annotations
 
@@ -12,21 +15,20 @@ import os
 import sys
 
 from asyncsgd.runtime.mpi import UsageError
-from asyncsgd.options import (DEFAULT_LR_SCHEDULE, DEFAULT_SELECTION_MARGIN, DEFAULT_VALIDATION, CheckpointOptions,
-                    DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop, parse_staleness)
-from asyncsgd.schedule import parse_schedule
+from asyncsgd.options import (DEFAULT_LR_SCHEDULE, DEFAULT_SELECTION_MARGIN, DEFAULT_VALIDATION, OPTIMIZERS,
+                              CheckpointOptions, DownpourOptions, OptionError, SandblasterOptions, SGDOptions, Stop,
+                              parse_staleness)
+from asyncsgd.plan import MODES
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["build_parser", "parse_config", "validate", "to_options", "usage_error", "MODES", "MODELS",
+__all__ = ["build_parser", "parse_config", "to_options", "usage_error", "MODES", "MODELS",
            "DEFAULT_DATA", "parse_slow_ranks", "parse_kill_ranks", "config_to_dict", "to_toml", "OUTPUT_OPTIONS"]
 
-MODES = ("downpour", "sync", "sandblaster", "serial")
 MODELS = ("speech_cnn", "mnist_cnn", "logreg")
-OPTIMIZERS = ("sgd", "adagrad")
 DEFAULT_DATA = "fsdd"  # the bundled features, data/fsdd.h5 (asyncsgd.data.resolve_path)
 
 
@@ -103,20 +105,6 @@ def parse_kill_ranks(spec: str, size: int | None = None):
                              f"and seconds {t:g} >= 0")
         out[r] = t
     return out
-
-
-def validate_fault_tolerance(cfg, size: int | None = None):
-    """The fault-tolerance options: downpour, sync, sandblaster; ``on`` needs ULFM; ``--kill-ranks`` names ranks."""
-    kill = parse_kill_ranks(cfg.kill_ranks, size)
-    if cfg.mode == "serial" and (kill or cfg.fault_tolerance == "on"):
-        raise UsageError("--fault-tolerance on and --kill-ranks do not apply to --mode serial (one process); use "
-                         "--mode downpour, sync or sandblaster under mpirun --with-ft ulfm")
-    if cfg.mode != "serial" and cfg.fault_tolerance == "on":
-        from asyncsgd.ulfm.policy import require_ulfm
-        try:
-            require_ulfm(cfg.optimizer)
-        except ValueError as exc:
-            raise UsageError(f"--fault-tolerance {exc}") from None
 
 
 _FT_OPTIONS = [
@@ -262,16 +250,15 @@ def _toml_defaults(path: str, parser) -> dict:
 
 
 def parse_config(argv=None) -> argparse.Namespace:
-    """Parse the command line (and the TOML file it names); raise UsageError on any bad value."""
+    """Parse the command line (and the TOML file it names); raise UsageError on a value argparse refuses (the
+    option classes check the rest: ``to_options``)."""
     if argv is None:
         argv = sys.argv[1:]
     parser = build_parser(_Parser)
     pre, _ = parser.parse_known_args(argv) if "--help" not in argv and "-h" not in argv else (None, None)
     if pre is not None and pre.config:
         parser.set_defaults(**_toml_defaults(pre.config, parser))
-    cfg = parser.parse_args(argv)
-    validate(cfg)
-    return cfg
+    return parser.parse_args(argv)
 
 
 def usage_error(exc: OptionError) -> UsageError:
@@ -281,102 +268,57 @@ def usage_error(exc: OptionError) -> UsageError:
 
 
 def to_options(cfg):
-    """Translate the parsed command line into ``(options, stop, checkpoint)`` for ``cfg.mode`` (asyncsgd.options).
+    """Map the parsed command line to ``(options, stop, checkpoint)`` for ``cfg.mode`` (asyncsgd.options).
 
-    Raises UsageError naming the --flag of a bad value.
+    Every flag's value is checked by the option class it maps to, whatever the mode (the SGD flags by
+    DownpourOptions, the L-BFGS flags by SandblasterOptions), so a bad value never waits for the mode that reads it.
+    Raises UsageError naming the --flag of a bad value, or of a flag the mode takes no option for.
     """
+    _check_flags_apply(cfg)
     try:
         stop = Stop(epochs=cfg.epochs, steps=cfg.steps, time_limit=cfg.time_limit,
                     target_accuracy=cfg.target_accuracy, patience=cfg.patience)
         checkpoint = None
         if cfg.checkpoint is not None or cfg.checkpoint_every is not None or cfg.resume is not None:
             checkpoint = CheckpointOptions(path=cfg.checkpoint, every=cfg.checkpoint_every, resume=cfg.resume)
-        if cfg.mode == "sandblaster":
-            options = SandblasterOptions(
-                batch_size=cfg.batch_size, mini_shard_size=cfg.mini_shard_size, max_iter=cfg.max_iter,
-                history=cfg.history, grad_tol=cfg.grad_tol, loss_tol=cfg.loss_tol, l2=cfg.l2,
-                schedule=cfg.schedule, seed=cfg.seed, slow_ranks=parse_slow_ranks(cfg.slow_ranks),
-                fault_tolerance=cfg.fault_tolerance, kill_ranks=parse_kill_ranks(cfg.kill_ranks))
-        else:
-            sgd = dict(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
-                       adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every,
-                       lr_schedule=DEFAULT_LR_SCHEDULE if cfg.lr_schedule is None else cfg.lr_schedule,
-                       validation=DEFAULT_VALIDATION if cfg.validation is None else cfg.validation,
-                       selection_margin=(DEFAULT_SELECTION_MARGIN if cfg.selection_margin is None
-                                         else cfg.selection_margin))
-            if cfg.mode == "downpour":
-                options = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
-                                          staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,
-                                          sparse_block=cfg.sparse_block, overlap=cfg.overlap,
-                                          warm_start_steps=cfg.warm_start_steps,
-                                          fault_tolerance=cfg.fault_tolerance,
-                                          kill_ranks=parse_kill_ranks(cfg.kill_ranks))
-            elif cfg.mode == "sync":
-                options = SGDOptions(**sgd, fault_tolerance=cfg.fault_tolerance,
-                                     kill_ranks=parse_kill_ranks(cfg.kill_ranks))
-            else:
-                options = SGDOptions(**sgd)
+        ft = dict(fault_tolerance=cfg.fault_tolerance, kill_ranks=parse_kill_ranks(cfg.kill_ranks))
+        sgd = dict(lr=cfg.lr, momentum=cfg.momentum, batch_size=cfg.batch_size, optimizer=cfg.optimizer,
+                   adagrad_eps=cfg.adagrad_eps, augment=cfg.augment, seed=cfg.seed, eval_every=cfg.eval_every,
+                   lr_schedule=DEFAULT_LR_SCHEDULE if cfg.lr_schedule is None else cfg.lr_schedule,
+                   validation=DEFAULT_VALIDATION if cfg.validation is None else cfg.validation,
+                   selection_margin=(DEFAULT_SELECTION_MARGIN if cfg.selection_margin is None
+                                     else cfg.selection_margin))
+        downpour = DownpourOptions(**sgd, servers=cfg.servers, n_fetch=cfg.n_fetch, n_push=cfg.n_push,
+                                   staleness=parse_staleness(cfg.staleness_decay), sparsity=cfg.sparsity,
+                                   sparse_block=cfg.sparse_block, overlap=cfg.overlap,
+                                   warm_start_steps=cfg.warm_start_steps, **ft)
+        sandblaster = SandblasterOptions(
+            batch_size=cfg.batch_size, mini_shard_size=cfg.mini_shard_size, max_iter=cfg.max_iter,
+            history=cfg.history, grad_tol=cfg.grad_tol, loss_tol=cfg.loss_tol, l2=cfg.l2,
+            schedule=cfg.schedule, seed=cfg.seed, slow_ranks=parse_slow_ranks(cfg.slow_ranks), **ft)
     except OptionError as exc:
         raise usage_error(exc) from None
+    if cfg.mode == "sandblaster" and cfg.lr_schedule is not None and not downpour.lr_schedule.is_constant:
+        raise UsageError("--lr-schedule: L-BFGS has no learning rate (the line search sets each step); "
+                         "--lr-schedule applies to --mode serial, sync and downpour")
+    options = {"downpour": downpour, "sandblaster": sandblaster,
+               "sync": SGDOptions(**sgd, **ft), "serial": SGDOptions(**sgd)}[cfg.mode]
     return options, stop, checkpoint
 
 
-def validate(cfg, size: int | None = None):
-    """Check values that argparse cannot, raising UsageError with what to do next.
-
-    ``size`` is the number of MPI ranks when known; layouts are checked then.
-    """
-    try:
-        parse_staleness(cfg.staleness_decay)
-    except OptionError as exc:
-        raise usage_error(exc) from None
-    if not 0 < cfg.sparsity <= 1:
-        raise UsageError(f"--sparsity must be in (0, 1] (fraction of entries pushed), got {cfg.sparsity}")
-    if cfg.lr_schedule is not None:
-        try:
-            schedule = parse_schedule(cfg.lr_schedule)
-        except ValueError as exc:
-            raise UsageError(f"--lr-schedule: {exc}") from None
-        if cfg.mode == "sandblaster" and not schedule.is_constant:
-            raise UsageError("--lr-schedule: L-BFGS has no learning rate (the line search sets each step); "
-                             "--lr-schedule applies to --mode serial, sync and downpour")
-    if cfg.validation is not None and not 0 <= cfg.validation < 1:
-        raise UsageError(f"--validation is the fraction of the training set held out, in [0, 1) (0 = none), "
-                         f"got {cfg.validation}")
+def _check_flags_apply(cfg):
+    """The flags given to a mode whose options have no such field (or a feature not built yet)."""
+    if cfg.mode == "serial" and (cfg.kill_ranks or cfg.fault_tolerance == "on"):
+        raise UsageError("--fault-tolerance on and --kill-ranks do not apply to --mode serial (one process); use "
+                         "--mode downpour, sync or sandblaster under mpirun --with-ft ulfm")
     if cfg.mode == "sandblaster" and cfg.validation:
         raise UsageError("--validation applies to --mode serial, sync and downpour; sandblaster trains on the "
                          "whole training set (leave it out)")
-    if cfg.patience is not None and (cfg.mode == "sandblaster" or cfg.validation == 0):
-        raise UsageError("--patience needs a validation split (--validation F > 0, mode serial, sync or downpour)")
-    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
-        raise UsageError(f"--target-accuracy is a fraction in (0, 1], got {cfg.target_accuracy}")
-    if cfg.augment not in ("auto", "none") and not (cfg.augment.startswith("shift:") and cfg.augment[6:].isdigit()):
-        raise UsageError(f"--augment must be auto, none or shift:N (N frames), got {cfg.augment!r}")
-    if cfg.history < 1:
-        raise UsageError(f"--history must be >= 1 (L-BFGS needs at least one (s, y) pair), got {cfg.history}")
-    parse_slow_ranks(cfg.slow_ranks, size)
-    validate_fault_tolerance(cfg, size)
+    if cfg.mode == "sandblaster" and cfg.servers != 1:
+        raise UsageError("--servers applies to --mode downpour only")
     if cfg.cuda_aware_mpi:
         raise UsageError("--cuda-aware-mpi is not available yet: GPU ranks stage window traffic through pinned "
                          "host buffers; leave the option out")
-    if cfg.mode == "sandblaster" and cfg.servers != 1:
-        raise UsageError("--servers applies to --mode downpour only")
-    if cfg.mode == "sandblaster" and (cfg.epochs is not None or cfg.steps is not None):
-        raise UsageError("--epochs and --steps do not apply to --mode sandblaster, which stops on --max-iter, "
-                         "--grad-tol, --loss-tol, --time-limit or --target-accuracy; leave them out")
-    if cfg.mode == "sandblaster" and (cfg.checkpoint_every is not None or cfg.resume is not None
-                                      or cfg.checkpoint is not None):
-        raise UsageError("--checkpoint, --checkpoint-every and --resume work with --mode downpour, sync and "
-                         "serial, not sandblaster")
-    if cfg.resume not in (None, "auto") and not os.path.exists(cfg.resume):
-        raise UsageError(f"--resume: checkpoint {cfg.resume} does not exist")
-    if size is not None and cfg.mode in ("downpour", "sync", "sandblaster"):
-        if size < 2 and cfg.mode != "sandblaster":
-            raise UsageError(f"--mode {cfg.mode} needs at least 2 MPI ranks (1 server + 1 worker), got {size}; "
-                             f"run under mpiexec -n 6, or use --mode serial")
-        if cfg.mode == "downpour" and cfg.servers >= size:
-            raise UsageError(f"--servers {cfg.servers} leaves no worker among {size} ranks; "
-                             f"use --servers <= {size - 1}")
 
 
 OUTPUT_OPTIONS = ("run_dir", "log", "summary_json", "model_out")

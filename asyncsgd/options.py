@@ -5,9 +5,10 @@
     stop = Stop(epochs=30, target_accuracy=0.97)
 
 A bad value raises ``OptionError`` (a ValueError) naming the field and what to do; the command line turns the field
-into its ``--flag``.  ``None`` means "the model's default" (see ``asyncsgd.algorithms.common.sgd_defaults`` and
-``asyncsgd.algorithms.sandblaster.coordinator.defaults``); the filled-in copy is made with ``dataclasses.replace``.  The
-attribute names are the command line's option names with underscores (``n_push``, ``mini_shard_size``).
+into its ``--flag``.  Every rule about one option set's values lives here; the rules that need the mode, the job size
+or the data live in ``asyncsgd.plan``.  ``None`` means "the model's default" (``asyncsgd.plan.sgd_defaults`` and
+``asyncsgd.plan.sandblaster_defaults``): the run's plan holds the filled-in copy, the options given stay as they
+were.  The attribute names are the command line's option names with underscores (``n_push``, ``mini_shard_size``).
 
 Policies are objects, not strings: ``staleness`` is any callable ``tau -> factor`` (``NoDecay()``,
 ``InverseDecay()``, ``ExponentialDecay(lam)`` or your own); ``lr_schedule`` a ``Schedule`` of asyncsgd.schedule
@@ -29,7 +30,7 @@ __all__ = ["OptionError", "Stop", "SGDOptions", "DownpourOptions", "SandblasterO
 
 OPTIMIZERS = ("sgd", "adagrad")
 SCHEDULES = ("dynamic", "static")
-OVERLAP = ("off", "push", "all")  # asyncsgd.algorithms.downpour.overlap
+OVERLAP = ("off", "push", "all")  # what travels in a worker's communication thread (algorithms.downpour.overlap)
 FAULT_TOLERANCE = ("auto", "on", "off")  # Downpour's run-through of a dead rank (docs/FAULT_TOLERANCE.md)
 # The SGD modes' defaults (README, "Benchmarks": five seeds each): a 5% warm-up then a cosine decay to 0, so a run
 # ends at a low rate instead of wherever a constant rate's oscillation lands; and a tenth of the training set held
@@ -223,7 +224,10 @@ class SGDOptions:
             raise OptionError("lr_schedule", f"must be a Schedule (asyncsgd.schedule: Constant(), Cosine(), "
                                              f"Warmup(Cosine(), 0.05), ...) or a string such as 'warmup:0.05+cosine', "
                                              f"got {sched!r}")
-        _real(self, "validation", lo=0, hi=1, hi_open=True)
+        v = self.validation
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
+            raise OptionError("validation", f"is the fraction of the training set held out, in [0, 1) (0 = none), "
+                                            f"got {v!r}")
         _real(self, "selection_margin", lo=0)
         _real(self, "lr", lo=0, lo_open=True, optional=True)
         _real(self, "momentum", lo=0, hi=1, hi_open=True, optional=True)
@@ -261,7 +265,9 @@ class DownpourOptions(SGDOptions):
         if not callable(self.staleness):
             raise OptionError("staleness", f"must be a callable tau -> factor such as ExponentialDecay(0.9), "
                                            f"got {self.staleness!r}")
-        _real(self, "sparsity", lo=0, lo_open=True, hi=1)
+        v = self.sparsity
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v <= 1:
+            raise OptionError("sparsity", f"must be in (0, 1] (fraction of entries pushed), got {v!r}")
         _int(self, "sparse_block", 1)
         _choice(self, "overlap", OVERLAP)
         _int(self, "warm_start_steps", 0, optional=True)
@@ -269,7 +275,7 @@ class DownpourOptions(SGDOptions):
 
 @dataclasses.dataclass(frozen=True)
 class SandblasterOptions:
-    """Sandblaster L-BFGS.  None values take the model's defaults (``asyncsgd.algorithms.sandblaster.coordinator.defaults``):
+    """Sandblaster L-BFGS.  None values take the model's defaults (``asyncsgd.plan.sandblaster_defaults``):
     ``batch_size`` the L-BFGS batch, ``mini_shard_size`` the unit of work a replica claims, ``max_iter`` the
     iteration cap, ``l2`` the penalty l2/2 |x|^2.  ``schedule`` 'static' (an even split, for benchmarks) or
     'dynamic'; ``slow_ranks`` {rank: factor >= 1} makes ranks stragglers (tests and benchmarks only)."""

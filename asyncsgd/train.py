@@ -1,7 +1,8 @@
 """Entry point: ``python -m asyncsgd.train`` (Downpour under mpiexec by default; see ``--help``).
 
-Order of work: parse and validate every option (every rank identically), check the data and device on rank 0 and
-share the verdict, and only then start training.  Any bad input ends the job with one ``asyncsgd: error:`` line from
+Order of work: parse the flags and map them to the option dataclasses, which check every value (every rank
+identically); prepare the run (asyncsgd.api.prepare: the plan's rules, the data and device on rank 0 with the verdict
+shared), and only then start training.  Any bad input ends the job with one ``asyncsgd: error:`` line from
 rank 0 and exit status 2, before anything is written.
 """
 from __future__ import annotations
@@ -10,7 +11,8 @@ import os
 import sys
 import time
 
-from asyncsgd.cli import OUTPUT_OPTIONS, config_to_dict, parse_config, to_options, to_toml, usage_error, validate
+from asyncsgd.cli import (OUTPUT_OPTIONS, config_to_dict, parse_config, parse_slow_ranks, to_options, to_toml,
+                          usage_error)
 from asyncsgd.runtime.mpi import EXIT_USAGE, UsageError
 
 __all__ = ["main"]
@@ -124,8 +126,7 @@ def _write_outputs(cfg, result, reporter):
     """Rank 0: final model, summary JSON, and the final accuracy line that job scripts look for."""
     from asyncsgd.io.metrics import write_json_atomic
 
-    summary = result.summary
-    summary["config"] = config_to_dict(cfg)
+    summary = result.summary  # its config is the command line's record (PreparedRun.execute(config=...))
     if cfg.model_out and result.params is not None:
         result.save_model(cfg.model_out, summary["config"])  # the selected model
         if result.extras.get("last_params") is not None:
@@ -154,11 +155,12 @@ def _write_outputs(cfg, result, reporter):
         print(f"outputs in {cfg.run_dir}", flush=True)
 
 
-def _prepare(cfg, comm):
-    """Translate the options and check every input (all ranks); return the PreparedRun or raise UsageError."""
+def _prepare(cfg, opts, comm):
+    """Check every input of the mapped options ``opts`` = (options, stop, checkpoint) (all ranks); return the
+    PreparedRun or raise UsageError."""
     from asyncsgd.api import prepare
     from asyncsgd.options import OptionError
-    options, stop, checkpoint = to_options(cfg)
+    options, stop, checkpoint = opts
     try:
         run = prepare(cfg.mode, cfg.model, cfg.data, options, stop, comm=comm, device=cfg.device,
                       checkpoint=checkpoint, root_check=lambda: _prepare_outputs(cfg))
@@ -175,25 +177,25 @@ def _prepare(cfg, comm):
     return run
 
 
-def _run_serial(cfg) -> int:
+def _run_serial(cfg, opts) -> int:
     from asyncsgd.runtime.mpi import abort_on_error
     from asyncsgd.io.metrics import Reporter
     try:
-        run = _prepare(cfg, None)
+        run = _prepare(cfg, opts, None)
     except UsageError as exc:
         return _fail(str(exc), 0)
     reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None)
     # an exception prints "[asyncsgd rank 0] ..." and its traceback once, and exits with status 1
     with abort_on_error(None):
         try:
-            result = run.execute(reporter)
+            result = run.execute(reporter, config=config_to_dict(cfg))
             _write_outputs(cfg, result, reporter)
         finally:
             reporter.close()
     return 0
 
 
-def _run_distributed(cfg) -> int:
+def _run_distributed(cfg, opts) -> int:
     from mpi4py import MPI
     from asyncsgd.runtime.mpi import abort_on_error, install_abort_hook
     from asyncsgd.io.metrics import Reporter
@@ -203,8 +205,14 @@ def _run_distributed(cfg) -> int:
     install_abort_hook(comm)
     rank = comm.rank
     try:
-        validate(cfg, comm.size)
-        run = _prepare(cfg, comm)
+        if cfg.mode != "sandblaster":  # --slow-ranks names ranks of the job in any mode (Sandblaster's plan checks it)
+            from asyncsgd.options import OptionError
+            from asyncsgd.plan import ranks_in_job
+            try:
+                ranks_in_job("slow_ranks", parse_slow_ranks(cfg.slow_ranks), comm.size)
+            except OptionError as exc:
+                raise usage_error(exc) from None
+        run = _prepare(cfg, opts, comm)
     except UsageError as exc:
         code = _fail_job(str(exc), comm)
         comm.Free()
@@ -213,11 +221,10 @@ def _run_distributed(cfg) -> int:
     # An exception on this rank, anywhere below, prints its rank-tagged traceback once and aborts every rank at
     # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
     # reporter's file is closed.
-    from asyncsgd.ulfm.policy import for_options
-    with abort_on_error(comm), Watchdog(comm, fault_tolerant=for_options(run.options)):
+    with abort_on_error(comm), Watchdog(comm, fault_tolerant=run.plan.fault_tolerant):
         reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None) if rank == 0 else None
         try:
-            result = run.execute(reporter)
+            result = run.execute(reporter, config=config_to_dict(cfg))
             if rank == 0:
                 _write_outputs(cfg, result, reporter)
         finally:
@@ -235,6 +242,7 @@ def main(argv=None) -> int:
     rank_hint = _launcher_value(_RANK_VARIABLES, 0)
     try:
         cfg = parse_config(argv)
+        opts = to_options(cfg)  # every value checked by its option class, before --print-config as before any run
     except UsageError as exc:
         return _fail_job(str(exc))
     if cfg.print_config:
@@ -242,11 +250,13 @@ def main(argv=None) -> int:
             sys.stdout.write(to_toml(cfg))
         return 0
     if cfg.mode == "serial":
-        if _launcher_value(_SIZE_VARIABLES, 1) > 1:
-            return _fail_job("--mode serial runs in one process; start it without mpiexec "
-                             "(or choose --mode downpour, sync or sandblaster)")
-        return _run_serial(cfg)
-    return _run_distributed(cfg)
+        from asyncsgd.plan import check_job_size
+        try:
+            check_job_size("serial", _launcher_value(_SIZE_VARIABLES, 1))  # before MPI: serial never starts it
+        except ValueError as exc:
+            return _fail_job(str(exc))
+        return _run_serial(cfg, opts)
+    return _run_distributed(cfg, opts)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Pieces every SGD trainer shares: default hyper-parameters, when to stop, the validation split, evaluation on the
-validation and test sets with the best-model tracker, and the learning-rate schedule's run budget."""
+"""Pieces every SGD trainer shares: when to stop, the validation split, evaluation on the validation and test sets
+with the best-model tracker, and the learning-rate schedule's run budget.  The model's default hyper-parameters
+(``sgd_defaults``) are filled once per run by asyncsgd.plan; the trainers read them from the RunPlan."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
@@ -11,62 +11,12 @@ import numpy
 from asyncsgd.data.holdout import split_holdout
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.data.partition import class_strided_rows
-from asyncsgd.schedule import RunBudget, Warmup
+from asyncsgd.schedule import RunBudget
+from asyncsgd.plan import sgd_defaults  # the model's defaults; a RunPlan holds them filled (asyncsgd.plan)
 from asyncsgd.algorithms.best_model import BestModelTracker
 
 __all__ = ["sgd_defaults", "options_as_trained", "StopRule", "Evaluator", "TrainingSplit", "Evaluations",
            "schedule_budget"]
-
-# Defaults that train each model well with momentum 0.9 (the measured runs are in the README, "Benchmarks").
-_DEFAULTS = {
-    # model: (lr for sgd, lr for adagrad, batch, epochs)
-    "speech_cnn": (0.01, 0.01, 32, 30),
-    "mnist_cnn": (0.01, 0.01, 64, 3),
-    "logreg": (0.01, 0.05, 64, 20),
-}
-
-# Downpour with more replicas than this halves the model's default batch (and rate): see sgd_defaults.
-ASYNC_HALF_BATCH_ABOVE = 3
-
-
-def sgd_defaults(opts, stop, model_name: str, async_replicas: int = 1, sync_replicas: int = 1):
-    """Return ``(opts, stop)`` with the options left unset (None) filled with the model's defaults (new objects).
-
-    With ``async_replicas`` W > 2 Downpour replicas the default SGD learning rate is scaled by 2/W: their steps land
-    on the store concurrently, each with its own momentum, so the effective step grows with W.  Measured on FSDD
-    with 5 workers at a constant rate: lr 0.01 drove the network to a constant output, 0.004 reached 98.7% test
-    accuracy in 73 s.  Under a schedule with a warm-up (the default ``warmup:0.05+cosine``) the first pushes run at a
-    tenth of the peak, and the peak is scaled by 3/W instead (0.006 for 5 workers): on FSDD, seeds 10-12, the last
-    models reached 0.990-0.997 test accuracy against 0.983-0.997 at 0.004.
-    With ``sync_replicas`` W all-reduce replicas (``--mode sync``) the default SGD rate is multiplied by sqrt(W):
-    a step averages W batches, so a run of the same epochs takes W times fewer steps, each with less gradient noise
-    (the square-root rule).  Measured on FSDD with 4 replicas, 30 epochs: at peak 0.01 the last models of seeds 0-4
-    and 10 reached 0.980-0.990 test accuracy; at 0.02 (= 0.01 x sqrt(4)) seed 10 reached 0.993, seed 11 0.990-0.993
-    over its last evaluations (docs/SCHEDULES.md, section 8).
-    With W > 3 Downpour replicas (SGD at the store) the model's batch is also halved when not given, and the
-    default rate with it (linear scaling: the same rate per sample): twice the pushes, each of half the samples, so
-    a push that lands tau pushes late is half as many samples stale.  Measured on FSDD with 5 workers, 30 epochs,
-    seeds 5-9: test errors (of 300) averaged 4.0 at batch 64 (lr 0.012), 2.4 at 32 (0.006), 1.2 at 16 (0.003);
-    seeds 0-4 at 16: 2.0 against 2.4 at 32 (docs/SCHEDULES.md, section 11).  A run takes ~10% longer.
-    A model that is not built in (a user factory) gets lr 0.01, batch 32 and 10 epochs.
-    """
-    lr_sgd, lr_ada, batch, epochs = _DEFAULTS.get(model_name, (0.01, 0.01, 32, 10))
-    fill = {}
-    halve = async_replicas > ASYNC_HALF_BATCH_ABOVE and opts.batch_size is None and opts.optimizer != "adagrad"
-    if halve:
-        batch = max(1, batch // 2)
-    if opts.lr is None:
-        share = 3.0 if isinstance(getattr(opts, "lr_schedule", None), Warmup) else 2.0
-        fill["lr"] = lr_ada if opts.optimizer == "adagrad" else (
-            lr_sgd * min(1.0, share / max(async_replicas, 1)) * math.sqrt(max(sync_replicas, 1))
-            * (0.5 if halve else 1.0))
-    if opts.momentum is None:
-        fill["momentum"] = 0.0 if opts.optimizer == "adagrad" else 0.9
-    if opts.batch_size is None:
-        fill["batch_size"] = batch
-    if not stop.is_set():
-        stop = dataclasses.replace(stop, epochs=epochs)
-    return dataclasses.replace(opts, **fill), stop
 
 
 class StopRule:
@@ -222,18 +172,18 @@ class Evaluations:
         return summary
 
 
-def options_as_trained(cfg) -> dict:
+def options_as_trained(opts) -> dict:
     """The summary's record of the options after ``sgd_defaults`` filled them (the config keeps only those given)."""
-    return {"batch_size": int(cfg.batch_size), "peak_lr": float(cfg.lr), "momentum": float(cfg.momentum)}
+    return {"batch_size": int(opts.batch_size), "peak_lr": float(opts.lr), "momentum": float(opts.momentum)}
 
 
-def schedule_budget(cfg, stop, *, n_train: int, workers: int = 1):
-    """Return ``(schedule, budget)``: ``cfg.lr_schedule`` at peak ``cfg.lr`` and the run's length in global samples
+def schedule_budget(opts, stop, *, n_train: int, workers: int = 1):
+    """Return ``(schedule, budget)``: ``opts.lr_schedule`` at peak ``opts.lr`` and the run's length in global samples
     of the ``n_train`` training rows (after the holdout, as StopRule counts) and/or seconds; budget None for a
     constant schedule (nothing to measure)."""
-    schedule = cfg.lr_schedule.with_lr(cfg.lr)
+    schedule = opts.lr_schedule.with_lr(opts.lr)
     if schedule.is_constant:
         return schedule, None
-    budget = RunBudget.from_limits(n_train=n_train, batch_size=cfg.batch_size, workers=workers, epochs=stop.epochs,
+    budget = RunBudget.from_limits(n_train=n_train, batch_size=opts.batch_size, workers=workers, epochs=stop.epochs,
                                    steps=stop.steps, time_limit=stop.time_limit)
     return schedule, budget

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import time
 
+from asyncsgd.plan import RESUMABLE_MODES  # the plan refuses checkpoints in the other modes (check_inputs)
 from asyncsgd.runtime.mpi import UsageError
 
 __all__ = ["checkpoint_path", "load_resume", "Checkpointer", "RESUMABLE_MODES"]
 
-RESUMABLE_MODES = ("serial", "sync", "downpour")
 DEFAULT_CHECKPOINT = "checkpoint.h5"
 
 
@@ -37,15 +37,13 @@ def checkpoint_path(ck) -> str | None:
 def load_resume(ck, mode: str, model_name: str, n_params: int):
     """Return the checkpoint to resume from (or None): ``ck.resume`` a path, or 'auto' when the file exists.
 
-    Raises UsageError for a missing, corrupt or mismatched file, or a mode that cannot resume.
+    Raises UsageError for a missing, corrupt or mismatched file.  (A mode outside RESUMABLE_MODES never gets here:
+    asyncsgd.plan.check_inputs refuses its checkpoint options.)
     """
     from asyncsgd.io.checkpoint import load_checkpoint
 
     if ck is None or ck.resume is None:
         return None
-    if mode not in RESUMABLE_MODES:
-        raise UsageError(f"--resume is not supported with --mode {mode}; it works with "
-                         f"{', '.join(RESUMABLE_MODES)}")
     path = checkpoint_path(ck) if ck.resume == "auto" else ck.resume
     if ck.resume == "auto" and not os.path.exists(path):
         return None  # nothing to resume yet: start afresh

@@ -36,7 +36,8 @@ PROBE = textwrap.dedent("""
                if p.name.endswith(".cu")}
     info = {"file": asyncsgd.__file__, "version": asyncsgd.__version__, "kernels": kernels}
     if os.environ.get("PROBE_CPU") == "1":
-        from asyncsgd.model import NumpyOps, cpu_kernels
+        from asyncsgd.backends import cpu_kernels
+        from asyncsgd.backends.numpy_ops import NumpyOps
         mod = cpu_kernels._module()
         info["cpu"] = {"file": None if mod is None else mod.__file__, "on": NumpyOps().cpu_kernels_on}
     if os.environ.get("PROBE_DATA") == "1":

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-__all__ = ["CommThread", "OVERLAP", "overlap_mode", "overlap_refusal"]
+from asyncsgd.options import OVERLAP  # what travels while the worker computes: nothing, its pushes, pushes and fetches
 
-OVERLAP = ("off", "push", "all")  # what travels while the worker computes: nothing, its pushes, pushes and fetches
+__all__ = ["CommThread", "OVERLAP", "overlap_mode", "overlap_refusal"]
 
 
 def overlap_mode(value) -> str:

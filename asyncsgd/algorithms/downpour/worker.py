@@ -42,7 +42,6 @@ final push is made inline after everything submitted has landed, so the store en
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 
@@ -50,20 +49,19 @@ import numpy
 
 from asyncsgd.data import BatchStream
 from asyncsgd.data.augment import make_augmenter
-from asyncsgd.ulfm.policy import for_options
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import polled_barrier
-from asyncsgd.schedule import RunBudget, global_progress
+from asyncsgd.schedule import global_progress
 from asyncsgd.backends.sparse import select_topk_blocks
 from asyncsgd.store import ShardedParameters, open_store
 from asyncsgd.rma.board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
-from asyncsgd.algorithms.common import (Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget,
-                    sgd_defaults)
+from asyncsgd.algorithms.common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget
 from asyncsgd.algorithms.downpour.recovery import Recovery
 from asyncsgd.algorithms.downpour.overlap import CommThread, overlap_mode, overlap_refusal
 from asyncsgd.algorithms.resume import Checkpointer
+from asyncsgd.plan import WARM_START_FRACTION, warm_start_steps  # resolved once per run into RunPlan.warm_start_steps
 
-__all__ = ["run", "DownpourWorker"]
+__all__ = ["run", "DownpourWorker", "warm_start_steps", "WARM_START_FRACTION"]
 
 _FLAG_POLL_S = 0.01
 # Under --overlap the store tests the thread's transfers this often instead of spinning in a blocking Flush:
@@ -71,26 +69,26 @@ _FLAG_POLL_S = 0.01
 _COMM_POLL_S = 0.0005
 
 
-def _progress(cfg, budget, version: int, start: float, samples_before: int) -> float:
+def _progress(opts, budget, version: int, start: float, samples_before: int) -> float:
     """Global progress after ``version`` pushes (asyncsgd.schedule.global_progress); 0 without a budget."""
     if budget is None:
         return 0.0
-    return global_progress(version, budget, batch_size=cfg.batch_size, n_push=cfg.n_push,
+    return global_progress(version, budget, batch_size=opts.batch_size, n_push=opts.n_push,
                            elapsed=time.monotonic() - start, samples_before=samples_before)
 
 
 class DownpourWorker:
     """One model replica: local steps on its data, fetches and pushes against the store."""
 
-    def __init__(self, cfg, net, store: ShardedParameters, backend, *, seed: int, budget=None, start=None,
+    def __init__(self, opts, net, store: ShardedParameters, backend, *, seed: int, budget=None, start=None,
                  samples_before: int = 0, overlap=None):
-        """``cfg`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
+        """``opts`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
         a constant rate); ``start`` the job's shared clock origin (time.monotonic() after the start barrier);
         ``samples_before`` samples done before a resume (the store's version restarts at 0); ``overlap``
-        'off', 'push' or 'all' (None: ``cfg.overlap``; off, with a warning, where MPI's thread level does not
-        allow it)."""
-        self.cfg = cfg
-        self.schedule = cfg.lr_schedule.with_lr(cfg.lr)
+        'off', 'push' or 'all' as resolved by the run's plan (RunPlan.overlap); None for a worker made on its own:
+        ``opts.overlap``, off with a warning where MPI's thread level does not allow it."""
+        self.opts = opts
+        self.schedule = opts.lr_schedule.with_lr(opts.lr)
         self.budget = budget
         self.start = time.monotonic() if start is None else start
         self.samples_before = int(samples_before)
@@ -99,12 +97,12 @@ class DownpourWorker:
         self.store = store
         self.backend = backend
         self.xp = backend.xp
-        self.weight = cfg.staleness  # a callable tau -> factor (asyncsgd.options)
-        self.adagrad = cfg.optimizer == "adagrad"
+        self.weight = opts.staleness  # a callable tau -> factor (asyncsgd.options)
+        self.adagrad = opts.optimizer == "adagrad"
         self.velocity = self.xp.zeros_like(net.params)
         self.accrued = self.xp.zeros_like(net.params)
         # the residual lives where the accrual does: a GPU rank selects on the GPU and copies only the pairs
-        self.residual = self.xp.zeros_like(net.params) if cfg.sparsity < 1 else None
+        self.residual = self.xp.zeros_like(net.params) if opts.sparsity < 1 else None
         # staging buffer between the replica and the windows (pinned on a GPU rank so copies run at full speed);
         # a replica whose parameters live in host memory fetches straight into them instead
         self.host = backend.staging_buffer(net.n_params, numpy.float32)
@@ -123,11 +121,16 @@ class DownpourWorker:
         self.loss_ewma = None
         self.resumed_samples = 0  # samples done before a resume: counted in budgets, not in rates
         self._warned = False
-        self.sparse_block = int(getattr(cfg, "sparse_block", 1))
+        # a worker made on its own (tests, benchmarks) may be given an option namespace without the Downpour-only
+        # fields; run() always passes DownpourOptions and the plan's overlap
+        self.sparse_block = int(getattr(opts, "sparse_block", 1))
         self.comm_thread = None
-        self.overlap = overlap_mode(getattr(cfg, "overlap", "off") if overlap is None else overlap)
+        why = None
+        if overlap is None:
+            overlap = overlap_mode(getattr(opts, "overlap", "off"))
+            why = overlap_refusal() if overlap != "off" else None
+        self.overlap = overlap_mode(overlap)
         if self.overlap != "off":
-            why = overlap_refusal()
             if why is None:
                 self.comm_thread = CommThread()
                 store.poll_s = _COMM_POLL_S  # the thread sleeps while its data travels, leaving the CPU to compute
@@ -142,7 +145,7 @@ class DownpourWorker:
 
     def progress(self, version: int) -> float:
         """The run's global progress after ``version`` pushes by all workers (0 without a budget)."""
-        return _progress(self.cfg, self.budget, version, self.start, self.samples_before)
+        return _progress(self.opts, self.budget, version, self.start, self.samples_before)
 
     def fetch(self):
         """Copy the store's parameters into the replica (DistBelief's 'fetch'); set the rate from the version."""
@@ -187,7 +190,7 @@ class DownpourWorker:
 
     def step(self, xb, yb) -> bool:
         """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
-        cfg, xp = self.cfg, self.xp
+        opts, xp = self.opts, self.xp
         fault_point("step")
         t0 = time.perf_counter()
         loss = self.net.loss_and_grad(self.backend.to_device(xb), self.backend.to_device(yb), rng=self.rng)
@@ -201,7 +204,7 @@ class DownpourWorker:
             self.compute_s += time.perf_counter() - t0
             return False
         # v = momentum*v + g; params -= lr*v (one fused kernel on a GPU rank); Adagrad pushes the accrued v
-        self.backend.sgd_update(self.net.params, grads, lr=self.lr, momentum=cfg.momentum, velocity=self.velocity,
+        self.backend.sgd_update(self.net.params, grads, lr=self.lr, momentum=opts.momentum, velocity=self.velocity,
                                 accrued=self.accrued if self.adagrad else None)
         if not self.adagrad:
             self.accrued -= self.lr * self.velocity
@@ -218,7 +221,7 @@ class DownpourWorker:
         sum densely, so nothing held back by error feedback is lost when the worker returns.
         """
         fault_point("push")
-        cfg = self.cfg
+        opts = self.opts
         inline = self.comm_thread is None or final
         if self.comm_thread is not None:
             self._collect_push()  # its buffers are free again, its tau counted
@@ -230,9 +233,9 @@ class DownpourWorker:
         base, weight = self.base_version, self.weight
         if self.residual is not None and not final:
             if self.sparse_block > 1:
-                idx_dev, vals = select_topk_blocks(self.accrued, cfg.sparsity, self.residual, self.sparse_block)
+                idx_dev, vals = select_topk_blocks(self.accrued, opts.sparsity, self.residual, self.sparse_block)
             else:
-                idx_dev, vals = self.backend.select_topk(self.accrued, cfg.sparsity, self.residual)
+                idx_dev, vals = self.backend.select_topk(self.accrued, opts.sparsity, self.residual)
             # momentum factor masking (Deep Gradient Compression): the velocity of coordinates just pushed is
             # cleared, so their delayed update is not pushed again through the momentum of later steps; without
             # it, sparse pushes with momentum 0.9 diverged in about one run in four on synthetic data
@@ -240,7 +243,7 @@ class DownpourWorker:
             idx, vals = self.backend.to_host(idx_dev), self.backend.to_host(vals)  # fresh arrays every push
             if self.adagrad:
                 def call(lr=self.lr):
-                    return self.store.push_adagrad_sparse(idx, vals, lr, cfg.adagrad_eps, base_version=base,
+                    return self.store.push_adagrad_sparse(idx, vals, lr, opts.adagrad_eps, base_version=base,
                                                           weight=weight)
             else:
                 def call():
@@ -252,7 +255,7 @@ class DownpourWorker:
             update = self.backend.to_host(self.accrued, out=self.host)
             if self.adagrad:
                 def call(lr=self.lr):
-                    return self.store.push_adagrad(update, lr, cfg.adagrad_eps, base_version=base, weight=weight)
+                    return self.store.push_adagrad(update, lr, opts.adagrad_eps, base_version=base, weight=weight)
             else:
                 def call():
                     return self.store.push(update, base_version=base, weight=weight)
@@ -260,7 +263,7 @@ class DownpourWorker:
             self.pushed_entries += update.size
         if inline:
             self._count_tau(call())
-        elif self.overlap == "push" and self.steps % cfg.n_fetch == 0:
+        elif self.overlap == "push" and self.steps % opts.n_fetch == 0:
             self._held = call  # a fetch comes next: it goes first (fresh parameters), this push right behind it
         else:
             self._pushing = self.comm_thread.submit(call)
@@ -296,7 +299,7 @@ class DownpourWorker:
         """Push what is left when the worker stops: the accrual since the last push and, sparse, the residual.
 
         Overlap: everything submitted lands first and the final push is made inline; the thread ends."""
-        if self.steps % self.cfg.n_push != 0 or self.residual is not None:
+        if self.steps % self.opts.n_push != 0 or self.residual is not None:
             self.push(final=True)
         self.close()
 
@@ -316,68 +319,45 @@ class DownpourWorker:
                 "elapsed_s": elapsed, "resumed_samples": self.resumed_samples, "first_version": self.first_version}
 
 
-# DistBelief's warm start by default: one replica alone over the first 9% of the run, then all of them.  Measured on
-# FSDD with 5 workers (30 epochs, 200 warm steps, docs/SCHEDULES.md section 10): selected-model test accuracy
-# 0.993-1.000 on seeds 10-14 against 0.983-1.000 without; asynchronous steps hurt most from the random start, where
-# gradients are large and change fastest, and a replica alone takes them without staleness.
-WARM_START_FRACTION = 0.09
-
-
-def warm_start_steps(cfg, stop, *, n_train: int, workers: int, resumed: bool) -> int:
-    """Return the steps worker 0 takes alone first: ``cfg.warm_start_steps``, or when it is None the first
-    ``WARM_START_FRACTION`` of the run's samples (epochs or steps; none for a run bounded only in time) in steps of
-    ``cfg.batch_size``; 0 with one worker and for a resumed run (it starts from a trained model)."""
-    if resumed or workers < 2:
-        return 0
-    if cfg.warm_start_steps is not None:
-        return int(cfg.warm_start_steps)
-    if stop.epochs is None and stop.steps is None:
-        return 0
-    total = RunBudget.from_limits(n_train=n_train, batch_size=cfg.batch_size, workers=workers, epochs=stop.epochs,
-                                  steps=stop.steps).total_samples
-    return int(round(WARM_START_FRACTION * total / cfg.batch_size))
-
-
-def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
+def _worker_loop(plan, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
                  budget=None, samples_before=0, guard=None):
+    opts, stop_opts = plan.options, plan.stop
     src = split.src
     x, y = split.share(worker, n_workers)  # never a validation row
     # re-seeded from the position, so a resumed worker does not replay the order it already saw
-    stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples_done))
-    overlap = overlap_mode(getattr(cfg, "overlap", "off"))
-    if overlap != "off" and guard is not None:
-        warnings.warn(f"--overlap is off: {overlap_refusal(fault_tolerant=True)}", RuntimeWarning, stacklevel=2)
-        overlap = "off"
-    replica = DownpourWorker(cfg, net, store, backend, seed=cfg.seed + 2000 + worker + samples_done,
-                             budget=budget, start=start, samples_before=samples_before, overlap=overlap)
-    augment = make_augmenter(cfg.augment, src, seed=cfg.seed + 3000 + worker + samples_done)
+    stream = iter(BatchStream(x, y, opts.batch_size, seed=opts.seed + 1000 + worker + samples_done))
+    if plan.overlap_off_reason is not None:  # --overlap was asked for but cannot run here (RunPlan.overlap)
+        warnings.warn(f"--overlap is off: {plan.overlap_off_reason}", RuntimeWarning, stacklevel=2)
+    replica = DownpourWorker(opts, net, store, backend, seed=opts.seed + 2000 + worker + samples_done,
+                             budget=budget, start=start, samples_before=samples_before, overlap=plan.overlap)
+    augment = make_augmenter(opts.augment, src, seed=opts.seed + 3000 + worker + samples_done)
     stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
     last_publish = 0.0
-    warm = cfg.warm_start_steps if worker == 0 else 0  # run() set it to 0 for a resumed run
+    warm = plan.warm_start_steps if worker == 0 else 0  # 0 for a resumed run (asyncsgd.plan.warm_start_steps)
     if guard is not None:  # what a recovery needs from this worker: its replica, the freshest it has
         guard.replica = lambda: (backend.to_host(net.params).astype(numpy.float32, copy=True), replica.base_version)
-    if worker != 0 and cfg.warm_start_steps > 0:
+    if worker != 0 and plan.warm_start_steps > 0:
         # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag (a
         # recovery that loses that replica raises the flag: Recovery._move_rows)
         while board.flag(FLAG_WARM_DONE) == 0 and board.flag(FLAG_STOP) == 0:
             time.sleep(_FLAG_POLL_S)
             if guard is not None and guard.check():  # a safe point before any step, as in the loop below
-                board, share = _rejoin(guard, replica, cfg, stop_opts, split, start, samples)
+                board, share = _rejoin(guard, replica, opts, stop_opts, split, start, samples)
                 if share is None:
                     break
                 worker, n_workers, stream, stop = share
     promoted = guard is not None and guard.role.kind == "server"  # while waiting: now hosts a dead server's shard
     for xb, yb in (() if promoted else stream):
-        if replica.steps % cfg.n_fetch == 0:
+        if replica.steps % opts.n_fetch == 0:
             replica.fetch()
         replica.step(augment(xb), yb)
         replica.steps += 1
         samples += len(yb)
-        if replica.steps % cfg.n_push == 0:
+        if replica.steps % opts.n_push == 0:
             replica.push()
         if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
-            board, share = _rejoin(guard, replica, cfg, stop_opts, split, start, samples)
+            board, share = _rejoin(guard, replica, opts, stop_opts, split, start, samples)
             if share is None:
                 break  # this worker now hosts a dead server's shard
             worker, n_workers, stream, stop = share
@@ -401,7 +381,7 @@ def _worker_loop(cfg, stop_opts, net, split, backend, store, board, worker, n_wo
     board.publish(worker, replica.stats(samples, stop.elapsed(), done=True), replica.hist)
 
 
-def _rejoin(guard, replica, cfg, stop_opts, split, start, samples):
+def _rejoin(guard, replica, opts, stop_opts, split, start, samples):
     """After a recovery at a worker's safe point: point the replica at the rebuilt store; return the rebuilt board
     and, while this rank is still a worker, its ``(worker, n_workers, stream, stop)`` over the survivors' share
     (None: it now hosts a dead server's shard)."""
@@ -409,25 +389,25 @@ def _rejoin(guard, replica, cfg, stop_opts, split, start, samples):
     if guard.role.kind == "server":
         return guard.board, None
     worker, n_workers = guard.role.index, guard.n_workers
-    stream, stop = _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples)
+    stream, stop = _take_over_share(opts, stop_opts, split, worker, n_workers, start, samples)
     return guard.board, (worker, n_workers, stream, stop)
 
 
-def _take_over_share(cfg, stop_opts, split, worker, n_workers, start, samples):
+def _take_over_share(opts, stop_opts, split, worker, n_workers, start, samples):
     """After a worker died: this worker's share of the training rows over the survivors (they cover it all again)."""
     x, y = split.share(worker, n_workers)  # never a validation row
-    stream = iter(BatchStream(x, y, cfg.batch_size, seed=cfg.seed + 1000 + worker + samples))
+    stream = iter(BatchStream(x, y, opts.batch_size, seed=opts.seed + 1000 + worker + samples))
     return stream, StopRule(stop_opts, samples_per_epoch=len(y), start=start)
 
 
-def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_workers, reporter, start, checkpointer,
+def _monitor_loop(opts, stop_opts, eval_net, split, backend, store, board, n_workers, reporter, start, checkpointer,
                   budget=None, samples_before=0, guard=None):
     """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record
     and the Evaluations (its tracker holds the best model)."""
     evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience,
-                           selection_margin=cfg.selection_margin)
+                           selection_margin=opts.selection_margin)
     stop = StopRule(stop_opts, samples_per_epoch=split.n_train, start=start)
-    schedule = cfg.lr_schedule.with_lr(cfg.lr)
+    schedule = opts.lr_schedule.with_lr(opts.lr)
     last_eval = time.monotonic()
     last_samples, last_time = 0, 0.0
     record = {}
@@ -437,9 +417,9 @@ def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_work
             store, board = guard.store, guard.board
         stats, hist = board.rows() if guard is None else guard.rows()
         all_done = all(s["done"] for s in stats)
-        if all_done or time.monotonic() - last_eval >= cfg.eval_every:
+        if all_done or time.monotonic() - last_eval >= opts.eval_every:
             # the rate workers apply now: what a worker fetching the current version computes
-            lr = schedule.rate(_progress(cfg, budget, store.version(), start, samples_before))
+            lr = schedule.rate(_progress(opts, budget, store.version(), start, samples_before))
             snapshot = store.read_all()  # one snapshot: scored on both sets and, if best, kept
             elapsed = stop.elapsed()
             figures = evaluate(snapshot, time=elapsed, samples=int(sum(s["samples"] for s in stats)))
@@ -464,7 +444,7 @@ def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_work
                 record["last_params"] = snapshot
                 break
         if checkpointer.due():
-            _checkpoint(cfg, store, checkpointer, stats)
+            _checkpoint(opts, store, checkpointer, stats)
         time.sleep(0.05)
     record["time_to_target"] = time_to_target
     # without a target or early stop, the workers ended on their own limits
@@ -473,9 +453,9 @@ def _monitor_loop(cfg, stop_opts, eval_net, split, backend, store, board, n_work
     return record, stats, hist, evaluate
 
 
-def _checkpoint(cfg, store, checkpointer, stats):
+def _checkpoint(opts, store, checkpointer, stats):
     """Save the store's state (read one-sidedly while workers keep pushing) and each worker's position."""
-    state = {"adagrad_sums": store.adagrad_sums()} if cfg.optimizer == "adagrad" else {}
+    state = {"adagrad_sums": store.adagrad_sums()} if opts.optimizer == "adagrad" else {}
     checkpointer.save(params=store.read_all(), state=state, version=store.version(),
                       data_position={"worker_samples": [int(s["samples"]) for s in stats]})
 
@@ -508,17 +488,23 @@ def _percentile_from_hist(hist, q):
     return int(numpy.searchsorted(cum, q * cum[-1]))
 
 
-def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
-    """Run Downpour (DownpourOptions ``cfg``) on every rank of ``comm`` until ``stop``; return the summary dict on
+def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name="model", checkpointer=None,
+        resume=None):
+    """Run Downpour (DownpourOptions ``opts``) on every rank of ``comm`` until ``stop``; return the summary dict on
     rank 0 (None elsewhere).
 
+    ``plan`` is the run's RunPlan (asyncsgd.plan; made here from the arguments when None): servers and workers,
+    fault tolerance, the store transport, the options with the model's defaults, the warm start and the overlap.
     ``net`` is this rank's network, built from the same seed on every rank: a worker's replica, rank 0's evaluator,
     and on every server the source of the initial parameters.  ``resume`` is a loaded checkpoint to continue from
     (every rank gets it), or None.
     """
-    n_servers = cfg.servers
-    n_workers = comm.size - n_servers
-    cfg, stop_opts = sgd_defaults(cfg, stop, model_name, async_replicas=n_workers)
+    if plan is None:
+        from asyncsgd.plan import plan_for
+        plan = plan_for("downpour", comm, src, opts, stop, model_name=model_name, n_params=net.n_params,
+                        resumed=resume is not None)
+    opts, stop_opts = plan.options, plan.stop
+    n_servers, n_workers = plan.servers, plan.workers
     rank = comm.rank
     init = net
     initial = (backend.to_host(net.params) if rank < n_servers else None) if resume is None else resume.params
@@ -527,39 +513,37 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
         saved = resume.data_position.get("worker_samples", [])
         # the same workers continue where they were; another worker count shares the samples done evenly
         done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
-    checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": cfg.seed})
-    split = TrainingSplit(src, cfg.validation, cfg.seed)  # the same on every rank; workers read only training rows
+    checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": opts.seed})
+    split = TrainingSplit(src, opts.validation, opts.seed)  # the same on every rank; workers read only training rows
     # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
-    schedule, budget = schedule_budget(cfg, stop_opts, n_train=split.n_train, workers=n_workers)
-    cfg = dataclasses.replace(cfg, warm_start_steps=warm_start_steps(cfg, stop_opts, n_train=split.n_train,
-                                                                     workers=n_workers, resumed=resume is not None))
-    fault_tolerant = for_options(cfg)
-    store = open_store(comm, init.n_params, n_servers=n_servers, initial=initial,  # ASYNCSGD_STORE picks
-                       adagrad=cfg.optimizer == "adagrad")
+    schedule, budget = schedule_budget(opts, stop_opts, n_train=split.n_train, workers=n_workers)
+    fault_tolerant = plan.fault_tolerant
+    store = open_store(comm, init.n_params, transport=plan.store, n_servers=n_servers, initial=initial,
+                       adagrad=opts.optimizer == "adagrad")
     board = JobBoard(comm, n_workers)
     # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
     # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.
     guard = Recovery(comm, enabled=fault_tolerant, store=store, board=board, n_servers=n_servers, start=0.0,
-                     reporter=reporter, checkpoint_path=checkpointer.path, kill_ranks=cfg.kill_ranks)
+                     reporter=reporter, checkpoint_path=checkpointer.path, kill_ranks=opts.kill_ranks)
     try:
         if rank == 0 and resume is not None and "adagrad_sums" in resume.state:
             store.load(resume.params, resume.state["adagrad_sums"])  # before any worker starts pushing
         polled_barrier(comm)
         start = guard.start = time.monotonic()
-        guard.arm_kill(cfg.kill_ranks.get(rank))
+        guard.arm_kill(opts.kill_ranks.get(rank))
         ft_guard = guard if fault_tolerant else None
         result = None
         if rank >= n_servers:
-            _worker_loop(cfg, stop_opts, net, split, backend, store, board, rank - n_servers, n_workers, start,
+            _worker_loop(plan, net, split, backend, store, board, rank - n_servers, n_workers, start,
                          samples_done=int(done[rank - n_servers]), budget=budget, samples_before=int(sum(done)),
                          guard=ft_guard)
         elif rank == 0:
-            record, stats, hist, evaluate = _monitor_loop(cfg, stop_opts, net, split, backend, store, board,
+            record, stats, hist, evaluate = _monitor_loop(opts, stop_opts, net, split, backend, store, board,
                                                           n_workers, reporter, start, checkpointer, budget=budget,
                                                           samples_before=int(sum(done)), guard=ft_guard)
             store = guard.store
             if checkpointer.path:
-                _checkpoint(cfg, store, checkpointer, stats)  # the final one
+                _checkpoint(opts, store, checkpointer, stats)  # the final one
             wall = time.monotonic() - start
             params = record.pop("last_params")  # the final evaluation's snapshot: every worker had returned
             total_hist = hist.sum(axis=0)
@@ -582,15 +566,14 @@ def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", che
                 "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
                 "layout": init.param_layout(), "stop_reason": record["stop_reason"],
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
-                **options_as_trained(cfg),
-                "overlap": (overlap_mode(getattr(cfg, "overlap", "off"))
-                            if overlap_refusal(fault_tolerant=fault_tolerant) is None else "off"),
-                "sparse_block": int(getattr(cfg, "sparse_block", 1)),
+                **options_as_trained(opts),
+                "overlap": plan.overlap,
+                "sparse_block": int(opts.sparse_block),
                 # the warm start as it happened: worker 0 alone for these steps, then each worker's first fetch
-                "warm_start_steps": int(cfg.warm_start_steps),
+                "warm_start_steps": int(plan.warm_start_steps),
                 "first_fetch_versions": [int(s["first_version"]) for s in stats],
             }, params)
-            if cfg.optimizer == "adagrad":
+            if opts.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()
             result.update(guard.summary())
         fault_point("end")

@@ -31,61 +31,24 @@ import time
 import numpy
 from mpi4py import MPI
 
-from asyncsgd.ulfm.policy import for_options
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import polled_barrier, wait
 from asyncsgd.model.layers import Dropout
-from asyncsgd.options import OptionError
+from asyncsgd.plan import MINI_SHARDS_PER_REPLICA, check_sandblaster, sandblaster_defaults
 from asyncsgd.algorithms.sandblaster.lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
 from asyncsgd.algorithms.sandblaster.linesearch import relative_decrease
 from asyncsgd.algorithms.sandblaster.minishards import (BatchStats, MiniShardScheduler, mini_shard_bounds,
                     mini_shard_rows)
 from asyncsgd.ulfm.replica_guard import ReplicaGuard
 
-__all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator"]
+__all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator", "MINI_SHARDS_PER_REPLICA"]
 
-# model: (batch size, None = the whole training set; L2 penalty; iterations on one batch before drawing the next;
-#         --max-iter; compute dtype).  The convex logreg runs full-batch to its tolerances in float64, where L-BFGS
-#         reaches the optimum that a single-process run reaches (float32 line searches stall ~1e-5 away from it).
-_DEFAULTS = {"logreg": (None, 1e-4, 1, 1000, numpy.float64), "speech_cnn": (256, 1e-4, 3, 100, numpy.float32),
-             "mnist_cnn": (256, 1e-4, 3, 100, numpy.float32)}
-MINI_SHARDS_PER_REPLICA = 8
 _MAX_FAILED_SEARCHES = 3  # stochastic batches: give up after this many line searches in a row found no decrease
 
-
-def defaults(cfg, n_train: int, size: int, model_name: str = "model") -> dict:
-    """Return the effective batch_size, mini_shard_size, l2, iterations_per_batch, max_iter and dtype of
-    SandblasterOptions ``cfg`` (None options: the defaults of ``model_name``; user models get the CNNs' 256-example
-    batches in float32)."""
-    batch, l2, per_batch, max_iter, dtype = _DEFAULTS.get(model_name, (256, 1e-4, 3, 100, numpy.float32))
-    batch = cfg.batch_size if cfg.batch_size is not None else (n_train if batch is None else batch)
-    batch = min(batch, n_train) if cfg.batch_size is None else batch
-    ms = cfg.mini_shard_size
-    if ms is None:
-        ms = max(1, batch // (MINI_SHARDS_PER_REPLICA * size))
-    return {"batch_size": int(batch), "mini_shard_size": int(ms), "l2": float(cfg.l2 if cfg.l2 is not None else l2),
-            "iterations_per_batch": int(per_batch) if batch < n_train else 1,
-            "max_iter": int(cfg.max_iter if cfg.max_iter is not None else max_iter), "dtype": dtype}
-
-
-def check_options(cfg, n_train: int, size: int, model_name: str = "model", stop=None) -> dict:
-    """Validate SandblasterOptions ``cfg`` (and the ``Stop``) against the data and the job size before any work;
-    return the effective settings (see ``defaults``).  Raises OptionError naming the field."""
-    eff = defaults(cfg, n_train, size, model_name)
-    if eff["batch_size"] > n_train:
-        raise OptionError("batch_size", f"{eff['batch_size']} exceeds the {n_train} training examples; "
-                                        f"use at most {n_train} (or leave it unset for the whole set)")
-    if eff["mini_shard_size"] > eff["batch_size"]:
-        raise OptionError("mini_shard_size", f"{eff['mini_shard_size']} is larger than the batch "
-                                             f"({eff['batch_size']} examples); use at most the batch size")
-    bad = [r for r in cfg.slow_ranks if r >= size]
-    if bad:
-        raise OptionError("slow_ranks", f"names rank {bad[0]} but the job has ranks 0..{size - 1}")
-    if stop is not None and (stop.epochs is not None or stop.steps is not None):
-        raise OptionError("epochs" if stop.epochs is not None else "steps",
-                          "does not apply to sandblaster, which stops on max_iter, grad_tol, loss_tol, "
-                          "time_limit or target_accuracy; leave it unset")
-    return eff
+# The model's defaults and the checks against the data live with the run's other planning (asyncsgd.plan): a RunPlan
+# carries the effective settings (``RunPlan.lbfgs``); these names stay for callers that check options on their own.
+defaults = sandblaster_defaults
+check_options = check_sandblaster
 
 
 class Replica:
@@ -176,15 +139,21 @@ def _draw_batch(rng, n_train: int, batch: int):
     return numpy.sort(rng.choice(n_train, size=batch, replace=False))
 
 
-def run(comm, net, src, cfg, stop, backend, reporter, *, model_name="model", checkpointer=None, resume=None):
-    """Train ``net`` with Sandblaster L-BFGS (SandblasterOptions ``cfg``) over every rank of ``comm``; return the
-    summary on rank 0.  ``net`` should have the dtype ``defaults(...)['dtype']`` (float64 for logreg).
-    Checkpoints and resuming are not supported (``checkpointer`` and ``resume`` must be None)."""
-    if (checkpointer is not None and checkpointer.path is not None) or resume is not None:
-        raise ValueError("sandblaster does not write or resume checkpoints; leave checkpoint options unset")
+def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name="model", checkpointer=None,
+        resume=None):
+    """Train ``net`` with Sandblaster L-BFGS (SandblasterOptions ``opts``) over every rank of ``comm``; return the
+    summary on rank 0.  ``net`` should have the dtype ``asyncsgd.plan.network_dtype`` gives (float64 for logreg).
+
+    ``plan`` is the run's RunPlan (asyncsgd.plan; made here from the arguments when None): the effective settings
+    (``plan.lbfgs``) and whether the run is fault tolerant.  Checkpoints and resuming are not supported: the plan
+    refuses them (asyncsgd.plan.check_inputs), so ``checkpointer`` and ``resume`` stay None."""
+    if plan is None:
+        from asyncsgd.plan import plan_for
+        plan = plan_for("sandblaster", comm, src, opts, stop, model_name=model_name, n_params=net.n_params,
+                        resumed=resume is not None)
     # the Dup is the run's working communicator: a run through a dead rank replaces it, _run frees the current one
     # (not in a `finally`: after an exception on one rank no collective may run, docs/FAILURES.md)
-    return _run(comm.Dup(), net, src, cfg, stop, backend, reporter, model_name)
+    return _run(comm.Dup(), net, src, plan, backend, reporter)
 
 
 class _OnComm:
@@ -192,39 +161,39 @@ class _OnComm:
     scheduler (windows on rank 0), the sharded evaluator and L-BFGS state (shards of x and of the history), and
     this rank's slice of the test set."""
 
-    def __init__(self, guard: ReplicaGuard, replica, counts, cfg, *, n_ms, slow, l2, test, x_full):
+    def __init__(self, guard: ReplicaGuard, replica, counts, opts, *, n_ms, slow, l2, test, x_full):
         comm = guard.comm
         check = guard.check if guard.enabled else None
         self.comm = comm
-        self.sched = MiniShardScheduler(comm, n_ms, schedule=cfg.schedule, slow_factor=slow, check=check)
+        self.sched = MiniShardScheduler(comm, n_ms, schedule=opts.schedule, slow_factor=slow, check=check)
         self.evaluate = build_evaluator(comm, replica, self.sched, l2=l2, on_batch=counts.add, check=check)
-        self.opt = ShardedLBFGS(self.evaluate, x_full[self.evaluate.lo:self.evaluate.hi], cfg.history)
+        self.opt = ShardedLBFGS(self.evaluate, x_full[self.evaluate.lo:self.evaluate.hi], opts.history)
         lo, hi = shard_bounds(len(test[1]), comm.size)[comm.rank]
         self.x_test, self.y_test = test[0][lo:hi], test[1][lo:hi]
         self.check = check
 
 
-def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
+def _run(comm, net, src, plan, backend, reporter):
+    opts, stop, model_name, eff = plan.options, plan.stop, plan.model_name, plan.lbfgs
     size, rank = comm.size, comm.rank
-    eff = check_options(cfg, src.n_train, size, model_name, stop)
-    slow = cfg.slow_ranks.get(rank, 1.0)
+    slow = opts.slow_ranks.get(rank, 1.0)
     batch, ms_size, l2 = eff["batch_size"], eff["mini_shard_size"], eff["l2"]
     per_batch = eff["iterations_per_batch"]
     # Any replica may be handed any mini-shard, so each holds the training set (FSDD: 28 MB).
     x_train, y_train = src.train_range(0, src.n_train)
     test = src.test_set()
-    replica = Replica(net, backend, x_train, y_train, cfg.seed)
+    replica = Replica(net, backend, x_train, y_train, opts.seed)
     n_ms = len(mini_shard_bounds(batch, ms_size))  # the same after a shrink: the mini-shard size stays
     stochastic = batch < src.n_train or replica.stochastic_masks
-    batch_rng = numpy.random.default_rng(cfg.seed + 7)
+    batch_rng = numpy.random.default_rng(opts.seed + 7)
     counts = _Counts()
     polled_barrier(comm)  # one start for every rank: --kill-ranks and the log's times agree
-    guard = ReplicaGuard(comm, enabled=for_options(cfg), start=time.monotonic(), reporter=reporter,
-                         kill_ranks=cfg.kill_ranks, root_lost_hint="sandblaster writes no checkpoints, so "
+    guard = ReplicaGuard(comm, enabled=plan.fault_tolerant, start=time.monotonic(), reporter=reporter,
+                         kill_ranks=opts.kill_ranks, root_lost_hint="sandblaster writes no checkpoints, so "
                          "--resume cannot continue it: start the run again")
-    guard.arm_kill(cfg.kill_ranks.get(rank))
+    guard.arm_kill(opts.kill_ranks.get(rank))
     x0 = backend.to_host(net.params).astype(numpy.float64)
-    parts = _OnComm(guard, replica, counts, cfg, n_ms=n_ms, slow=slow, l2=l2, test=test, x_full=x0)
+    parts = _OnComm(guard, replica, counts, opts, n_ms=n_ms, slow=slow, l2=l2, test=test, x_full=x0)
     # With fault tolerance every survivor keeps the whole current iterate: the dead rank's shard of x is restored
     # from it (the shards of the history are not: see _rebuild).
     iterate = x0.copy() if guard.enabled else None
@@ -278,10 +247,10 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
                     if not stepped and (not stochastic or failed >= _MAX_FAILED_SEARCHES):
                         reason = "line_search"
                         break
-                    if stepped and opt.gnorm <= cfg.grad_tol:
+                    if stepped and opt.gnorm <= opts.grad_tol:
                         reason = "grad_tol"
                         break
-                    if stepped and relative_decrease(f_old, opt.f) <= cfg.loss_tol:
+                    if stepped and relative_decrease(f_old, opt.f) <= opts.loss_tol:
                         reason = "loss_tol"
                         break
                     # rank 0's clock, carried in the bookkeeping reduction: every rank stops at the same iteration
@@ -308,7 +277,7 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
                          "batch": (replica.batch_no, replica.rows, replica.bounds)}
             state = guard.recover(state)
             parts.sched.abandon()
-            parts = _rebuild(guard, replica, counts, cfg, state, n_ms=n_ms, slow=slow, l2=l2, test=test)
+            parts = _rebuild(guard, replica, counts, opts, state, n_ms=n_ms, slow=slow, l2=l2, test=test)
             iterate = numpy.array(state["x"], dtype=numpy.float64)
             done, reason, failed = state["done"], state["reason"], state["failed"]
             accuracy, test_loss, totals = state["accuracy"], state["test_loss"], numpy.array(state["totals"])
@@ -333,11 +302,11 @@ def _run(comm, net, src, cfg, stop, backend, reporter, model_name):
             "stragglers_beaten": int(totals[2]), "test_accuracy": accuracy, "test_loss": test_loss,
             "wall_s": wall, "samples": int(totals[3]), "samples_per_s": totals[3] / max(wall, 1e-9),
             "stop_reason": reason, "batch_size": batch, "mini_shard_size": ms_size, "l2": l2,
-            "history": cfg.history, "schedule": cfg.schedule, "workers": size, "servers": size,
+            "history": opts.history, "schedule": opts.schedule, "workers": size, "servers": size,
             "n_params": int(net.n_params), "params": params, "layout": net.param_layout(), **summary}
 
 
-def _rebuild(guard, replica, counts, cfg, state, **kw) -> _OnComm:
+def _rebuild(guard, replica, counts, opts, state, **kw) -> _OnComm:
     """Build the scheduler, the evaluator and the L-BFGS state again on the survivors, at rank 0's iterate.
 
     The parameters are re-sharded over the survivors from the full iterate every survivor holds.  The L-BFGS
@@ -346,7 +315,7 @@ def _rebuild(guard, replica, counts, cfg, state, **kw) -> _OnComm:
     which costs about what the restarted history costs to regrow (the first steps are scaled steepest descent,
     and m iterations rebuild the curvature pairs), while the survivors' own slices alone define no pair.
     """
-    parts = _OnComm(guard, replica, counts, cfg, x_full=numpy.asarray(state["x"], dtype=numpy.float64), **kw)
+    parts = _OnComm(guard, replica, counts, opts, x_full=numpy.asarray(state["x"], dtype=numpy.float64), **kw)
     parts.opt.iterations, parts.opt.function_evaluations = state["at"]
     parts.opt.f, parts.opt.gnorm = state["f"], state["gnorm"]  # the summary's when rank 0 had finished
     return parts
