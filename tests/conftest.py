@@ -70,6 +70,17 @@ def comm():
     dup.Free()
 
 
+@pytest.fixture(params=["mpich", "openmpi"])
+def python(request):
+    """The interpreter (and so the MPI, with its own mpiexec) of each MPI, for the namespace-hosts tests; skips an MPI
+    not installed here (support/hosts.py's mpi_pythons)."""
+    from hosts import mpi_pythons
+    found = mpi_pythons()
+    if request.param not in found:
+        pytest.skip(f"no virtualenv with {request.param} (.venv for MPICH, .venv-openmpi for Open MPI)")
+    return found[request.param]
+
+
 # ------------------------------------------------------------------ markers that every run honours
 
 def pytest_runtest_setup(item):

@@ -11,6 +11,7 @@ from asyncsgd.algorithms.best_model import BestModelTracker
 from asyncsgd.data import open_source
 from asyncsgd.data.holdout import read_rows, read_train_labels, split_holdout
 from asyncsgd.model import build_model
+from paths import REPO, repo_env
 
 
 def _params(value, n=8):
@@ -170,17 +171,15 @@ def test_cli_selects_by_the_margin_and_reports_it(tmp_path):
     """Through the CLI: an oscillating constant-rate run (the same as test_train_cli's) under the default margin
     reports the margin, and selects the best exactly when its logged validation accuracy beats the last one's by
     more than it; the model file is the selected one; --selection-margin -1 is one usage error."""
-    import os
     import subprocess
     import sys
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": repo}
+    env = repo_env()
     run = tmp_path / "run"
     base = [sys.executable, "-m", "asyncsgd.train", "--mode", "serial", "--model", "logreg", "--data",
             "synthetic:400", "--epochs", "12", "--lr", "0.5", "--lr-schedule", "constant", "--seed", "4",
             "--progress", "none"]
     proc = subprocess.run(base + ["--run-dir", str(run)], capture_output=True, text=True, timeout=240, env=env,
-                          cwd=repo)
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads((run / "summary.json").read_text())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -202,5 +201,5 @@ def test_cli_selects_by_the_margin_and_reports_it(tmp_path):
     x, y = TrainingSplit(src, 0.1, 4).validation_set()
     assert float(net.evaluate(x, y)[1]) == pytest.approx(chosen, abs=1e-9)
     bad = subprocess.run(base + ["--run-dir", "none", "--selection-margin", "-1"], capture_output=True, text=True,
-                         timeout=120, env=env, cwd=repo)
+                         timeout=120, env=env, cwd=REPO)
     assert bad.returncode == 2 and bad.stderr.count("asyncsgd: error:") == 1 and "--selection-margin" in bad.stderr

@@ -92,41 +92,69 @@ def test_bad_sizes_are_errors(comm):
 
 
 class _RacingScheduler(MiniShardScheduler):
-    """Lingers after its first look at the flags, so every idle rank reads a backup count of 0 before any asks.
+    """Makes every idle rank read a backup count of 0 before any asks for a backup, and the original copy finish only
+    after every idle rank has asked: the race for one mini-shard's backups, forced by waiting on the scheduler's own
+    state instead of sleeping.
 
-    With the landed code (read the count, then increment it regardless) every such rank launched a backup.
+    Each rank that reads the flags for the first time counts itself in a window of its own (``looked``) and waits
+    until the comm.size - 1 idle ranks all have; the original's ``compute`` waits until the mini-shard's backup count
+    reaches comm.size - 1.  With the landed code (read the count, then increment it regardless) every idle rank
+    launched a backup.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, comm, *args, **kwargs):
+        super().__init__(comm, *args, **kwargs)
+        item = MPI.INT64_T.Get_size()
+        self.looked = MPI.Win.Allocate(item if self.comm.rank == 0 else 0, item, comm=self.comm)
+        if self.comm.rank == 0:
+            numpy.frombuffer(self.looked.tomemory(), dtype=numpy.int64)[:] = 0
+        self.comm.Barrier()
+        self.looked.Lock_all()
         self.lingered = False
         self.in_backup = False
+
+    def _wait_for(self, read, value):
+        while read() < value:
+            time.sleep(0.001)
 
     def _read_flags(self, n):
         flags = super()._read_flags(n)
         if not self.lingered:
             self.lingered = True
-            time.sleep(0.3)
+            self._fetch_add(self.looked, 0)
+            self._wait_for(lambda: self._fetch_add(self.looked, 0, 0, op=MPI.NO_OP), self.comm.size - 1)
         return flags
+
+    def backups_asked(self, i):
+        return int(MiniShardScheduler._read_flags(self, i + 1)[1][i])
 
     def _claim_backup(self, i):
         self.in_backup = True
         return super()._claim_backup(i)
 
+    def free(self):
+        if self.looked is not None:
+            self.comm.Barrier()
+            self.looked.Unlock_all()
+            self.looked.Free()
+            self.looked = None
+        super().free()
+
 
 @pytest.mark.mpi(min_size=3)
 @pytest.mark.parametrize("max_backups", [1, 2])
 def test_idle_ranks_racing_for_one_mini_shard_launch_at_most_max_backups(comm, max_backups):
-    """One mini-shard, held by a slow original; every other rank races for its backups at the same moment."""
+    """One mini-shard, held by an original copy that ends only after every other rank asked for a backup at the same
+    moment: exactly min(max_backups, idle ranks) backups launch, and the mini-shard is summed once."""
     with _RacingScheduler(comm, 1, max_backups=max_backups) as sched:
         def compute(i):
-            if not sched.in_backup:
-                time.sleep(1.5)  # the original copy: slow, so the idle ranks go for backups
+            if not sched.in_backup:  # the original copy: slow until every idle rank asked for a backup
+                sched._wait_for(lambda: sched.backups_asked(i), comm.size - 1)
             return comm.rank
 
         won = []
         stats = sched.run_batch(1, compute, lambda i, r: won.append(r))
     counts = _reduce_stats(comm, stats)
     assert comm.allreduce(len(won)) == 1                  # summed exactly once
-    assert 1 <= counts["launched"] <= max_backups, counts
+    assert counts["launched"] == min(max_backups, comm.size - 1), counts
     assert counts["launched"] == counts["backups_discarded"] + counts["originals_lost"]

@@ -6,8 +6,6 @@ starts its own job.  Updates are small integers, so every sum is exact in float3
 from __future__ import annotations
 
 import json
-import os
-import sys
 from argparse import Namespace
 
 import numpy as np
@@ -17,28 +15,14 @@ from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.options import NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
+from fakes import IntegerNet
+from jobs import TRAIN
 from mpi_checks import agree
+from paths import REPO, repo_env
 
 pytestmark = pytest.mark.timeout(120, method="thread")
 
 F32 = np.float32
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class _IntegerNet:
-    """Gradients are small integers from a seed; ``seen`` records the parameters each step computed on."""
-
-    def __init__(self, n, seed):
-        self.n_params = n
-        self.params = np.zeros(n, F32)
-        self.grads = np.zeros(n, F32)
-        self.rng = np.random.default_rng(seed)
-        self.total_grad = np.zeros(n, np.float64)
-
-    def loss_and_grad(self, xb, yb, rng=None):
-        self.grads[...] = self.rng.integers(-3, 4, self.n_params)
-        self.total_grad += self.grads
-        return 0.0
 
 
 def _cfg(**kw):
@@ -58,7 +42,7 @@ def _run_workers(comm, cfg, n, steps, n_servers=1):
     worker = None
     with ShardedParameters(comm, n, n_servers=n_servers) as store:
         if comm.rank >= n_servers:
-            net = _IntegerNet(n, 100 + comm.rank)
+            net = IntegerNet(n, 100 + comm.rank)
             worker = DownpourWorker(cfg, net, store, select_ops("cpu"), seed=0)
             for _ in range(steps):
                 if worker.steps % cfg.n_fetch == 0:
@@ -118,7 +102,7 @@ def test_a_lone_overlapped_worker_sees_tau_zero_and_its_own_steps(comm, mode):
     failures = []
     with ShardedParameters(comm, n, n_servers=1) as store:
         if comm.rank == 1:
-            net = _IntegerNet(n, 5)
+            net = IntegerNet(n, 5)
             worker = DownpourWorker(cfg, net, store, select_ops("cpu"), seed=0)
             for step in range(20):
                 worker.fetch()
@@ -150,7 +134,7 @@ def test_overlap_falls_back_below_thread_multiple(comm, monkeypatch):
     with ShardedParameters(comm, 10, n_servers=1) as store:
         monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_SERIALIZED)  # after the store's own check
         with pytest.warns(RuntimeWarning, match="--overlap is off: MPI was initialised below MPI_THREAD_MULTIPLE"):
-            worker = DownpourWorker(_cfg(), _IntegerNet(10, 1), store, select_ops("cpu"), seed=0)
+            worker = DownpourWorker(_cfg(), IntegerNet(10, 1), store, select_ops("cpu"), seed=0)
         monkeypatch.undo()
         assert worker.comm_thread is None
         polled_barrier(comm)
@@ -161,8 +145,8 @@ def test_cli_downpour_with_overlap_converges(tmp_path):
     from asyncsgd.testing.launch import run_mpi
 
     summary = tmp_path / "summary.json"
-    env = {**os.environ, "PYTHONPATH": REPO}
-    proc = run_mpi(3, [sys.executable, "-m", "asyncsgd.train", "--data", "synthetic:600", "--batch-size", "16",
+    env = repo_env()
+    proc = run_mpi(3, TRAIN + ["--data", "synthetic:600", "--batch-size", "16",
                        "--progress", "none", "--eval-every", "1", "--summary-json", str(summary), "--steps", "80",
                        "--overlap", "--sparsity", "0.05", "--sparse-block", "4"],
                    timeout=240, env=env, cwd=REPO)
@@ -184,8 +168,8 @@ def test_bad_overlap_and_block_options_are_refused():
         DownpourOptions(overlap="yes")
     with pytest.raises(OptionError, match="sparse_block"):
         DownpourOptions(sparse_block=0)
-    proc = subprocess.run([sys.executable, "-m", "asyncsgd.train", "--sparse-block", "0"], capture_output=True,
-                          text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.run(TRAIN + ["--sparse-block", "0"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=repo_env())
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["asyncsgd: error: argument --sparse-block: must be a positive "
                                                 "integer, got 0"]

@@ -3,20 +3,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
-from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_command, run_mpi
+from asyncsgd.testing.launch import mpi_env, run_mpi
+from jobs import TRAIN, BackgroundJob
+from paths import REPO, repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = [sys.executable, "-m", "asyncsgd.train"]
 COMMON = ["--data", "synthetic:600", "--batch-size", "16", "--progress", "lines", "--eval-every", "1"]
 
 
 def _env():
-    return {**mpi_env(), "PYTHONPATH": REPO}
+    return mpi_env(repo_env())
 
 
 @pytest.mark.slow
@@ -24,30 +22,18 @@ def test_downpour_killed_with_sigkill_resumes_and_finishes(tmp_path):
     ckpt, summary = tmp_path / "ck.h5", tmp_path / "s.json"
     args = TRAIN + COMMON + ["--epochs", "30", "--checkpoint", str(ckpt), "--checkpoint-every", "1",
                              "--summary-json", str(summary)]
-    env = _env()
-    if mpi_flavour() == "mpich":
-        env["MPIEXEC_TIMEOUT"] = "200"
-    proc = subprocess.Popen(mpiexec_command(3, args, timeout=200), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and proc.poll() is None:
-            if ckpt.exists():
-                from asyncsgd.io.checkpoint import load_checkpoint
-                try:
-                    done = sum(load_checkpoint(str(ckpt)).data_position["worker_samples"])
-                except ValueError:
-                    done = 0
-                if done >= 540:  # at least one epoch in: mid-run
-                    break
-            time.sleep(0.5)
-        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.communicate()[0]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+    from asyncsgd.io.checkpoint import load_checkpoint
+
+    def one_epoch_checkpointed():
+        try:
+            return sum(load_checkpoint(str(ckpt)).data_position["worker_samples"]) >= 540  # mid-run
+        except (FileNotFoundError, ValueError):
+            return False
+
+    with BackgroundJob(3, args, timeout=200) as job:
+        job.wait_until(one_epoch_checkpointed, timeout=150, what="a checkpoint one epoch in", poll=0.5)
+        os.killpg(job.proc.pid, signal.SIGKILL)
+        job.communicate(60)
     assert not summary.exists()
     out = run_mpi(3, args + ["--resume", "auto"], timeout=200, env=_env(), cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:]

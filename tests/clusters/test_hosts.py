@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hosts import PREFIX, Hosts, mpi_pythons, netem_available, probe_transfer, remove_stale, unavailable
+from hosts import PREFIX, Hosts, netem_available, probe_transfer, remove_stale, unavailable
 
 pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=f"no hosts here: {unavailable()}"),
               pytest.mark.timeout(180)]
@@ -42,15 +42,6 @@ def identity(pid: int):
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None if fields[0] in ("Z", "X") else (pid, fields[19])
-
-
-@pytest.fixture(params=["mpich", "openmpi"])
-def python(request):
-    """The interpreter (and so the MPI, with its own mpiexec) of each MPI; skips an MPI not installed here."""
-    found = mpi_pythons()
-    if request.param not in found:
-        pytest.skip(f"no virtualenv with {request.param} (.venv for MPICH, .venv-openmpi for Open MPI)")
-    return found[request.param]
 
 
 def test_hosts_have_their_own_names_addresses_and_hosts_file():

@@ -20,9 +20,9 @@ import time
 import pytest
 
 from asyncsgd.testing.launch import mpi_env, mpi_flavour
+from paths import REPO
 from slurm_cluster import SlurmCluster, slurm_unavailable
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOBS = os.path.join(REPO, "jobs")
 SMALL = ["--data", "synthetic:600", "--model", "logreg", "--steps", "20"]
 # the last line names the model chosen by validation accuracy when there is a validation split

@@ -10,15 +10,15 @@ import pytest
 
 from asyncsgd.data import open_source
 from asyncsgd.data.features import LogMelConfig, log_mel
+from paths import REPO, repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MNIST_DIR = os.path.join(REPO, "..", "shared", "data", "mnist")
 
 
 def data_cli(*args, timeout=120):
     """Run ``python -m asyncsgd.data ARGS``; return the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "asyncsgd.data", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                          timeout=timeout, cwd=REPO, env=repo_env())
 
 
 def write_wav(path, samples, rate=8000):

@@ -8,8 +8,8 @@ import pytest
 from asyncsgd.data.features import (LogMelConfig, fix_length, frame_signal, hz_to_mel, log_mel, mel_filterbank,
                                     mel_to_hz)
 from asyncsgd.data.fsdd import TEST_INDICES, fsdd_features, parse_name
+from paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECORDINGS = os.path.join(REPO, "..", "shared", "data", "fsdd", "recordings.tar.gz")
 CFG = LogMelConfig()
 

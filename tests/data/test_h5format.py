@@ -13,8 +13,8 @@ from asyncsgd.data.__main__ import main as data_main
 from asyncsgd.data.h5format import balanced_order, label_order, round_mantissa
 from asyncsgd.data.synthetic import BLOCK, SyntheticSource
 from asyncsgd.data.partition import class_strided_rows
+from paths import REPO, repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _arrays(n_train=40, n_test=10, shape=(1, 4, 5), seed=0):
@@ -42,7 +42,7 @@ def check_cli(path, capsys=None):
         rc = data_main(["check", str(path)])
         return rc, capsys.readouterr().err
     out = subprocess.run([sys.executable, "-m", "asyncsgd.data", "check", str(path)], capture_output=True,
-                         text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                         text=True, timeout=120, cwd=REPO, env=repo_env())
     return out.returncode, out.stderr
 
 
@@ -122,7 +122,7 @@ def test_check_cli_reports_the_label_order(tmp_path, capsys):
     for name, order in (("sorted", np.arange(200)), ("shuffled", np.random.default_rng(1).permutation(200))):
         write_dataset(tmp_path / f"{name}.h5", (x, y[order]), (x[:10], y[:10]), {"n_classes": 10})
     out = subprocess.run([sys.executable, "-m", "asyncsgd.data", "check", str(tmp_path / "sorted.h5")],
-                         capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env=repo_env())
     assert out.returncode == 0, out.stderr
     assert "train label order: sorted by class (10 runs of equal labels" in out.stdout
     capsys.readouterr()
@@ -208,7 +208,7 @@ def test_unreadable_file_error_and_cli_exit(good_file, tmp_path, case, capsys):
 
 def test_cli_check_prints_summary(good_file):
     out = subprocess.run([sys.executable, "-m", "asyncsgd.data", "check", str(good_file[0])], capture_output=True,
-                         text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                         text=True, timeout=60, cwd=REPO, env=repo_env())
     assert out.returncode == 0, out.stderr
     assert "train 40 rows, test 10 rows, input 1x4x5 float16, 10 classes" in out.stdout
 

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paths import REPO
+
 BENCH = [sys.executable, os.path.join(REPO, "benchmarks", "bench_peers.py")]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 

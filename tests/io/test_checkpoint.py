@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from asyncsgd.io import load_checkpoint, save_checkpoint
+from paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_state(n, seed):

@@ -16,9 +16,9 @@ import time
 import pytest
 
 from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_command
+from jobs import TRAIN
+from paths import REPO, repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = [sys.executable, "-m", "asyncsgd.train"]
 TINY = ["--data", "synthetic:200", "--model", "logreg", "--progress", "none"]
 END_WITHIN_S = 30        # what the trainer promises after a fault
 JOB_TIMEOUT_S = 90       # a hang is killed by the launcher after this long (then the 30 s check fails)
@@ -38,8 +38,7 @@ def _run_with_fault(tmp_path, ranks, mode, fault, extra=(), env_extra=None):
     environment variables for the job.
     """
     argv = TRAIN + TINY + MODES[mode] + list(extra)
-    env = {**mpi_env(), "PYTHONPATH": REPO, "ASYNCSGD_FAULT": fault, "ASYNCSGD_HEARTBEAT_TIMEOUT": "60",
-           **(env_extra or {})}
+    env = mpi_env(repo_env(ASYNCSGD_FAULT=fault, ASYNCSGD_HEARTBEAT_TIMEOUT="60", **(env_extra or {})))
     if ranks is None:
         cmd = argv
     else:
@@ -236,7 +235,7 @@ print("not reached")
 def test_abort_on_error_reports_once_when_nested(exc, expect):
     """The library helper without MPI: one tagged report (a traceback, or one line for Ctrl-C), exit status 1."""
     proc = subprocess.run([sys.executable, "-c", _LIBRARY.format(exc=exc)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PYTHONPATH": REPO}, cwd=REPO)
+                          timeout=60, env=repo_env(), cwd=REPO)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count("[asyncsgd rank 0]") == 1 and expect in proc.stderr, proc.stderr
     assert "not reached" not in proc.stdout
@@ -262,7 +261,7 @@ def test_watchdog_needs_thread_multiple():
     rank 0 says so; the job still runs and stops cleanly."""
     from asyncsgd.testing.launch import run_mpi
 
-    proc = run_mpi(2, [sys.executable, "-c", _LOW_THREAD_LEVEL], timeout=90, env={**os.environ, "PYTHONPATH": REPO},
+    proc = run_mpi(2, [sys.executable, "-c", _LOW_THREAD_LEVEL], timeout=90, env=repo_env(),
                    cwd=REPO)
     assert proc.returncode == 0, proc.stdout
     assert "rank 0: thread False, warned True" in proc.stdout, proc.stdout

