@@ -12,10 +12,9 @@ from asyncsgd.data.holdout import split_holdout
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.data.partition import class_strided_rows
 from asyncsgd.schedule import RunBudget
-from asyncsgd.plan import sgd_defaults  # the model's defaults; a RunPlan holds them filled (asyncsgd.plan)
 from asyncsgd.algorithms.best_model import BestModelTracker
 
-__all__ = ["sgd_defaults", "options_as_trained", "StopRule", "Evaluator", "TrainingSplit", "Evaluations",
+__all__ = ["options_as_trained", "StopRule", "Evaluator", "TrainingSplit", "Evaluations",
            "schedule_budget"]
 
 

@@ -12,7 +12,7 @@ import os
 
 from mpi4py import MPI
 
-__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "for_options", "FT_ENV"]
+__all__ = ["ulfm_enabled", "require_ulfm", "resolve", "FT_ENV"]
 
 FT_ENV = "OMPI_MCA_mpi_ft_enable"
 _TRUE = {"1", "true", "yes", "on", "enabled"}
@@ -56,15 +56,3 @@ def resolve(setting: str, optimizer: str = "sgd", environ=None, *, store: str = 
         require_ulfm(optimizer, environ)
         return True
     return optimizer != "adagrad" and ulfm_enabled(environ)
-
-
-def for_options(options) -> bool:
-    """Whether a run with these options runs through dead ranks (options without ``fault_tolerance``: False)."""
-    setting = getattr(options, "fault_tolerance", None)
-    if setting is None:
-        return False
-    store = "rma"
-    if hasattr(options, "servers"):  # Downpour: the store transport matters
-        from asyncsgd.runtime.env import store_transport
-        store = store_transport()
-    return resolve(setting, getattr(options, "optimizer", "sgd"), store=store)

@@ -7,6 +7,7 @@ import numpy
 import pytest
 
 from asyncsgd.algorithms.sandblaster import coordinator as sandblaster
+from asyncsgd.plan import check_sandblaster
 from asyncsgd.algorithms.sandblaster.lbfgs import ShardedLBFGS
 from lbfgs_reference import lbfgs_serial
 from asyncsgd.algorithms.sandblaster.minishards import MiniShardScheduler, mini_shard_bounds
@@ -189,7 +190,7 @@ def test_dropout_masks_are_fixed_per_batch_and_mini_shard():
 def test_options_checked_against_data_and_job(options, field, match):
     """check_options (called by asyncsgd.api.prepare before any work) names the field of a bad value."""
     with pytest.raises(OptionError, match=match) as err:
-        sandblaster.check_options(SandblasterOptions(**options), 240, 3, "logreg")
+        check_sandblaster(SandblasterOptions(**options), 240, 3, "logreg")
     assert err.value.field == field
 
 
@@ -202,7 +203,7 @@ def test_options_checked_when_made(options, match):
 
 def test_epochs_do_not_apply_to_sandblaster():
     with pytest.raises(OptionError, match="does not apply to sandblaster"):
-        sandblaster.check_options(SandblasterOptions(), 240, 3, "logreg", Stop(epochs=2))
+        check_sandblaster(SandblasterOptions(), 240, 3, "logreg", Stop(epochs=2))
 
 
 def test_train_entry_point_runs_sandblaster(tmp_path):

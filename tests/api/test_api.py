@@ -10,7 +10,7 @@ import pytest
 import asyncsgd
 from asyncsgd import (DownpourOptions, ExponentialDecay, InverseDecay, NoDecay, OptionError, SandblasterOptions,
                       SGDOptions, Stop)
-from asyncsgd.algorithms.common import sgd_defaults
+from asyncsgd.plan import sgd_defaults
 from asyncsgd.data.synthetic import SyntheticSource
 
 PACKAGE = pathlib.Path(asyncsgd.__file__).parent

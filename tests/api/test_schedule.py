@@ -338,7 +338,7 @@ def test_sync_default_peak_rate_grows_with_the_square_root_of_the_replicas():
     """sgd_defaults: serial keeps the model's rate, W all-reduce replicas get it x sqrt(W) (an explicit --lr is
     kept), and Downpour's own scaling is unchanged."""
     from asyncsgd import DownpourOptions, SGDOptions, Stop
-    from asyncsgd.algorithms.common import sgd_defaults
+    from asyncsgd.plan import sgd_defaults
     base = sgd_defaults(SGDOptions(), Stop(), "speech_cnn")[0].lr
     assert base == 0.01
     for w in (1, 2, 4, 9):

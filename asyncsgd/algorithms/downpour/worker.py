@@ -59,9 +59,8 @@ from asyncsgd.algorithms.common import Evaluations, StopRule, TrainingSplit, opt
 from asyncsgd.algorithms.downpour.recovery import Recovery
 from asyncsgd.algorithms.downpour.overlap import CommThread, overlap_mode, overlap_refusal
 from asyncsgd.algorithms.resume import Checkpointer
-from asyncsgd.plan import WARM_START_FRACTION, warm_start_steps  # resolved once per run into RunPlan.warm_start_steps
 
-__all__ = ["run", "DownpourWorker", "warm_start_steps", "WARM_START_FRACTION"]
+__all__ = ["run", "DownpourWorker"]
 
 _FLAG_POLL_S = 0.01
 # Under --overlap the store tests the thread's transfers this often instead of spinning in a blocking Flush:

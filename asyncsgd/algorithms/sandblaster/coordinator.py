@@ -12,7 +12,7 @@ the mini-shard windows and writes the log).  One iteration:
 3. bookkeeping: test accuracy (each rank evaluates a slice of the test set) and the scheduler counts, reduced in one
    Allreduce; rank 0 records them.
 
-Defaults when an option is None (see ``defaults``): the whole training set as one batch for logreg (a fixed convex
+Defaults when an option is None (``asyncsgd.plan.sandblaster_defaults``): the whole training set as one batch for logreg (a fixed convex
 objective: L-BFGS converges to its unique optimum); for the CNNs mini-batch L-BFGS on batches of 256 examples, each
 kept for 3 iterations before the next is drawn (a full FSDD batch costs about a minute per evaluation on 2 cores;
 measured on FSDD, accuracy per example processed was the same for batches of 128 re-drawn every iteration and for
@@ -34,21 +34,16 @@ from mpi4py import MPI
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import polled_barrier, wait
 from asyncsgd.model.layers import Dropout
-from asyncsgd.plan import MINI_SHARDS_PER_REPLICA, check_sandblaster, sandblaster_defaults
 from asyncsgd.algorithms.sandblaster.lbfgs import ShardedEvaluator, ShardedLBFGS, shard_bounds
 from asyncsgd.algorithms.sandblaster.linesearch import relative_decrease
 from asyncsgd.algorithms.sandblaster.minishards import (BatchStats, MiniShardScheduler, mini_shard_bounds,
                     mini_shard_rows)
 from asyncsgd.ulfm.replica_guard import ReplicaGuard
 
-__all__ = ["run", "defaults", "check_options", "Replica", "build_evaluator", "MINI_SHARDS_PER_REPLICA"]
+__all__ = ["run", "Replica", "build_evaluator"]
 
 _MAX_FAILED_SEARCHES = 3  # stochastic batches: give up after this many line searches in a row found no decrease
 
-# The model's defaults and the checks against the data live with the run's other planning (asyncsgd.plan): a RunPlan
-# carries the effective settings (``RunPlan.lbfgs``); these names stay for callers that check options on their own.
-defaults = sandblaster_defaults
-check_options = check_sandblaster
 
 
 class Replica:
