@@ -19,7 +19,8 @@ FLAG_WARM_DONE = 1
 _N_FLAGS = 4
 HIST_BINS = 64  # staleness counts for tau = 0..62 and >= 63
 ROW_FIELDS = ("steps", "samples", "pushes", "push_bytes", "pushed_entries", "skipped_nonfinite", "loss",
-              "staleness_sum", "done", "compute_s", "elapsed_s", "resumed_samples", "first_version")
+              "staleness_sum", "done", "compute_s", "elapsed_s", "resumed_samples", "first_version",
+              "overlapped_calls")
 
 
 class JobBoard(WindowOwner):

@@ -64,6 +64,7 @@ def test_downpour_adagrad_warm_start_and_sync(tmp_path):
     # the warm start happened: worker 0 fetched the initial model, worker 1 only after worker 0's 10 pushes
     assert s["warm_start_steps"] == 10 and s["first_fetch_versions"][0] == 0, s["first_fetch_versions"]
     assert s["first_fetch_versions"][1] >= 10, s["first_fetch_versions"]
+    assert s["overlap"] == "off" and s["per_worker_overlapped_calls"] == [0, 0]  # every call inline, as asked
     s, _ = _train(3, ["--steps", "40", "--mode", "sync"], tmp_path)
     assert s["mode"] == "sync" and s["workers"] == 3 and s["test_accuracy"] >= 0.8
 

@@ -154,9 +154,14 @@ def test_cli_downpour_with_overlap_converges(tmp_path):
     assert "--overlap is off" not in proc.stdout
     s = json.loads(summary.read_text())
     assert s["overlap"] == "push"  # what a bare --overlap means
+    # what the workers did, not what was asked: each ran its 80 fetches and 80 sparse pushes in its communication
+    # thread (the final dense push runs inline)
+    assert s["per_worker_overlapped_calls"] == [160, 160], s["per_worker_overlapped_calls"]
     assert s["pushes"] == 2 * (80 + 1)  # 80 sparse pushes each, then the dense final one
     assert sum(s["staleness_hist"]) == s["pushes"]
-    assert s["test_accuracy"] >= 0.85, s["test_accuracy"]
+    # measured 2026-12-07 at this size: 0.84-0.89 over 7 runs with --overlap (pushes land a step later), 0.95-0.97
+    # without; 0.85 failed about one run in six
+    assert s["test_accuracy"] >= 0.80, s["test_accuracy"]
 
 
 def test_bad_overlap_and_block_options_are_refused():

@@ -315,7 +315,9 @@ class DownpourWorker:
                 "pushed_entries": self.pushed_entries, "skipped_nonfinite": self.skipped_nonfinite,
                 "loss": self.loss_ewma if self.loss_ewma is not None else float("nan"),
                 "staleness_sum": self.staleness_sum, "done": float(done), "compute_s": self.compute_s,
-                "elapsed_s": elapsed, "resumed_samples": self.resumed_samples, "first_version": self.first_version}
+                "elapsed_s": elapsed, "resumed_samples": self.resumed_samples, "first_version": self.first_version,
+                # fetches and pushes the communication thread ran (0 without --overlap): what the worker did
+                "overlapped_calls": self.comm_thread.calls_run if self.comm_thread is not None else 0}
 
 
 def _worker_loop(plan, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
@@ -567,6 +569,7 @@ def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name=
                 "lr_schedule": str(schedule), "final_lr": record["lr"],
                 **options_as_trained(opts),
                 "overlap": plan.overlap,
+                "per_worker_overlapped_calls": [int(s["overlapped_calls"]) for s in stats],
                 "sparse_block": int(opts.sparse_block),
                 # the warm start as it happened: worker 0 alone for these steps, then each worker's first fetch
                 "warm_start_steps": int(plan.warm_start_steps),
