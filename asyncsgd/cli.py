@@ -69,42 +69,34 @@ def _nonneg_float(s):
     return v
 
 
-def parse_slow_ranks(spec: str, size: int | None = None):
-    """Parse ``--slow-ranks RANK:FACTOR[,RANK:FACTOR]`` into {rank: factor}; factors must be >= 1."""
+def _rank_map(spec: str, flag: str, value_name: str, size: int | None, valid, bound: str) -> dict:
+    """Parse ``RANK:VALUE[,RANK:VALUE]`` into {rank: value}: ranks in 0..size-1 (when size is given), ``valid(value)``."""
     out = {}
     if not spec:
         return out
     for part in spec.split(","):
         try:
-            r, f = part.split(":")
-            r, f = int(r), float(f)
+            r, v = part.split(":")
+            r, v = int(r), float(v)
         except ValueError:
-            raise UsageError(f"--slow-ranks takes RANK:FACTOR[,RANK:FACTOR], got {spec!r}") from None
-        if r < 0 or (size is not None and r >= size) or not f >= 1:
-            raise UsageError(f"--slow-ranks: rank {r} must be in 0..{'?' if size is None else size - 1} "
-                             f"and factor {f} >= 1")
-        out[r] = f
+            raise UsageError(f"{flag} takes RANK:{value_name}[,RANK:{value_name}], got {spec!r}") from None
+        if r < 0 or (size is not None and r >= size) or not valid(v):
+            raise UsageError(f"{flag}: rank {r} must be in 0..{'?' if size is None else size - 1} "
+                             f"and {bound.format(v)}")
+        out[r] = v
     return out
+
+
+def parse_slow_ranks(spec: str, size: int | None = None):
+    """Parse ``--slow-ranks RANK:FACTOR[,RANK:FACTOR]`` into {rank: factor}; factors must be >= 1."""
+    return _rank_map(spec, "--slow-ranks", "FACTOR", size, lambda f: f >= 1, "factor {} >= 1")
 
 
 # ---- fault tolerance (Downpour under `mpirun --with-ft ulfm`; docs/FAULT_TOLERANCE.md) ----------------------------
 
 def parse_kill_ranks(spec: str, size: int | None = None):
     """Parse ``--kill-ranks RANK:SECONDS[,RANK:SECONDS]`` into {rank: seconds}; seconds of training, >= 0."""
-    out = {}
-    if not spec:
-        return out
-    for part in spec.split(","):
-        try:
-            r, t = part.split(":")
-            r, t = int(r), float(t)
-        except ValueError:
-            raise UsageError(f"--kill-ranks takes RANK:SECONDS[,RANK:SECONDS], got {spec!r}") from None
-        if r < 0 or (size is not None and r >= size) or not 0 <= t < float("inf"):
-            raise UsageError(f"--kill-ranks: rank {r} must be in 0..{'?' if size is None else size - 1} "
-                             f"and seconds {t:g} >= 0")
-        out[r] = t
-    return out
+    return _rank_map(spec, "--kill-ranks", "SECONDS", size, lambda t: 0 <= t < float("inf"), "seconds {:g} >= 0")
 
 
 _FT_OPTIONS = [

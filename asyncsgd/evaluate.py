@@ -11,7 +11,6 @@ softmax probability of the predicted class).  Bad input ends with one ``asyncsgd
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy
@@ -65,11 +64,10 @@ def evaluate_model(net, x, y, batch_size: int = 256):
 
 
 def _check_output(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise _Usage(f"--predictions: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise _Usage(f"--predictions: folder {folder} is not writable")
+    from asyncsgd.io.atomic import output_folder_problem
+    problem = output_folder_problem(path)
+    if problem is not None:
+        raise _Usage(f"--predictions: {problem}")
 
 
 def _prepare(args):

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from asyncsgd.io.atomic import output_folder_problem
 from asyncsgd.cli import (OUTPUT_OPTIONS, config_to_dict, parse_config, parse_slow_ranks, to_options, to_toml,
                           usage_error)
 from asyncsgd.runtime.mpi import EXIT_USAGE, UsageError
@@ -66,11 +67,9 @@ def _prepare_outputs(cfg):
         path = getattr(cfg, opt)
         if path is None:
             continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise UsageError(f"--{opt.replace('_', '-')}: folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"--{opt.replace('_', '-')}: folder {folder} is not writable")
+        problem = output_folder_problem(path)
+        if problem is not None:
+            raise UsageError(f"--{opt.replace('_', '-')}: {problem}")
 
 
 def _make_run_dir(cfg):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["atomic_path", "fsync_path"]
+__all__ = ["atomic_path", "fsync_path", "output_folder_problem"]
 
 
 def fsync_path(path: str) -> None:
@@ -55,3 +55,14 @@ def atomic_path(path: str):
     # The rename is durable only once the folder's entry is on disk too.
     with contextlib.suppress(OSError):  # some file systems refuse to open folders; the rename still happened
         fsync_path(folder)
+
+
+def output_folder_problem(path) -> str | None:
+    """Why a file could not be written at ``path`` (its folder is missing or not writable), or None: commands check
+    their outputs with it before any work, so a bad path is a usage error and not a lost result at the end."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"folder {folder} is not writable"
+    return None

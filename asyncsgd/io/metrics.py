@@ -77,11 +77,7 @@ class Reporter:
 
     def record(self, rec: dict) -> dict:
         """Append ``rec`` to the log (flushed, so a killed run keeps its curve) and update the display."""
-        rec = to_jsonable(rec)
-        rec.setdefault("time", time.monotonic() - self.start)
-        if self._log is not None:
-            self._log.write(json.dumps(rec) + "\n")
-            self._log.flush()
+        rec = self.event(rec)
         self.progress.update(rec)
         self.records += 1
         return rec
