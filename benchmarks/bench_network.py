@@ -113,8 +113,6 @@ def step_program(steps: int, reps: int, sparse_block: int):
     The variants alternate ``reps`` times so drifting load hits them alike; each variant's ratio is the median over
     the repetitions of its mean step over the mean step without communication measured just before it.
     """
-    from argparse import Namespace
-
     import numpy as np
     from mpi4py import MPI
 
@@ -122,7 +120,7 @@ def step_program(steps: int, reps: int, sparse_block: int):
     from asyncsgd.backends import select_ops
     from asyncsgd.runtime.mpi import polled_barrier
     from asyncsgd.model import build_model
-    from asyncsgd.options import NoDecay
+    from asyncsgd.options import DownpourOptions, NoDecay
     from asyncsgd.schedule import Constant
     from asyncsgd.store import ShardedParameters
 
@@ -133,8 +131,8 @@ def step_program(steps: int, reps: int, sparse_block: int):
     y = rng.integers(0, 10, 32)
 
     def cfg(**kw):
-        return Namespace(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", momentum=0.9, lr=1e-4,
-                         adagrad_eps=1e-6, n_fetch=1, n_push=1, **kw)
+        return DownpourOptions(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", momentum=0.9, lr=1e-4,
+                               adagrad_eps=1e-6, n_fetch=1, n_push=1, **kw)
 
     variants = {"compute": None,
                 "inline": cfg(sparsity=1.0, overlap="off"),

@@ -6,13 +6,12 @@ starts its own job.  Updates are small integers, so every sum is exact in float3
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 
 import numpy as np
 import pytest
 
 from asyncsgd.runtime.mpi import polled_barrier
-from asyncsgd.options import NoDecay
+from asyncsgd.options import DownpourOptions, NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
 from fakes import IntegerNet
@@ -29,7 +28,7 @@ def _cfg(**kw):
     base = dict(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", sparsity=1.0, momentum=0.0, lr=1.0,
                 adagrad_eps=1e-6, n_fetch=1, n_push=1, overlap="push", sparse_block=1)
     base.update(kw)
-    return Namespace(**base)
+    return DownpourOptions(**base)
 
 
 def _run_workers(comm, cfg, n, steps, n_servers=1):
@@ -167,7 +166,7 @@ def test_cli_downpour_with_overlap_converges(tmp_path):
 def test_bad_overlap_and_block_options_are_refused():
     import subprocess
 
-    from asyncsgd.options import DownpourOptions, OptionError
+    from asyncsgd.options import OptionError
 
     with pytest.raises(OptionError, match="overlap must be one of off, push, all"):
         DownpourOptions(overlap="yes")

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_path, run_mpi
+from paths import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLES = os.path.join(REPO, "examples")
 QUICK = ["--data", "synthetic:300", "--steps", "15"]
 

@@ -352,14 +352,14 @@ def test_sync_default_peak_rate_grows_with_the_square_root_of_the_replicas():
 def test_sync_run_applies_the_scaled_default_rate(tmp_path):
     """Through the CLI under mpiexec: `--mode sync` on 3 ranks without --lr logs and reports 0.01 x sqrt(3)."""
     import json
-    import os
-    import sys
+
     from asyncsgd.testing.launch import run_mpi
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jobs import TRAIN
+    from paths import REPO, repo_env
     run = tmp_path / "run"
-    proc = run_mpi(3, [sys.executable, "-m", "asyncsgd.train", "--mode", "sync", "--data", "synthetic:300",
-                       "--steps", "3", "--lr-schedule", "constant", "--progress", "none", "--run-dir", str(run)],
-                   timeout=240, cwd=repo, env={**os.environ, "PYTHONPATH": repo})
+    proc = run_mpi(3, TRAIN + ["--mode", "sync", "--data", "synthetic:300", "--steps", "3", "--lr-schedule",
+                               "constant", "--progress", "none", "--run-dir", str(run)],
+                   timeout=240, cwd=REPO, env=repo_env())
     assert proc.returncode == 0, proc.stdout[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["final_lr"] == pytest.approx(0.01 * math.sqrt(3))

@@ -7,7 +7,6 @@ module must have been built, so a broken build fails here instead of silently ru
 """
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +14,9 @@ import pytest
 from asyncsgd.model import NumpyOps, build_model
 from asyncsgd.backends import cpu_kernels
 from c_build import can_build_c_extensions
+from jobs import TRAIN
+from paths import REPO as ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 built = pytest.mark.skipif(not cpu_kernels.available(), reason="the compiled module _asyncsgd_cpu is not built")
 
 # (C, N, H, W, F, (kh, kw), (ph, pw)): speech_cnn's two layers, rectangular kernels, uneven paddings, odd sizes whose
@@ -196,8 +196,8 @@ def test_trainer_results_unchanged_through_the_cli(tmp_path):
     for on in ("1", "0"):
         out = tmp_path / f"kernels{on}"
         env = dict(os.environ, ASYNCSGD_CPU_KERNELS=on, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-        proc = subprocess.run([sys.executable, "-m", "asyncsgd.train", "--mode", "serial", "--data", "synthetic:400",
-                               "--steps", "12", "--seed", "5", "--progress", "none", "--run-dir", str(out)],
+        proc = subprocess.run(TRAIN + ["--mode", "serial", "--data", "synthetic:400", "--steps", "12", "--seed", "5",
+                                       "--progress", "none", "--run-dir", str(out)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr
         import h5py

@@ -15,7 +15,8 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paths import REPO as ROOT
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "device_check.sh")
 STEPS = ["install", "preflight", "kernels", "gpu_downpour", "bench_gpu", "scaling", "tta", "cpu_downpour"]
 

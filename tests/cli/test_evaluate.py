@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 from asyncsgd.model import build_model, save_model
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paths import REPO
 
 
 def _run(module, args, cwd, timeout=120):

@@ -23,10 +23,10 @@ import pytest
 
 from asyncsgd.testing.launch import mpi_env
 from c_build import can_build_c_extensions
+from paths import REPO as ROOT
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _TOP_LEVEL_SKIPPED = {".git", "build", "dist", "runs", ".pytest_cache", ".whl", ".gl"}
 
 PROBE = textwrap.dedent("""

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from paths import REPO
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -2,14 +2,12 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from asyncsgd.testing.launch import run_mpi
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRAIN = [sys.executable, "-m", "asyncsgd.train"]
+from jobs import TRAIN
+from paths import REPO
 
 
 def _env():

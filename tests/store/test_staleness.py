@@ -9,15 +9,14 @@ fetch between its version read and its Gets.
 """
 from __future__ import annotations
 
-from argparse import Namespace
-
 import numpy as np
 import pytest
 
 from asyncsgd.runtime.mpi import polled_barrier
-from asyncsgd.options import ExponentialDecay, NoDecay
+from asyncsgd.options import DownpourOptions, ExponentialDecay, NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
+from fakes import IntegerNet
 from mpi_checks import agree
 
 pytestmark = pytest.mark.timeout(120, method="thread")
@@ -226,22 +225,6 @@ def test_lone_worker_own_pushes_are_not_staleness(comm):
     agree(comm, failures)
 
 
-class _IntegerNet:
-    """A stand-in network whose gradients are small integers drawn from a seed: every update is exact in float32."""
-
-    def __init__(self, n, seed):
-        self.n_params = n
-        self.params = np.zeros(n, F32)
-        self.grads = np.zeros(n, F32)
-        self.rng = np.random.default_rng(seed)
-        self.total_grad = np.zeros(n, np.float64)
-
-    def loss_and_grad(self, xb, yb, rng=None):
-        self.grads[...] = self.rng.integers(-3, 4, self.n_params)
-        self.total_grad += self.grads
-        return 0.0
-
-
 def _downpour_workers(comm, cfg, n, steps, seeds):
     """Run DownpourWorker with integer gradients on ranks 1.. (rank 0 hosts); return (store vector, accrued sum)."""
     from asyncsgd.algorithms.downpour.worker import DownpourWorker
@@ -252,7 +235,7 @@ def _downpour_workers(comm, cfg, n, steps, seeds):
     with ShardedParameters(comm, n, n_servers=1) as store:
         worker = None
         if comm.rank >= 1:
-            net = _IntegerNet(n, seeds[comm.rank])
+            net = IntegerNet(n, seeds[comm.rank])
             worker = DownpourWorker(cfg, net, store, select_ops("cpu"), seed=0)
             for _ in range(steps):
                 if worker.steps % cfg.n_fetch == 0:
@@ -276,8 +259,8 @@ def test_sparse_workers_deliver_everything_they_accrued(comm, steps):
 
     The landed code's final push sent only the top 1% of accrued + residual and dropped the rest.
     """
-    cfg = Namespace(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", sparsity=0.01, momentum=0.0, lr=1.0,
-                    adagrad_eps=1e-6, n_fetch=3, n_push=2)
+    cfg = DownpourOptions(lr_schedule=Constant(), staleness=NoDecay(), optimizer="sgd", sparsity=0.01, momentum=0.0,
+                          lr=1.0, adagrad_eps=1e-6, n_fetch=3, n_push=2)
     final, expected, worker = _downpour_workers(comm, cfg, 700, steps, seeds={r: 100 + r for r in range(comm.size)})
     failures = []
     if not np.array_equal(final, expected.astype(F32)):
@@ -292,8 +275,8 @@ def test_sparse_workers_deliver_everything_they_accrued(comm, steps):
 @pytest.mark.ranks(2)
 def test_lone_downpour_worker_with_decay_keeps_its_updates_whole(comm):
     """A lone DownpourWorker with exp:0.9, n_fetch 4, n_push 1: every push has tau 0 and lands unscaled."""
-    cfg = Namespace(lr_schedule=Constant(), staleness=ExponentialDecay(0.9), optimizer="sgd", sparsity=1.0, momentum=0.0, lr=1.0,
-                    adagrad_eps=1e-6, n_fetch=4, n_push=1)
+    cfg = DownpourOptions(lr_schedule=Constant(), staleness=ExponentialDecay(0.9), optimizer="sgd", sparsity=1.0,
+                          momentum=0.0, lr=1.0, adagrad_eps=1e-6, n_fetch=4, n_push=1)
     final, expected, worker = _downpour_workers(comm, cfg, 50, 12, seeds={1: 7})
     failures = []
     if not np.array_equal(final, expected.astype(F32)):

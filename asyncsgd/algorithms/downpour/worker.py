@@ -120,13 +120,11 @@ class DownpourWorker:
         self.loss_ewma = None
         self.resumed_samples = 0  # samples done before a resume: counted in budgets, not in rates
         self._warned = False
-        # a worker made on its own (tests, benchmarks) may be given an option namespace without the Downpour-only
-        # fields; run() always passes DownpourOptions and the plan's overlap
-        self.sparse_block = int(getattr(opts, "sparse_block", 1))
+        self.sparse_block = int(opts.sparse_block)
         self.comm_thread = None
         why = None
         if overlap is None:
-            overlap = overlap_mode(getattr(opts, "overlap", "off"))
+            overlap = overlap_mode(opts.overlap)
             why = overlap_refusal() if overlap != "off" else None
         self.overlap = overlap_mode(overlap)
         if self.overlap != "off":
