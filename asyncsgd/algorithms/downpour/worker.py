@@ -4,7 +4,7 @@ Ranks 0..S-1 host the parameter shards (``ShardedParameters``); the other ranks 
 fetches the parameters every ``n_fetch`` steps, takes local steps on its own slice of the training set, accrues the
 update, and pushes it every ``n_push`` steps with one-sided accumulates, never waiting for a server's CPU.  Rank 0
 also evaluates the test set every ``eval_every`` seconds, reports progress, and raises the stop flag on the job board
-when the target accuracy is reached.
+when the target accuracy is reached (``monitor``); ``training.run`` sets the roles up.  This module is the replica.
 
 What a push carries:
 - ``--optimizer sgd``: the parameter delta the replica applied locally since its last push (momentum included),
@@ -50,17 +50,14 @@ import numpy
 from asyncsgd.data import BatchStream
 from asyncsgd.data.augment import make_augmenter
 from asyncsgd.runtime.faults import fault_point
-from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.schedule import global_progress
 from asyncsgd.backends.sparse import select_topk_blocks
-from asyncsgd.store import ShardedParameters, open_store
-from asyncsgd.rma.board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS, JobBoard
-from asyncsgd.algorithms.common import Evaluations, StopRule, TrainingSplit, options_as_trained, schedule_budget
-from asyncsgd.algorithms.downpour.recovery import Recovery
+from asyncsgd.store import ShardedParameters
+from asyncsgd.rma.board import FLAG_STOP, FLAG_WARM_DONE, HIST_BINS
+from asyncsgd.algorithms.common import StopRule
 from asyncsgd.algorithms.downpour.overlap import CommThread, overlap_mode, overlap_refusal
-from asyncsgd.algorithms.resume import Checkpointer
 
-__all__ = ["run", "DownpourWorker"]
+__all__ = ["DownpourWorker", "worker_loop", "global_fraction"]
 
 _FLAG_POLL_S = 0.01
 # Under --overlap the store tests the thread's transfers this often instead of spinning in a blocking Flush:
@@ -68,7 +65,7 @@ _FLAG_POLL_S = 0.01
 _COMM_POLL_S = 0.0005
 
 
-def _progress(opts, budget, version: int, start: float, samples_before: int) -> float:
+def global_fraction(opts, budget, version: int, start: float, samples_before: int) -> float:
     """Global progress after ``version`` pushes (asyncsgd.schedule.global_progress); 0 without a budget."""
     if budget is None:
         return 0.0
@@ -142,7 +139,7 @@ class DownpourWorker:
 
     def progress(self, version: int) -> float:
         """The run's global progress after ``version`` pushes by all workers (0 without a budget)."""
-        return _progress(self.opts, self.budget, version, self.start, self.samples_before)
+        return global_fraction(self.opts, self.budget, version, self.start, self.samples_before)
 
     def fetch(self):
         """Copy the store's parameters into the replica (DistBelief's 'fetch'); set the rate from the version."""
@@ -318,7 +315,7 @@ class DownpourWorker:
                 "overlapped_calls": self.comm_thread.calls_run if self.comm_thread is not None else 0}
 
 
-def _worker_loop(plan, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
+def worker_loop(plan, net, split, backend, store, board, worker, n_workers, start, samples_done=0,
                  budget=None, samples_before=0, guard=None):
     opts, stop_opts = plan.options, plan.stop
     src = split.src
@@ -397,191 +394,3 @@ def _take_over_share(opts, stop_opts, split, worker, n_workers, start, samples):
     x, y = split.share(worker, n_workers)  # never a validation row
     stream = iter(BatchStream(x, y, opts.batch_size, seed=opts.seed + 1000 + worker + samples))
     return stream, StopRule(stop_opts, samples_per_epoch=len(y), start=start)
-
-
-def _monitor_loop(opts, stop_opts, eval_net, split, backend, store, board, n_workers, reporter, start, checkpointer,
-                  budget=None, samples_before=0, guard=None):
-    """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record
-    and the Evaluations (its tracker holds the best model)."""
-    evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience,
-                           selection_margin=opts.selection_margin)
-    stop = StopRule(stop_opts, samples_per_epoch=split.n_train, start=start)
-    schedule = opts.lr_schedule.with_lr(opts.lr)
-    last_eval = time.monotonic()
-    last_samples, last_time = 0, 0.0
-    record = {}
-    time_to_target = None
-    while True:
-        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
-            store, board = guard.store, guard.board
-        stats, hist = board.rows() if guard is None else guard.rows()
-        all_done = all(s["done"] for s in stats)
-        if all_done or time.monotonic() - last_eval >= opts.eval_every:
-            # the rate workers apply now: what a worker fetching the current version computes
-            lr = schedule.rate(_progress(opts, budget, store.version(), start, samples_before))
-            snapshot = store.read_all()  # one snapshot: scored on both sets and, if best, kept
-            elapsed = stop.elapsed()
-            figures = evaluate(snapshot, time=elapsed, samples=int(sum(s["samples"] for s in stats)))
-            last_eval = time.monotonic()
-            record = _record(stats, hist, elapsed, figures["test_loss"], figures["test_accuracy"], last_samples,
-                             last_time, eval_net.n_params)
-            record.update(figures, lr=lr)
-            last_samples, last_time = record["samples"], record["time"]
-            record["fraction_done"] = stop.fraction(record["samples"],
-                                                    min((s["steps"] for s in stats), default=0))
-            if reporter is not None:
-                reporter.record(record)
-            acc = evaluate.deciding_accuracy
-            if stop.target is not None and acc >= stop.target and time_to_target is None:
-                time_to_target = record["time"]
-                stop.reason = stop.reason or "target-accuracy"
-                board.set_flag(FLAG_STOP)
-            if evaluate.should_stop and not all_done and stop.reason is None:
-                stop.stop_early()
-                board.set_flag(FLAG_STOP)
-            if all_done:
-                record["last_params"] = snapshot
-                break
-        if checkpointer.due():
-            _checkpoint(opts, store, checkpointer, stats)
-        time.sleep(0.05)
-    record["time_to_target"] = time_to_target
-    # without a target or early stop, the workers ended on their own limits
-    record["stop_reason"] = stop.reason or ("epochs" if stop_opts.epochs is not None else
-                                            "steps" if stop_opts.steps is not None else "time-limit")
-    return record, stats, hist, evaluate
-
-
-def _checkpoint(opts, store, checkpointer, stats):
-    """Save the store's state (read one-sidedly while workers keep pushing) and each worker's position."""
-    state = {"adagrad_sums": store.adagrad_sums()} if opts.optimizer == "adagrad" else {}
-    checkpointer.save(params=store.read_all(), state=state, version=store.version(),
-                      data_position={"worker_samples": [int(s["samples"]) for s in stats]})
-
-
-def _record(stats, hist, elapsed, test_loss, acc, last_samples, last_time, n_params):
-    samples = int(sum(s["samples"] for s in stats))
-    pushes = int(sum(s["pushes"] for s in stats))
-    total_hist = hist.sum(axis=0)
-    entries = sum(s["pushed_entries"] for s in stats)
-    losses = [s["loss"] for s in stats if numpy.isfinite(s["loss"])]
-    dt = max(elapsed - last_time, 1e-9)
-    return {
-        "time": elapsed, "samples": samples, "loss": float(numpy.mean(losses)) if losses else None,
-        "test_loss": test_loss, "test_accuracy": acc,
-        "samples_per_s": (samples - last_samples) / dt,
-        "per_worker_samples_per_s": [(s["samples"] - s["resumed_samples"]) / max(s["elapsed_s"], 1e-9)
-                                     for s in stats],
-        "pushes": pushes, "staleness_mean": float(sum(s["staleness_sum"] for s in stats) / max(pushes, 1)),
-        "staleness_hist": total_hist.astype(int).tolist()[:16],
-        "push_bytes": int(sum(s["push_bytes"] for s in stats)),
-        "push_density": float(entries) / max(pushes * n_params, 1),  # fraction of the parameters per push
-        "skipped_nonfinite": int(sum(s["skipped_nonfinite"] for s in stats)),
-    }
-
-
-def _percentile_from_hist(hist, q):
-    cum = numpy.cumsum(hist)
-    if cum[-1] == 0:
-        return 0
-    return int(numpy.searchsorted(cum, q * cum[-1]))
-
-
-def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name="model", checkpointer=None,
-        resume=None):
-    """Run Downpour (DownpourOptions ``opts``) on every rank of ``comm`` until ``stop``; return the summary dict on
-    rank 0 (None elsewhere).
-
-    ``plan`` is the run's RunPlan (asyncsgd.plan; made here from the arguments when None): servers and workers,
-    fault tolerance, the store transport, the options with the model's defaults, the warm start and the overlap.
-    ``net`` is this rank's network, built from the same seed on every rank: a worker's replica, rank 0's evaluator,
-    and on every server the source of the initial parameters.  ``resume`` is a loaded checkpoint to continue from
-    (every rank gets it), or None.
-    """
-    if plan is None:
-        from asyncsgd.plan import plan_for
-        plan = plan_for("downpour", comm, src, opts, stop, model_name=model_name, n_params=net.n_params,
-                        resumed=resume is not None)
-    opts, stop_opts = plan.options, plan.stop
-    n_servers, n_workers = plan.servers, plan.workers
-    rank = comm.rank
-    init = net
-    initial = (backend.to_host(net.params) if rank < n_servers else None) if resume is None else resume.params
-    done = [0] * n_workers
-    if resume is not None:
-        saved = resume.data_position.get("worker_samples", [])
-        # the same workers continue where they were; another worker count shares the samples done evenly
-        done = saved if len(saved) == n_workers else [sum(saved) // n_workers] * n_workers
-    checkpointer = checkpointer or Checkpointer(None, init.n_params, {"seed": opts.seed})
-    split = TrainingSplit(src, opts.validation, opts.seed)  # the same on every rank; workers read only training rows
-    # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
-    schedule, budget = schedule_budget(opts, stop_opts, n_train=split.n_train, workers=n_workers)
-    fault_tolerant = plan.fault_tolerant
-    store = open_store(comm, init.n_params, transport=plan.store, n_servers=n_servers, initial=initial,
-                       adagrad=opts.optimizer == "adagrad")
-    board = JobBoard(comm, n_workers)
-    # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
-    # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.
-    guard = Recovery(comm, enabled=fault_tolerant, store=store, board=board, n_servers=n_servers, start=0.0,
-                     reporter=reporter, checkpoint_path=checkpointer.path, kill_ranks=opts.kill_ranks)
-    try:
-        if rank == 0 and resume is not None and "adagrad_sums" in resume.state:
-            store.load(resume.params, resume.state["adagrad_sums"])  # before any worker starts pushing
-        polled_barrier(comm)
-        start = guard.start = time.monotonic()
-        guard.arm_kill(opts.kill_ranks.get(rank))
-        ft_guard = guard if fault_tolerant else None
-        result = None
-        if rank >= n_servers:
-            _worker_loop(plan, net, split, backend, store, board, rank - n_servers, n_workers, start,
-                         samples_done=int(done[rank - n_servers]), budget=budget, samples_before=int(sum(done)),
-                         guard=ft_guard)
-        elif rank == 0:
-            record, stats, hist, evaluate = _monitor_loop(opts, stop_opts, net, split, backend, store, board,
-                                                          n_workers, reporter, start, checkpointer, budget=budget,
-                                                          samples_before=int(sum(done)), guard=ft_guard)
-            store = guard.store
-            if checkpointer.path:
-                _checkpoint(opts, store, checkpointer, stats)  # the final one
-            wall = time.monotonic() - start
-            params = record.pop("last_params")  # the final evaluation's snapshot: every worker had returned
-            total_hist = hist.sum(axis=0)
-            result = evaluate.finish({
-                "mode": "downpour", "model": model_name, "data": src.name, "workers": n_workers,
-                "servers": n_servers, "test_accuracy": record["test_accuracy"], "test_loss": record["test_loss"],
-                "final_loss": record["loss"], "samples": record["samples"],
-                "samples_per_s": (record["samples"] - sum(done)) / wall, "wall_s": wall,
-                "epochs": record["samples"] / split.n_train, "steps": int(sum(s["steps"] for s in stats)),
-                "pushes": record["pushes"], "push_bytes": record["push_bytes"],
-                "push_density": record["push_density"],
-                "staleness_mean": record["staleness_mean"],
-                "staleness_p95": _percentile_from_hist(total_hist, 0.95),
-                "staleness_hist": total_hist.astype(int).tolist(),
-                "skipped_nonfinite": record["skipped_nonfinite"],
-                "per_worker_samples_per_s": record["per_worker_samples_per_s"],
-                "per_worker_compute_samples_per_s": [(s["samples"] - s["resumed_samples"]) / max(s["compute_s"], 1e-9)
-                                                     for s in stats],
-                "time_to_target": record["time_to_target"], "n_params": int(init.n_params),
-                "checkpoints": checkpointer.written, "resumed_samples": int(sum(done)),
-                "layout": init.param_layout(), "stop_reason": record["stop_reason"],
-                "lr_schedule": str(schedule), "final_lr": record["lr"],
-                **options_as_trained(opts),
-                "overlap": plan.overlap,
-                "per_worker_overlapped_calls": [int(s["overlapped_calls"]) for s in stats],
-                "sparse_block": int(opts.sparse_block),
-                # the warm start as it happened: worker 0 alone for these steps, then each worker's first fetch
-                "warm_start_steps": int(plan.warm_start_steps),
-                "first_fetch_versions": [int(s["first_version"]) for s in stats],
-            }, params)
-            if opts.optimizer == "adagrad":
-                result["adagrad_sums"] = store.adagrad_sums()
-            result.update(guard.summary())
-        fault_point("end")
-        # Servers other than rank 0 only host shards: they wait here, sleeping, with their progress thread running
-        # (and, with fault tolerance, their heartbeat; a failure here is recovered and the meeting rerun).
-        guard.final_meet()
-    except BaseException as exc:
-        guard.free(type(exc))
-        raise
-    guard.free()
-    return result
