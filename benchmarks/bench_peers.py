@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import shutil
+import shlex
 import signal
 import socket
 import statistics
@@ -57,6 +58,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from record import machine as machine_facts  # noqa: E402
 TORCH_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TARGETS = (0.95, 0.98)
 KINDS = ("downpour", "serial", "torch", "torch-ddp")
@@ -451,10 +454,13 @@ def main(argv=None) -> int:
     except ImportError:
         torch_version, torch_missing = None, f"skipped: torch is not installed in this Python ({TORCH_INSTALL})"
     import numpy
-    record = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "targets": list(TARGETS), "repeats": args.repeats,
+    # machine_facts (benchmarks/record.py) adds the CPU model and the MPI library mpi4py loads (load: see load_start)
+    facts = {k: v for k, v in machine_facts().items() if k != "loadavg"}
+    record = {"command": " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + argv),
+              "date": time.strftime("%Y-%m-%d %H:%M %Z"), "targets": list(TARGETS), "repeats": args.repeats,
               "limit": args.limit, "eval_every": args.eval_every, "ranks": args.ranks, "quick": args.quick,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "numpy": numpy.__version__, "torch": torch_version, "mpiexec": mpiexec},
+              "machine": {**facts, "platform": platform.platform(), "numpy": numpy.__version__,
+                          "torch": torch_version, "mpiexec": mpiexec},
               "load_start": load_text(), "runs": []}
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                                "MKL_NUM_THREADS")}  # each side picks its threads

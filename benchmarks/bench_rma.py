@@ -122,6 +122,7 @@ def main(argv=None):
     parser.add_argument("--densities", type=float, nargs="+", default=[0.01, 0.1], help="sparse push densities")
     parser.add_argument("--json-out", help="rank 0 writes every figure here (docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)
+    load = list(os.getloadavg())
     comm = MPI.COMM_WORLD.Dup()
     if comm.size < 2:
         if comm.rank == 0:
@@ -152,7 +153,8 @@ def main(argv=None):
     print("1 MiB fetch + push + push_adagrad while the host computes in pure Python (max / median latency):")
     for label, (worst, median) in progress.items():
         print(f"  {label:<20} {worst * 1e3:8.2f} ms / {median * 1e3:6.2f} ms")
-    record.write(args.json_out, {"seconds_by_shard_mib": rows, "progress_latency_max_median_s": progress})
+    record.write(args.json_out, {"seconds_by_shard_mib": rows, "progress_latency_max_median_s": progress},
+                 started_load=load)
     comm.Free()
 
 

@@ -32,6 +32,9 @@ sys.path.insert(0, REPO)
 
 from asyncsgd.testing.launch import mpi_env  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import record  # noqa: E402
+
 ACCURACY_KEYS = ("selected_test_accuracy", "test_accuracy")
 TOLERANCE = 1e-9
 
@@ -104,6 +107,7 @@ def main(argv=None) -> int:
     if any(a in ("--seed", "--summary-json") or a.startswith(("--seed=", "--summary-json=")) for a in command):
         p.error("the command must not set --seed or --summary-json: this script sets them for each run")
     print(f"command: {' '.join(command)}", flush=True)
+    started_load = list(os.getloadavg())
     runs = []
     for seed in args.seeds:
         r = run_once(command, seed, args.timeout)
@@ -130,11 +134,9 @@ def main(argv=None) -> int:
         verdicts.append(("spread <= %g" % args.max_spread, stats["spread"] <= args.max_spread + TOLERANCE))
     for what, ok in verdicts:
         print(f"{what}: {'met' if ok else 'NOT met'}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump({"command": command, "runs": runs, "stats": stats,
-                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                       "machine": {"cpus": os.cpu_count(), "load_1_5_15": list(os.getloadavg())}}, f, indent=1)
+    # record.write adds this script's own command line, the UTC date and the machine (CPU model, MPI, load at the end)
+    record.write(args.json_out, {"train_command": command, "runs": runs, "stats": stats,
+                                 "verdicts": {what: ok for what, ok in verdicts}}, started_load=started_load)
     if failed:
         return 2
     return 0 if all(ok for _, ok in verdicts) else 1

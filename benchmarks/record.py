@@ -36,6 +36,11 @@ def machine() -> dict:
     except ImportError:
         pass
     try:
+        if "mpi4py.MPI" not in sys.modules:
+            # a launcher (bench_peers, bench_seeds) must not become an MPI process itself: MPI_Get_library_version
+            # may be called before MPI_Init, so name the library without initialising MPI
+            import mpi4py
+            mpi4py.rc.initialize = mpi4py.rc.finalize = False
         from mpi4py import MPI
         info["mpi"] = MPI.Get_library_version().splitlines()[0].strip()
     except Exception:  # no MPI here: the figure does not depend on it
