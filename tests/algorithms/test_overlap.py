@@ -14,7 +14,7 @@ from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.options import DownpourOptions, NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
-from fakes import IntegerNet
+from fakes import IntegerNet, train_worker
 from jobs import TRAIN
 from mpi_checks import agree
 from paths import REPO, repo_env
@@ -36,21 +36,13 @@ def _run_workers(comm, cfg, n, steps, n_servers=1):
     from asyncsgd.algorithms.downpour.worker import DownpourWorker
     from asyncsgd.backends import select_ops
 
-    x, y = np.zeros((1, 1)), np.zeros(1, np.int64)
     accrued = np.zeros(n)
     worker = None
     with ShardedParameters(comm, n, n_servers=n_servers) as store:
         if comm.rank >= n_servers:
             net = IntegerNet(n, 100 + comm.rank)
             worker = DownpourWorker(cfg, net, store, select_ops("cpu"), seed=0)
-            for _ in range(steps):
-                if worker.steps % cfg.n_fetch == 0:
-                    worker.fetch()
-                worker.step(x, y)
-                worker.steps += 1
-                if worker.steps % cfg.n_push == 0:
-                    worker.push()
-            worker.finish()
+            train_worker(worker, steps, cfg)
             accrued = -cfg.lr * net.total_grad
         polled_barrier(comm)
         final = store.read_all()

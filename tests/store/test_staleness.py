@@ -16,7 +16,7 @@ from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.options import DownpourOptions, ExponentialDecay, NoDecay
 from asyncsgd.schedule import Constant
 from asyncsgd.store import ShardedParameters
-from fakes import IntegerNet
+from fakes import IntegerNet, train_worker
 from mpi_checks import agree
 
 pytestmark = pytest.mark.timeout(120, method="thread")
@@ -230,21 +230,13 @@ def _downpour_workers(comm, cfg, n, steps, seeds):
     from asyncsgd.algorithms.downpour.worker import DownpourWorker
     from asyncsgd.backends import select_ops
 
-    x, y = np.zeros((1, 1)), np.zeros(1, np.int64)
     accrued = np.zeros(n)
     with ShardedParameters(comm, n, n_servers=1) as store:
         worker = None
         if comm.rank >= 1:
             net = IntegerNet(n, seeds[comm.rank])
             worker = DownpourWorker(cfg, net, store, select_ops("cpu"), seed=0)
-            for _ in range(steps):
-                if worker.steps % cfg.n_fetch == 0:
-                    worker.fetch()
-                worker.step(x, y)
-                worker.steps += 1
-                if worker.steps % cfg.n_push == 0:
-                    worker.push()
-            worker.finish()
+            train_worker(worker, steps, cfg)
             accrued = -cfg.lr * net.total_grad   # what this worker's local steps added up to
         polled_barrier(comm)
         final = store.read_all()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["IntegerNet"]
+__all__ = ["IntegerNet", "train_worker"]
 
 
 class IntegerNet:
@@ -23,3 +23,18 @@ class IntegerNet:
         self.grads[...] = self.rng.integers(-3, 4, self.n_params)
         self.total_grad += self.grads
         return 0.0
+
+
+def train_worker(worker, steps: int, opts) -> None:
+    """Drive a DownpourWorker as the worker loop does, without data: fetch every ``n_fetch`` steps, step, push every
+    ``n_push`` steps, then the final push (``finish``)."""
+    x, y = np.zeros((1, 1)), np.zeros(1, np.int64)
+    for _ in range(steps):
+        if worker.steps % opts.n_fetch == 0:
+            worker.fetch()
+        worker.step(x, y)
+        worker.steps += 1
+        if worker.steps % opts.n_push == 0:
+            worker.push()
+    worker.finish()
+
