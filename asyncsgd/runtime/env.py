@@ -1,4 +1,7 @@
-"""Every environment variable asyncsgd reads, in one place.
+"""The environment a rank starts with: every ``ASYNCSGD_*`` switch and the launcher's rank and size variables.
+
+(Two readers live with what they configure: ``ulfm.policy`` reads Open MPI's ``OMPI_MCA_mpi_ft_enable`` marker and
+``backends.threads`` the BLAS thread counts this module sets; ``testing.launch`` builds child environments.)
 
 - What the MPI launcher tells a process before MPI starts: its rank and the ranks per node (``launcher_value``);
   ``limit_blas_threads`` runs when asyncsgd is imported (and again in ``python -m asyncsgd.train``), so scripts

@@ -15,8 +15,6 @@ import time
 import pytest
 
 from asyncsgd.testing.launch import mpi_env, mpi_flavour, mpiexec_path
-from asyncsgd.ulfm import policy
-from asyncsgd.ulfm.roles import reassign_roles
 from jobs import require_ulfm
 from paths import REPO, repo_env
 
@@ -54,28 +52,6 @@ def _ok(rc, out):
     assert rc == 0, out[-4000:]
     assert "RESULT ok" in out, out[-4000:]
     assert not re.search(r"^FAIL ", out, re.M), out[-4000:]
-
-
-# ---------------------------------------------------------------- without a launch
-
-def test_ulfm_detected_from_the_launcher_marker():
-    assert not policy.ulfm_enabled({})
-    assert not policy.ulfm_enabled({policy.FT_ENV: "0"})
-    expected = "open mpi" in policy.MPI.Get_library_version().lower()
-    assert policy.ulfm_enabled({policy.FT_ENV: "1"}) is expected  # the marker counts under Open MPI only
-
-
-def test_roles_after_a_worker_and_a_server_die():
-    # 6 ranks, 2 servers: server rank 1 and worker rank 4 die; worker rank 2 moves up to host shard 1.
-    got = reassign_roles(6, [1, 4], 2)
-    assert got == {0: (0, ("server", 0), ("server", 0)),
-                   2: (1, ("worker", 0), ("server", 1)),
-                   3: (2, ("worker", 1), ("worker", 0)),
-                   5: (3, ("worker", 3), ("worker", 1))}
-    with pytest.raises(ValueError, match="rank 0 died"):
-        reassign_roles(4, [0], 1)
-    with pytest.raises(ValueError, match="at least one worker"):
-        reassign_roles(3, [2], 2)
 
 
 # ---------------------------------------------------------------- Open MPI with ULFM
