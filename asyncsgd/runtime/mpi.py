@@ -119,14 +119,28 @@ def report_fatal(rank: int, exc_type, exc, tb, *, where: str = "") -> bool:
     return True
 
 
+_abort_lock = threading.Lock()
+# A rank whose MPI_Abort has not ended it after this long ends itself: an abort must never become a hang.
+_ABORT_GRACE_S = 10.0
+
+
 def abort_job(comm, code: int = 1):
     """End every rank of ``comm``'s job now (``MPI_Abort``); in a one-rank or serial run end this process.
 
-    Never returns.  Called from any thread; nothing is freed, no collective runs.
+    Never returns.  Called from any thread; nothing is freed, no collective runs.  Only the first thread of a rank to
+    get here calls ``MPI_Abort`` (a watchdog thread and the main thread can both see the same dead rank at once, and
+    two concurrent aborts in one process are not something MPI promises to survive); a later caller waits for it.
+    Either way the process exits by itself if the abort has not ended it within ``_ABORT_GRACE_S`` seconds.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     if comm is not None and comm.size > 1:
+        if not _abort_lock.acquire(blocking=False):
+            time.sleep(_ABORT_GRACE_S)  # the first caller is aborting this process
+            os._exit(code)
+        fallback = threading.Timer(_ABORT_GRACE_S, os._exit, (code,))
+        fallback.daemon = True
+        fallback.start()
         comm.Abort(code)
     os._exit(code)
 

@@ -33,6 +33,7 @@ from mpi4py import MPI
 from asyncsgd.rma.owner import WindowOwner
 from asyncsgd.runtime.env import heartbeat_timeout
 from asyncsgd.runtime.faults import fault_point
+from asyncsgd.runtime.mpi import abort_job
 from asyncsgd.ulfm.primitives import RankFailure, failed_ranks, is_failure, safe_point
 from asyncsgd.ulfm.processes import kill_local_process, starved
 
@@ -100,7 +101,7 @@ class Watchdog(WindowOwner):
             dead = failed_ranks(self.comm)
             self._say(f"{', '.join(self.describe(r) for r in dead) or 'a rank'} died; fault tolerance is off "
                       f"(--fault-tolerance), so {self.describe(self.comm.rank)} is ending the job")
-            self.comm.Abort(1)
+            abort_job(self.comm, 1)
 
     def _watch(self):
         now = time.monotonic()
@@ -130,7 +131,7 @@ class Watchdog(WindowOwner):
                 if now - seen > self.timeout:
                     self._say(f"{self.describe(p)} stopped responding for {now - seen:.0f} s (it died or hangs); "
                               f"{self.describe(self.comm.rank)} is ending the job")
-                    self.comm.Abort(1)
+                    abort_job(self.comm, 1)
             self._halt.wait(0.1)
 
     def _kill(self, rank: int) -> bool:

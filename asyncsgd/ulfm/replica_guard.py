@@ -23,7 +23,7 @@ import sys
 
 from mpi4py import MPI
 
-from asyncsgd.runtime.mpi import polled_bcast
+from asyncsgd.runtime.mpi import abort_job, polled_bcast
 from asyncsgd.ulfm.primitives import check_failures, failed_ranks, is_failure, manage, revoke, safe_point
 from asyncsgd.ulfm.recovery import WAIT_S, RecoveryBase
 
@@ -63,7 +63,7 @@ class ReplicaGuard(RecoveryBase):
         sys.stderr.write(f"asyncsgd: error: {dead} died; fault tolerance is off (--fault-tolerance), so rank "
                          f"{self.comm.rank} is ending the job\n")
         sys.stderr.flush()
-        self.comm.Abort(1)
+        abort_job(self.comm, 1)
 
     def check(self):
         """Raise RankFailure if this rank knows of a dead rank (or a peer revoked); cheap, no synchronisation.

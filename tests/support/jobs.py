@@ -67,8 +67,12 @@ def train(n: int, args, run_dir, *, timeout: float, with_ft: bool = False, env=N
 
     ``env``: variables added to this process's environment (PYTHONPATH is the repository's).
     """
-    proc = run_mpi(n, TRAIN + list(args) + ["--run-dir", str(run_dir)], timeout=timeout, env=repo_env(**(env or {})),
-                   cwd=REPO, with_ft=with_ft)
+    try:
+        proc = run_mpi(n, TRAIN + list(args) + ["--run-dir", str(run_dir)], timeout=timeout,
+                       env=repo_env(**(env or {})), cwd=REPO, with_ft=with_ft)
+    except subprocess.TimeoutExpired as exc:  # show what the job printed before it hung
+        raise AssertionError(f"the job did not end within {timeout:g} s; its output ends:\n"
+                             f"{(exc.output or '')[-4000:]}") from None
     summary, records = read_run(str(run_dir))
     return Job(proc.returncode, proc.stdout, summary, records)
 
