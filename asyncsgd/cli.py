@@ -69,8 +69,9 @@ def _nonneg_float(s):
     return v
 
 
-def _rank_map(spec: str, flag: str, value_name: str, size: int | None, valid, bound: str) -> dict:
-    """Parse ``RANK:VALUE[,RANK:VALUE]`` into {rank: value}: ranks in 0..size-1 (when size is given), ``valid(value)``."""
+def _rank_map(spec: str, flag: str, value_name: str, valid, bound: str) -> dict:
+    """Parse ``RANK:VALUE[,RANK:VALUE]`` into {rank: value}: ranks >= 0, ``valid(value)``.  Whether a rank is in the
+    job is the plan's rule (asyncsgd.plan.ranks_in_job), checked once the job's size is known."""
     out = {}
     if not spec:
         return out
@@ -80,23 +81,22 @@ def _rank_map(spec: str, flag: str, value_name: str, size: int | None, valid, bo
             r, v = int(r), float(v)
         except ValueError:
             raise UsageError(f"{flag} takes RANK:{value_name}[,RANK:{value_name}], got {spec!r}") from None
-        if r < 0 or (size is not None and r >= size) or not valid(v):
-            raise UsageError(f"{flag}: rank {r} must be in 0..{'?' if size is None else size - 1} "
-                             f"and {bound.format(v)}")
+        if r < 0 or not valid(v):
+            raise UsageError(f"{flag}: rank {r} must be in 0..? and {bound.format(v)}")
         out[r] = v
     return out
 
 
-def parse_slow_ranks(spec: str, size: int | None = None):
+def parse_slow_ranks(spec: str):
     """Parse ``--slow-ranks RANK:FACTOR[,RANK:FACTOR]`` into {rank: factor}; factors must be >= 1."""
-    return _rank_map(spec, "--slow-ranks", "FACTOR", size, lambda f: f >= 1, "factor {} >= 1")
+    return _rank_map(spec, "--slow-ranks", "FACTOR", lambda f: f >= 1, "factor {} >= 1")
 
 
 # ---- fault tolerance (Downpour under `mpirun --with-ft ulfm`; docs/FAULT_TOLERANCE.md) ----------------------------
 
-def parse_kill_ranks(spec: str, size: int | None = None):
+def parse_kill_ranks(spec: str):
     """Parse ``--kill-ranks RANK:SECONDS[,RANK:SECONDS]`` into {rank: seconds}; seconds of training, >= 0."""
-    return _rank_map(spec, "--kill-ranks", "SECONDS", size, lambda t: 0 <= t < float("inf"), "seconds {:g} >= 0")
+    return _rank_map(spec, "--kill-ranks", "SECONDS", lambda t: 0 <= t < float("inf"), "seconds {:g} >= 0")
 
 
 _FT_OPTIONS = [
