@@ -6,8 +6,10 @@ a test tool, not a training option).
 The variable is read once per process; RANK is the rank in the job's world (0 in a run without mpiexec).
 ``POINT@RANK[:N]=kill`` SIGKILLs that rank there instead (a vanished process, what fault tolerance runs through),
 ``=stop`` SIGSTOPs it (a hung process);
-``=kill:VICTIM`` makes it SIGKILL world rank VICTIM (through the killer the fault-tolerant trainer registers with
+``=kill:VICTIM`` makes it kill world rank VICTIM (through the killer the fault-tolerant trainer registers with
 ``set_killer``), wait 1 s, still inside the point, and go on: a death while RANK is, say, writing a checkpoint.
+VICTIM dies between two Python bytecodes of its main thread, never inside an MPI call (``victims()`` tells the
+trainer which ranks prepare for it: ``asyncsgd.testing.kill``).
 
 Points (each one line in the code it names):
 
@@ -36,7 +38,7 @@ import time
 
 from asyncsgd.runtime.env import FAULT_ENV, fault_spec
 
-__all__ = ["InjectedFault", "fault_point", "parse_faults", "set_killer", "POINTS", "ENV"]
+__all__ = ["InjectedFault", "fault_point", "parse_faults", "set_killer", "victims", "POINTS", "ENV"]
 
 ENV = FAULT_ENV
 POINTS = ("data", "step", "conv", "fetch", "push", "minishard", "coordinator", "evaluate", "checkpoint", "checkpoint_write",
@@ -70,6 +72,11 @@ def _parse(text: str) -> dict:
 
 
 _killer = None  # world rank -> bool (signal sent), registered by the fault-tolerant trainer
+
+
+def victims() -> set:
+    """The world ranks that ``ASYNCSGD_FAULT``'s ``=kill:VICTIM`` entries name (parsed again: cheap, once per run)."""
+    return {action[1] for _, action in _parse(fault_spec()).values() if isinstance(action, tuple)}
 
 
 def set_killer(killer):

@@ -43,13 +43,13 @@ def stopped_local_ranks(where) -> list:
     return [rank for rank, (host, pid) in enumerate(where) if process_state(host, pid) in ("T", "t")]
 
 
-def kill_local_process(host: str, pid: int) -> bool:
-    """SIGKILL process ``pid`` if ``host`` is this host; return whether a signal was sent (False: elsewhere, or
-    already gone)."""
+def kill_local_process(host: str, pid: int, sig=signal.SIGKILL) -> bool:
+    """SIGKILL (or send ``sig`` to) process ``pid`` if ``host`` is this host; return whether a signal was sent
+    (False: elsewhere, or already gone)."""
     if host != socket.gethostname():
         return False
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return False
     return True

@@ -32,11 +32,12 @@ from mpi4py import MPI
 from asyncsgd.rma.board import FLAG_STOP, FLAG_WARM_DONE, JobBoard
 from asyncsgd.rma.heartbeats import Heartbeats
 from asyncsgd.runtime.env import heartbeat_timeout
-from asyncsgd.runtime.faults import fault_point, set_killer
+from asyncsgd.runtime.faults import fault_point, set_killer, victims
+from asyncsgd.testing.kill import DIE_SIGNAL, die_on_signal
 from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.store.rebuild import rebuild
 from asyncsgd.ulfm.primitives import RankFailure, check_failures, commit, is_failure, safe_point
-from asyncsgd.ulfm.processes import STARVED_FACTOR, kill_rank, starved
+from asyncsgd.ulfm.processes import STARVED_FACTOR, kill_local_process, kill_rank, starved
 from asyncsgd.ulfm.recovery import WAIT_S, RecoveryBase, RecoveryTimer
 from asyncsgd.ulfm.roles import Role, reassign_roles
 
@@ -67,6 +68,8 @@ class Recovery(RecoveryBase):
         if enabled:
             self._heartbeats = Heartbeats(self._probe)
             set_killer(self._kill_world_rank)  # ASYNCSGD_FAULT's =kill:VICTIM (a test tool)
+            if comm.rank in victims():
+                die_on_signal()
 
     # ---------------------------------------------------------------- safe points
 
@@ -103,10 +106,11 @@ class Recovery(RecoveryBase):
             return None
 
     def _kill_world_rank(self, world_rank: int) -> bool:
-        """SIGKILL the rank that was ``world_rank`` at the start of the run (same host only)."""
+        """Kill the rank that was ``world_rank`` at the start of the run (same host only), at its main thread's next
+        Python bytecode (``asyncsgd.testing.kill``: never inside an MPI call)."""
         if world_rank not in self.world_ranks:
             return False
-        return kill_rank(self._heartbeats, self.world_ranks.index(world_rank))
+        return kill_local_process(*self._heartbeats.where[self.world_ranks.index(world_rank)], sig=DIE_SIGNAL)
 
     def _watch(self):
         stale = self._heartbeats.stale(self.timeout)
