@@ -5,7 +5,8 @@
 - ``roles``: ranks across a shrink and Downpour's roles re-assigned over the survivors;
 - ``processes``: the processes behind ranks on this host (``/proc`` state; SIGKILL for a stopped one);
 - ``recovery``: ``RecoveryBase``, what every mode's recovery shares, and the recovery timer;
-- ``replica_guard``: ``ReplicaGuard``, sync's and Sandblaster's recovery (every rank a replica).
+- ``replica_guard``: ``ReplicaGuard``, sync's and Sandblaster's recovery (every rank a replica);
+- ``stuck``: ``StuckCallGuard``, which ends a rank stuck inside one MPI one-sided call after a peer died.
 
 Downpour's recovery is ``asyncsgd.algorithms.downpour.recovery``; the heartbeat window it watches is
 ``asyncsgd.rma.heartbeats``; ``--kill-ranks`` is ``asyncsgd.testing.kill``."""

@@ -40,6 +40,7 @@ from asyncsgd.ulfm.primitives import RankFailure, check_failures, commit, is_fai
 from asyncsgd.ulfm.processes import STARVED_FACTOR, kill_local_process, kill_rank, starved
 from asyncsgd.ulfm.recovery import WAIT_S, RecoveryBase, RecoveryTimer
 from asyncsgd.ulfm.roles import Role, reassign_roles
+from asyncsgd.ulfm.stuck import StuckCallGuard
 
 __all__ = ["Recovery"]
 
@@ -62,6 +63,7 @@ class Recovery(RecoveryBase):
         self.replica = None  # workers: a callable -> (float32 vector, version of its last fetch)
         self._awaiting_push = None  # rank 0: (version at the rebuild, entries to complete) until a push lands
         self._heartbeats = None
+        self._stuck = None
         self._last_beat = 0.0
         self._killed = set()
         self.timeout = heartbeat_timeout()
@@ -70,6 +72,9 @@ class Recovery(RecoveryBase):
             set_killer(self._kill_world_rank)  # ASYNCSGD_FAULT's =kill:VICTIM (a test tool)
             if comm.rank in victims():
                 die_on_signal()
+            # a death inside an Accumulate strands the ranks accumulating to its target: end them, never hang
+            self._stuck = StuckCallGuard(lambda: self._probe, lambda: self.world_ranks,
+                                         limit=max(30.0, 2 * self.timeout), resume_hint=self.resume_hint)
 
     # ---------------------------------------------------------------- safe points
 
@@ -183,11 +188,15 @@ class Recovery(RecoveryBase):
         old = self._probe
         timer = (RecoveryTimer(self._heartbeats.where, self.world_ranks, old.rank, self.timeout, self.resume_hint)
                  if self._heartbeats is not None else None)
+        if self._stuck is not None:
+            self._stuck.pause()  # the recovery timer bounds the recovery
         try:
             self._recover(old, noticed)
         finally:
             if timer is not None:
                 timer.cancel()
+            if self._stuck is not None:
+                self._stuck.resume()
 
     def _recover(self, old, noticed):
         comm, held, failed, attempts = old, None, [], 0
@@ -331,6 +340,8 @@ class Recovery(RecoveryBase):
 
     def free(self, exc_type=None):
         """End of the run: free the current objects (collective) or, on an exception, abandon them (no MPI)."""
+        if self._stuck is not None:
+            self._stuck.stop()
         for owner in (self.board, self.store):
             owner.__exit__(exc_type, None, None)
         if self.enabled and exc_type is None:
