@@ -77,12 +77,14 @@ class DownpourWorker:
     """One model replica: local steps on its data, fetches and pushes against the store."""
 
     def __init__(self, opts, net, store: ShardedParameters, backend, *, seed: int, budget=None, start=None,
-                 samples_before: int = 0, overlap=None):
+                 samples_before: int = 0, overlap=None, offers_replica: bool = False):
         """``opts`` DownpourOptions with ``lr`` filled in; ``budget`` the run's RunBudget in global samples (None:
         a constant rate); ``start`` the job's shared clock origin (time.monotonic() after the start barrier);
         ``samples_before`` samples done before a resume (the store's version restarts at 0); ``overlap``
         'off', 'push' or 'all' as resolved by the run's plan (RunPlan.overlap); None for a worker made on its own:
-        ``opts.overlap``, off with a warning where MPI's thread level does not allow it."""
+        ``opts.overlap``, off with a warning where MPI's thread level does not allow it.  ``offers_replica``
+        (fault tolerance): keep the local steps since the last fetch apart, so ``fetched_params()`` can offer a
+        recovery the parameters as fetched (one more vector the size of the model)."""
         self.opts = opts
         self.schedule = opts.lr_schedule.with_lr(opts.lr)
         self.budget = budget
@@ -119,6 +121,8 @@ class DownpourWorker:
         self._warned = False
         self.sparse_block = int(opts.sparse_block)
         self.comm_thread = None
+        # own local steps since the fetch of base_version: params == fetched + since_fetch at every safe point
+        self.since_fetch = self.xp.zeros_like(net.params) if offers_replica else None
         why = None
         if overlap is None:
             overlap = overlap_mode(opts.overlap)
@@ -129,7 +133,8 @@ class DownpourWorker:
                 self.comm_thread = CommThread()
                 store.poll_s = _COMM_POLL_S  # the thread sleeps while its data travels, leaving the CPU to compute
                 self.fetch_buf = backend.staging_buffer(net.n_params, numpy.float32)  # the thread's fetches
-                self.since_fetch = self.xp.zeros_like(net.params)  # own local steps since the pending fetch left
+                if self.since_fetch is None:  # own local steps since the pending fetch left
+                    self.since_fetch = self.xp.zeros_like(net.params)
                 self._fetching = None  # Future of the fetch submitted at the last fetch point
                 self._pushing = None  # Future of the last push submitted
                 self._held = None  # 'push': a push prepared just before a fetch point, queued behind that fetch
@@ -151,6 +156,8 @@ class DownpourWorker:
         else:
             self.base_version = self.store.fetch(self.host)
             self.net.params[...] = self.backend.to_device(self.host)
+        if self.comm_thread is None and self.since_fetch is not None:
+            self.since_fetch[...] = 0
         if self.first_version < 0:
             self.first_version = self.base_version
         if self.budget is not None:
@@ -182,6 +189,15 @@ class DownpourWorker:
         self.since_fetch[...] = 0
         self._fetching = self.comm_thread.submit(self.store.fetch, self.fetch_buf)
 
+    def fetched_params(self) -> tuple:
+        """``(float32 host vector, version)``: the parameters as the last fetch brought them, without this replica's
+        local steps since (which it still pushes), so a shard restored from them counts no step twice.  Needs
+        ``offers_replica`` (or an overlap mode)."""
+        if self.since_fetch is None:
+            raise RuntimeError("fetched_params() needs DownpourWorker(..., offers_replica=True)")
+        fetched = self.backend.to_host(self.net.params - self.since_fetch)
+        return numpy.asarray(fetched, dtype=numpy.float32), self.base_version
+
     def step(self, xb, yb) -> bool:
         """Take one local step on a mini-batch; return False when the gradient was not finite (and skipped)."""
         opts, xp = self.opts, self.xp
@@ -202,7 +218,7 @@ class DownpourWorker:
                                 accrued=self.accrued if self.adagrad else None)
         if not self.adagrad:
             self.accrued -= self.lr * self.velocity
-        if self.comm_thread is not None:
+        if self.since_fetch is not None:
             self.since_fetch -= self.lr * self.velocity  # the local step just taken (sgd_update's params -= lr*v)
         self.compute_s += time.perf_counter() - t0
         self.loss_ewma = loss if self.loss_ewma is None else 0.95 * self.loss_ewma + 0.05 * loss
@@ -325,14 +341,15 @@ def worker_loop(plan, net, split, backend, store, board, worker, n_workers, star
     if plan.overlap_off_reason is not None:  # --overlap was asked for but cannot run here (RunPlan.overlap)
         warnings.warn(f"--overlap is off: {plan.overlap_off_reason}", RuntimeWarning, stacklevel=2)
     replica = DownpourWorker(opts, net, store, backend, seed=opts.seed + 2000 + worker + samples_done,
-                             budget=budget, start=start, samples_before=samples_before, overlap=plan.overlap)
+                             budget=budget, start=start, samples_before=samples_before, overlap=plan.overlap,
+                             offers_replica=guard is not None and guard.enabled)
     augment = make_augmenter(opts.augment, src, seed=opts.seed + 3000 + worker + samples_done)
     stop = StopRule(stop_opts, samples_per_epoch=len(y), start=start)
     samples = replica.resumed_samples = samples_done
     last_publish = 0.0
     warm = plan.warm_start_steps if worker == 0 else 0  # 0 for a resumed run (asyncsgd.plan.warm_start_steps)
-    if guard is not None:  # what a recovery needs from this worker: its replica, the freshest it has
-        guard.replica = lambda: (backend.to_host(net.params).astype(numpy.float32, copy=True), replica.base_version)
+    if guard is not None and guard.enabled:  # what a recovery needs from this worker: its last fetch
+        guard.replica = replica.fetched_params
     if worker != 0 and plan.warm_start_steps > 0:
         # DistBelief's warm start: one replica trains alone first; the others wait, sleeping, for its flag (a
         # recovery that loses that replica raises the flag: Recovery._move_rows)
