@@ -21,10 +21,13 @@ def open_store(comm, n_params: int, *, transport: str | None = None, **kwargs):
     """Return a ``ShardedParameters`` (``transport="rma"``) or a ``ServedParameters`` (``"messages"``).
 
     ``transport=None`` reads ``ASYNCSGD_STORE`` (unset: "rma").  Every rank of ``comm`` must pick the same one.
-    The other keyword arguments are those of ``ShardedParameters``.
+    The other keyword arguments are those of ``ShardedParameters``, plus ``fault_tolerant`` (the served store's
+    threads then serve on through a dead client).
     """
     chosen = transport if transport is not None else store_transport()
     if chosen not in TRANSPORTS:
         raise ValueError(f"transport={chosen!r} is not a store transport: use one of {', '.join(TRANSPORTS)}")
-    cls = ServedParameters if chosen == "messages" else ShardedParameters
-    return cls(comm, n_params, **kwargs)
+    if chosen == "messages":
+        return ServedParameters(comm, n_params, **kwargs)
+    kwargs.pop("fault_tolerant", None)  # the RMA store needs no switch: its windows are simply abandoned
+    return ShardedParameters(comm, n_params, **kwargs)

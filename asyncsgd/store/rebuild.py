@@ -1,4 +1,7 @@
-"""Re-host a ShardedParameters store on a shrunk communicator after a rank died (see asyncsgd.ulfm.primitives).
+"""Re-host a parameter store on a shrunk communicator after a rank died (see asyncsgd.ulfm.primitives): a
+``ShardedParameters`` (windows) or a ``ServedParameters`` (shards served by threads; built with
+``fault_tolerant=True`` its threads serve on through a dead client until the store is abandoned), rebuilt as the
+same kind.
 
 Open MPI documents one-sided windows as working only until the first failure, so the old store is abandoned, never
 used again nor freed (its free is collective over a communicator that holds a dead rank), and a new store with the
@@ -115,8 +118,10 @@ def rebuild(old_store: ShardedParameters, old_rank: int, new_comm, failed, *, ve
             recvs.append(new_comm.Irecv([initial[start:stop], MPI.FLOAT], source=source, tag=_TAG + shard))
     _wait(sends + recvs, timeout, "shard transfer")
     abandon(old_store)
-    store = ShardedParameters(new_comm, old_store.n_params, n_servers=n_servers, initial=initial,
-                              version=version_now)
+    # the same transport as before: windows (ShardedParameters) or served shards (ServedParameters)
+    extra = {"fault_tolerant": True} if getattr(old_store, "fault_tolerant", False) else {}
+    store = type(old_store)(new_comm, old_store.n_params, n_servers=n_servers, initial=initial,
+                            version=version_now, **extra)
     lost = version_now - replica_version if restored else 0
     return Rebuilt(store=store, version_base=version_now, lost_pushes=lost, restored=restored,
                    replica_rank=replica_rank)

@@ -42,6 +42,17 @@ _SWITCH_INTERVAL = 0.0005
 _JOIN_TIMEOUT = 10.0                    # s to wait for a stopping server thread
 
 
+# MPI error classes of a dead rank (ULFM); a failed reply send is dropped with its request
+_FAILED = (MPI.ERR_PROC_FAILED, MPI.ERR_PROC_FAILED_PENDING, MPI.ERR_REVOKED)
+
+
+def _failed_request(request) -> bool:
+    try:
+        return bool(request.Test())  # done: nothing left to keep
+    except MPI.Exception:
+        return True
+
+
 class _Counters:
     """The ``VersionCounter`` interface (``start``, ``land``, ``started``, ``landed``) served by rank ``root``."""
 
@@ -77,7 +88,8 @@ class _ShardServer:
     request before sleeping again, and ends on ``stop()``.
     """
 
-    def __init__(self, requests, replies, shard: numpy.ndarray, counters, *, interval: float = 0.001):
+    def __init__(self, requests, replies, shard: numpy.ndarray, counters, *, interval: float = 0.001,
+                 fault_tolerant: bool = False):
         self._requests, self._replies = requests, replies
         self.shard = shard
         self.counters = counters            # numpy int64 [2] on the counters' rank, else None
@@ -88,6 +100,8 @@ class _ShardServer:
         self._saved_switch = None
         self.failed = None                  # the exception that ended the thread, if any
         self._sending = []                  # (request, buffer) of replies on their way
+        self.fault_tolerant = fault_tolerant  # run through a dead client (ULFM) instead of stopping
+        self.dead_seen = False
 
     def start(self) -> "_ShardServer":
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
@@ -119,18 +133,34 @@ class _ShardServer:
         header = numpy.zeros(_HEADER, numpy.int64)
         try:
             while not self._stopping.is_set():
-                self._reap()
-                if not self._requests.Iprobe(MPI.ANY_SOURCE, _REQUEST, status):
-                    self._stopping.wait(self._interval)
-                    continue
-                source = status.Get_source()
-                self._requests.Recv([header, MPI.INT64_T], source=source, tag=_REQUEST)
-                self._serve(source, *(int(v) for v in header))
-                self.served += 1
-            MPI.Request.Waitall([r for r, _ in self._sending])
-        except Exception as exc:  # noqa: BLE001 - a rank died (ULFM) or a bug: say so, the clients cannot know
+                try:
+                    self._reap()
+                    if not self._requests.Iprobe(MPI.ANY_SOURCE, _REQUEST, status):
+                        self._stopping.wait(self._interval)
+                        continue
+                    source = status.Get_source()
+                    self._requests.Recv([header, MPI.INT64_T], source=source, tag=_REQUEST)
+                    self._serve(source, *(int(v) for v in header))
+                    self.served += 1
+                except MPI.Exception as exc:
+                    if not self._run_through(exc):
+                        raise
+            if not self._stopping.is_set() or not self.dead_seen:
+                MPI.Request.Waitall([r for r, _ in self._sending])
+        except Exception as exc:  # noqa: BLE001 - a bug, or a dead rank without fault tolerance: say so
             self.failed = exc
             sys.stderr.write(f"asyncsgd: shard server thread stopped: {exc!r}\n")
+
+    def _run_through(self, exc) -> bool:
+        """A client died (ULFM, fault tolerance on): forget what it sent or is owed and serve the others until the
+        recovery abandons this store.  Return False when ``exc`` is no such failure (the thread then stops)."""
+        if not self.fault_tolerant or exc.Get_error_class() not in _FAILED:
+            return False
+        self.dead_seen = True
+        # An ANY_SOURCE probe raises until the failure is acknowledged; replies to the dead rank never complete.
+        self._requests.Ack_failed()
+        self._sending = [(r, b) for r, b in self._sending if not _failed_request(r)]
+        return True
 
     def _reply(self, buf, datatype, dest: int):
         """Send a reply without waiting for it to leave: over TCP a blocking Send waits until the client's process
@@ -178,7 +208,9 @@ class ServedParameters(ParameterStore):
     _NAME = "ServedParameters"
 
     def __init__(self, comm, n_params: int, *, n_servers: int = 1, initial=None, adagrad: bool = False,
-                 version: int = 0):
+                 version: int = 0, fault_tolerant: bool = False):
+        # fault_tolerant (ULFM): a server thread serves on when a client dies, until the store is abandoned
+        self.fault_tolerant = bool(fault_tolerant)
         if adagrad:
             raise ValueError("adagrad=True needs the RMA store: use transport='rma' (ASYNCSGD_STORE=rma)")
         if isinstance(version, bool) or not isinstance(version, (int, numpy.integer)) or version < 0:
@@ -192,7 +224,8 @@ class ServedParameters(ParameterStore):
         rank = self._comm.rank
         if shard is not None:               # this rank's _ShardServer is its ``_progress`` thread
             counters = numpy.full(2, int(version), numpy.int64) if rank == 0 else None
-            self._progress = _ShardServer(self._requests, self._replies, shard, counters).start()
+            self._progress = _ShardServer(self._requests, self._replies, shard, counters,
+                                          fault_tolerant=self.fault_tolerant).start()
         self._counter = _Counters(self)
         polled_barrier(self._comm)          # every server listens before anyone asks
 

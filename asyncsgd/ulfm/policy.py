@@ -42,15 +42,10 @@ def resolve(setting: str, optimizer: str = "sgd", environ=None, *, store: str = 
     """Whether a run with ``fault_tolerance=setting`` runs through dead ranks.
 
     'off': never; 'on': always (ValueError when ``require_ulfm`` refuses); 'auto': when ULFM is on and the optimizer
-    is SGD (an Adagrad run keeps ending the job, as without ULFM).  ``store`` is Downpour's store transport: the
-    served store ("messages") has no rebuild after a death, so 'on' is refused with it and 'auto' is off.
+    is SGD (an Adagrad run keeps ending the job, as without ULFM).  ``store`` is Downpour's store transport; both
+    the RMA store and the served one ("messages", the store between hosts under Open MPI) are rebuilt after a death.
     """
     if setting == "off":
-        return False
-    if store == "messages":
-        if setting == "on":
-            raise ValueError("on does not work with ASYNCSGD_STORE=messages (the served store is not rebuilt after a "
-                             "death); unset it or use --fault-tolerance auto/off")
         return False
     if setting == "on":
         require_ulfm(optimizer, environ)

@@ -27,8 +27,9 @@ from mpi4py import MPI
 
 __all__ = ["StuckCallGuard", "RMA_FILES"]
 
-# The modules whose functions make the one-sided calls that take osc/sm's lock (path endings).
-RMA_FILES = (os.path.join("store", "sharded.py"), os.path.join("rma", "counter.py"),
+# The modules whose functions make the store's calls: the one-sided ones that take osc/sm's lock, and the served
+# store's waits for a reply (path endings).
+RMA_FILES = (os.path.join("store", "sharded.py"), os.path.join("store", "served.py"), os.path.join("rma", "counter.py"),
              os.path.join("rma", "board.py"), os.path.join("rma", "heartbeats.py"))
 _SAMPLE_S = 1.0
 

@@ -121,12 +121,15 @@ def test_cpu_kernels_switch_is_checked_before_work(n, mode, tmp_path):
     assert "Traceback" not in proc.stdout and not (tmp_path / "run").exists()
 
 
-def test_fault_tolerance_is_off_with_the_served_store():
+def test_fault_tolerance_works_with_the_served_store():
     from asyncsgd.ulfm import policy as ft
     on_ulfm = {ft.FT_ENV: "1"}
-    assert not ft.resolve("auto", environ=on_ulfm, store="messages")
-    with pytest.raises(ValueError, match="ASYNCSGD_STORE=messages"):
-        ft.resolve("on", environ=on_ulfm, store="messages")
+    # the same decision as with the RMA store (True under Open MPI with ULFM, False under MPICH)
+    assert ft.resolve("auto", environ=on_ulfm, store="messages") == ft.resolve("auto", environ=on_ulfm, store="rma")
+    assert ft.resolve("auto", environ=on_ulfm, store="messages") == ft.ulfm_enabled(on_ulfm)
+    assert not ft.resolve("auto", environ={}, store="messages")
+    if ft.ulfm_enabled(on_ulfm):
+        assert ft.resolve("on", environ=on_ulfm, store="messages")
 
 
 @pytest.mark.parametrize("args, needle", [

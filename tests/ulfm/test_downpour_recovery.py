@@ -104,10 +104,17 @@ def test_launch_adds_with_ft():
 
 # ---------------------------------------------------------------- Open MPI: runs through
 
+# The served store (ASYNCSGD_STORE=messages: Open MPI between hosts) is rebuilt too: its server threads serve on
+# through a dead client, and the rebuild makes a served store again.
+STORES = pytest.mark.parametrize("store", ["rma", "messages"])
+
+
 @pytest.mark.slow
-def test_worker_killed_mid_run(tmp_path):
+@STORES
+def test_worker_killed_mid_run(tmp_path, store):
     require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "12", "--kill-ranks", "3:3"])
+    rc, out, summary, records = _train(tmp_path, 4, ["--time-limit", "12", "--kill-ranks", "3:3"],
+                                       env={"ASYNCSGD_STORE": store})
     _check_run_through(rc, out, summary, records, [3])
     lost = summary["lost_workers"][0]
     assert lost["worker"] == 2 and lost["killed_at"] == 3.0 and lost["time"] >= 3.0
@@ -157,9 +164,11 @@ def test_two_workers_killed(tmp_path):
 
 
 @pytest.mark.slow
-def test_server_rank_1_killed(tmp_path):
+@STORES
+def test_server_rank_1_killed(tmp_path, store):
     require_ulfm()
-    rc, out, summary, records = _train(tmp_path, 5, ["--servers", "2", "--time-limit", "8", "--kill-ranks", "1:3"])
+    rc, out, summary, records = _train(tmp_path, 5, ["--servers", "2", "--time-limit", "8", "--kill-ranks", "1:3"],
+                                       env={"ASYNCSGD_STORE": store})
     assert rc == 0, out[-4000:]
     (lost,) = summary["lost_servers"]
     assert lost["rank"] == 1 and lost["now_hosted_by"] == 2, lost

@@ -42,10 +42,12 @@ final push is made inline after everything submitted has landed, so the store en
 """
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 
 import numpy
+from mpi4py import MPI
 
 from asyncsgd.data import BatchStream
 from asyncsgd.data.augment import make_augmenter
@@ -121,6 +123,8 @@ class DownpourWorker:
         self._warned = False
         self.sparse_block = int(opts.sparse_block)
         self.comm_thread = None
+        self.pushing = False
+        self.dropped_pushes = 0
         # own local steps since the fetch of base_version: params == fetched + since_fetch at every safe point
         self.since_fetch = self.xp.zeros_like(net.params) if offers_replica else None
         why = None
@@ -231,6 +235,7 @@ class DownpourWorker:
         sum densely, so nothing held back by error feedback is lost when the worker returns.
         """
         fault_point("push")
+        self.pushing = True  # until the accrual is handed over: a failure in between leaves it True
         opts = self.opts
         inline = self.comm_thread is None or final
         if self.comm_thread is not None:
@@ -281,6 +286,14 @@ class DownpourWorker:
                 self.since_fetch[...] = 0  # the next fetch will hold these steps
         self.accrued[...] = 0
         self.pushes += 1
+        self.pushing = False
+
+    def drop_accrual(self):
+        """Forget the accrual of a push that a dead rank cut short (fault tolerance): pushed again, the part that
+        reached the surviving shards would count twice."""
+        self.accrued[...] = 0
+        self.pushing = False
+        self.dropped_pushes += 1
 
     def _count_tau(self, tau: int):
         self.staleness_sum += tau
@@ -362,14 +375,27 @@ def worker_loop(plan, net, split, backend, store, board, worker, n_workers, star
                 worker, n_workers, stream, stop = share
     promoted = guard is not None and guard.role.kind == "server"  # while waiting: now hosts a dead server's shard
     for xb, yb in (() if promoted else stream):
-        if replica.steps % opts.n_fetch == 0:
-            replica.fetch()
-        replica.step(augment(xb), yb)
-        replica.steps += 1
-        samples += len(yb)
-        if replica.steps % opts.n_push == 0:
-            replica.push()
-        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+        try:
+            if replica.steps % opts.n_fetch == 0:
+                replica.fetch()
+            replica.step(augment(xb), yb)
+            replica.steps += 1
+            samples += len(yb)
+            if replica.steps % opts.n_push == 0:
+                replica.push()
+            recovered = guard is not None and guard.check()  # a safe point (fault tolerance)
+        except MPI.Exception as exc:
+            # a store call that met a dead rank (a server on another host: osc/rdma reports it) recovers like a
+            # safe point; a push cut short is dropped, never pushed again (its shards before the dead one have it)
+            if guard is None or not guard.is_failure(exc):
+                raise
+            if replica.pushing:
+                replica.drop_accrual()
+                sys.stdout.write(f"asyncsgd: worker {worker}: a push cut short by a dead rank is dropped\n")
+                sys.stdout.flush()
+            guard.recover()
+            recovered = True
+        if recovered:  # a rank died, state rebuilt
             board, share = _rejoin(guard, replica, opts, stop_opts, split, start, samples)
             if share is None:
                 break  # this worker now hosts a dead server's shard
