@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 
-__all__ = ["SlurmCluster", "slurm_unavailable", "SLURM_PACKAGES"]
+__all__ = ["SlurmCluster", "slurm_unavailable", "write_fake_gpus", "SLURM_PACKAGES"]
 
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 _PROGRAMS = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "munged")
@@ -73,6 +73,21 @@ def _die_with_parent() -> None:
     (SIGKILL, no finally blocks) leaves no daemon behind."""
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def write_fake_gpus(folder: str, gpus: int) -> None:
+    """Write ``folder``/gres.conf declaring ``gpus`` device-less 'gpu' resources (every node may share the file).
+
+    SLURM drops GPUs without device files, and wants character devices: links to /dev/null stand in.  A job then
+    gets CUDA_VISIBLE_DEVICES set as on a GPU node, but no GPU behind it.
+    """
+    os.makedirs(os.path.join(folder, "dev"), exist_ok=True)
+    for i in range(gpus):
+        link = os.path.join(folder, "dev", f"fakegpu{i}")
+        if not os.path.lexists(link):
+            os.symlink("/dev/null", link)
+    with open(os.path.join(folder, "gres.conf"), "w") as f:
+        f.write(f"Name=gpu File={folder}/dev/fakegpu[0-{gpus - 1}]\n" if gpus else "")
 
 
 def _free_port() -> int:
@@ -253,15 +268,7 @@ class SlurmCluster:
         ]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
-        # SLURM drops GPUs without device files, and wants character devices: links to /dev/null stand in.
-        # A job then gets CUDA_VISIBLE_DEVICES set as on a GPU node, but no GPU behind it.
-        os.makedirs(os.path.join(d, "dev"), exist_ok=True)
-        for i in range(self.gpus):
-            link = os.path.join(d, "dev", f"fakegpu{i}")
-            if not os.path.lexists(link):
-                os.symlink("/dev/null", link)
-        with open(os.path.join(d, "gres.conf"), "w") as f:
-            f.write(f"Name=gpu File={d}/dev/fakegpu[0-{self.gpus - 1}]\n" if self.gpus else "")
+        write_fake_gpus(d, self.gpus)
         open(os.path.join(d, "plugstack.conf"), "w").close()
 
     def _wait_node_ready(self, timeout: float) -> None:

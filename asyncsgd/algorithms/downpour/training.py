@@ -3,6 +3,7 @@ parameter store and job board set up, the warm start and the loops of ``worker``
 summary built on rank 0, the store freed together (or run through a failure by ``recovery``)."""
 from __future__ import annotations
 
+import socket
 import time
 
 from asyncsgd.algorithms.common import TrainingSplit, options_as_trained, schedule_budget
@@ -48,8 +49,11 @@ def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name=
     # epochs count the training rows over all workers; steps are per worker (as StopRule counts them)
     schedule, budget = schedule_budget(opts, stop_opts, n_train=split.n_train, workers=n_workers)
     fault_tolerant = plan.fault_tolerant
+    # each rank's host, index = rank, for the summary (are the servers on different nodes?): gathered once here,
+    # while every rank is sure to be alive, never on a path that handles a failure
+    hosts = comm.gather(socket.gethostname(), root=0)
     store = open_store(comm, init.n_params, transport=plan.store, n_servers=n_servers, initial=initial,
-                       adagrad=opts.optimizer == "adagrad")
+                       adagrad=opts.optimizer == "adagrad", fault_tolerant=fault_tolerant)
     board = JobBoard(comm, n_workers)
     # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
     # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.
@@ -103,6 +107,7 @@ def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name=
                 # the warm start as it happened: worker 0 alone for these steps, then each worker's first fetch
                 "warm_start_steps": int(plan.warm_start_steps),
                 "first_fetch_versions": [int(s["first_version"]) for s in stats],
+                "hosts": hosts,
             }, params)
             if opts.optimizer == "adagrad":
                 result["adagrad_sums"] = store.adagrad_sums()
