@@ -221,7 +221,7 @@ def train_mode(mode, model, data, options=None, stop=None, *, comm=None, device=
     watchdog = None
     if run.comm is not None:
         from asyncsgd.runtime.watchdog import Watchdog
-        watchdog = Watchdog(run.comm, fault_tolerant=run.plan.fault_tolerant)
+        watchdog = Watchdog(run.comm, fault_tolerant=run.plan.fault_tolerant, stop_file=run.plan.stop.stop_file)
     try:
         result = run.execute(reporter)
     finally:

@@ -69,6 +69,15 @@ def _nonneg_float(s):
     return v
 
 
+def _stop_file(s):
+    """--stop-file: a file path in a folder that exists (asyncsgd.runtime.stop_request)."""
+    from asyncsgd.runtime.stop_request import stop_file_problem
+    problem = stop_file_problem(s)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return s
+
+
 def _rank_map(spec: str, flag: str, value_name: str, valid, bound: str) -> dict:
     """Parse ``RANK:VALUE[,RANK:VALUE]`` into {rank: value}: ranks >= 0, ``valid(value)``.  Whether a rank is in the
     job is the plan's rule (asyncsgd.plan.ranks_in_job), checked once the job's size is known."""
@@ -190,6 +199,11 @@ _OPTIONS = [
     (("--checkpoint",), dict(default=None, help="checkpoint file (default: next to --model-out or runs/)")),
     (("--checkpoint-every",), dict(type=_positive_float, default=None, help="seconds between checkpoints")),
     (("--resume",), dict(default=None, help="checkpoint file to continue from, or 'auto' (the --checkpoint file)")),
+    (("--stop-file",), dict(type=_stop_file, default=None,
+                            help="downpour: end the run cleanly once this file exists (or on SIGTERM): the workers "
+                                 "end their step, rank 0 writes the checkpoint, the summary says stop_reason "
+                                 "'preempted' and --resume auto continues; jobs/*.sh create it before SLURM's "
+                                 "time limit (needs --checkpoint)")),
     (("--progress",), dict(choices=("auto", "bar", "lines", "none"), default="auto",
                            help="progress display on rank 0: a live line on a terminal, plain lines otherwise")),
     (("--config",), dict(default=None, help="TOML file of options; the command line overrides it")),
@@ -269,7 +283,7 @@ def to_options(cfg):
     _check_flags_apply(cfg)
     try:
         stop = Stop(epochs=cfg.epochs, steps=cfg.steps, time_limit=cfg.time_limit,
-                    target_accuracy=cfg.target_accuracy, patience=cfg.patience)
+                    target_accuracy=cfg.target_accuracy, patience=cfg.patience, stop_file=cfg.stop_file)
         checkpoint = None
         if cfg.checkpoint is not None or cfg.checkpoint_every is not None or cfg.resume is not None:
             checkpoint = CheckpointOptions(path=cfg.checkpoint, every=cfg.checkpoint_every, resume=cfg.resume)

@@ -150,13 +150,17 @@ class Stop:
     validation split); ``steps`` mini-batch steps per worker; ``time_limit`` seconds; ``target_accuracy`` in (0, 1]:
     the validation accuracy when a validation split is held out (test accuracy otherwise, and in Sandblaster);
     ``patience``: stop after this many evaluations in a row without a better validation accuracy (SGD modes with a
-    validation split; None: never).
+    validation split; None: never).  ``stop_file`` (Downpour, with a checkpoint): a file whose appearance ends the
+    run cleanly, or a SIGTERM to its ranks: the workers end their step, rank 0 writes the checkpoint and the summary
+    says ``stop_reason`` 'preempted' (asyncsgd.runtime.stop_request; the job scripts create it before SLURM's time
+    limit and requeue the job, which resumes).
     """
     epochs: float | None = None
     steps: int | None = None
     time_limit: float | None = None
     target_accuracy: float | None = None
     patience: int | None = None
+    stop_file: str | None = None
 
     def __post_init__(self):
         _real(self, "epochs", lo=0, lo_open=True, optional=True)
@@ -164,6 +168,8 @@ class Stop:
         _real(self, "time_limit", lo=0, lo_open=True, optional=True)
         _real(self, "target_accuracy", lo=0, lo_open=True, hi=1, optional=True)
         _int(self, "patience", 1, optional=True)
+        if self.stop_file is not None and (not isinstance(self.stop_file, str) or not self.stop_file):
+            raise OptionError("stop_file", f"must be a file path or None, got {self.stop_file!r}")
 
     def is_set(self) -> bool:
         """True when a limit on the run's length or a target is given (patience alone does not end a run in time)."""

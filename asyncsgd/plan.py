@@ -171,7 +171,8 @@ def check_inputs(mode, options, stop, checkpoint):
     """The types of a run's inputs and the rules between them; return ``(options, stop)`` (None: the defaults).
 
     ValueError for an unknown mode, TypeError for options of another mode, OptionError for a rule between option
-    sets (checkpoints outside the resumable modes; patience without a validation split)."""
+    sets (checkpoints outside the resumable modes; patience without a validation split; a stop file outside
+    Downpour or without a checkpoint)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     cls = OPTIONS[mode]
@@ -189,6 +190,14 @@ def check_inputs(mode, options, stop, checkpoint):
         raise OptionError("checkpoint", f"works with --mode downpour, sync and serial, not {mode}")
     if stop.patience is not None and (mode == "sandblaster" or options.validation == 0):
         raise OptionError("patience", "needs a validation split (validation > 0; modes serial, sync, downpour)")
+    if stop.stop_file is not None:  # asyncsgd.runtime.stop_request: Downpour's monitor loop polls it
+        if mode != "downpour":
+            raise OptionError("stop_file", f"applies to --mode downpour only; --mode {mode} runs to its limits "
+                                           f"(jobs/README.md, 'Time limits and requeue')")
+        # a checkpoint file is written exactly when asyncsgd.algorithms.resume.checkpoint_path names one
+        if checkpoint is None or (checkpoint.path is None and checkpoint.every is None and checkpoint.resume != "auto"):
+            raise OptionError("stop_file", "needs a checkpoint to stop into: give --checkpoint FILE (and "
+                                           "--resume auto, so that the next run continues from it)")
     return options, stop
 
 

@@ -220,7 +220,7 @@ def _run_distributed(cfg, opts) -> int:
     # An exception on this rank, anywhere below, prints its rank-tagged traceback once and aborts every rank at
     # once (docs/FAILURES.md); on the way out nothing collective runs (the Watchdog is a WindowOwner), only the
     # reporter's file is closed.
-    with abort_on_error(comm), Watchdog(comm, fault_tolerant=run.plan.fault_tolerant):
+    with abort_on_error(comm), Watchdog(comm, fault_tolerant=run.plan.fault_tolerant, stop_file=run.plan.stop.stop_file):
         reporter = Reporter(cfg.log, progress=cfg.progress, append=run.resume is not None) if rank == 0 else None
         try:
             result = run.execute(reporter, config=config_to_dict(cfg))

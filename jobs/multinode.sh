@@ -16,6 +16,8 @@
 #SBATCH --ntasks-per-node=6
 #SBATCH --cpus-per-task=1
 #SBATCH --time=01:00:00
+#SBATCH --signal=B:USR1@60
+#SBATCH --requeue
 set -euo pipefail
 
 PY="${ASYNCSGD_PYTHON:-python3}"
@@ -33,15 +35,65 @@ launch() {
     case "${LAUNCHER:-srun}" in
         srun) srun --mpi="${SRUN_MPI:-pmi2}" --distribution=cyclic "$@" ;;
         mpirun) read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
+                # Round-robin over the nodes like srun's cyclic distribution, so the servers (ranks 0..nodes-1) are
+                # on different nodes: mpirun's default fills one node first.  A placement in MPIRUN_ARGS wins.
+                CYCLIC=()
+                case " ${MPIRUN_ARGS:-} " in
+                    *" --map-by"*|*" -ppn "*|*" --rankfile"*|*" -rankmap "*|*" -perhost "*) ;;
+                    *) if "$PY" -c 'import sys; from asyncsgd.testing.launch import mpi_flavour
+sys.exit(mpi_flavour() != "openmpi")'; then CYCLIC=(--map-by node); else CYCLIC=(-ppn 1); fi ;;
+                esac
                 "${MPIEXEC:-$("$PY" -c 'from asyncsgd.testing.launch import mpiexec_path; print(mpiexec_path())')}" \
-                    -n "$SLURM_NTASKS" "${MPIRUN_EXTRA[@]}" "$@" ;;
+                    -n "$SLURM_NTASKS" "${CYCLIC[@]}" "${MPIRUN_EXTRA[@]}" "$@" ;;
         *) echo "LAUNCHER must be srun or mpirun, got '${LAUNCHER}'" >&2; exit 2 ;;
     esac
+}
+
+# Time limits (jobs/README.md, "Time limits and requeue").  SLURM's warning before the limit (--signal=B:USR1@60,
+# sent to this shell only) or a SIGTERM to this shell (scancel, preemption) creates the stop file; rank 0 sees it,
+# every worker ends its step, rank 0 writes the checkpoint and the trainer exits 0 with "stop_reason": "preempted"
+# in the summary.  After the warning the job requeues itself (same job id, same run folder) and the next run
+# continues from the checkpoint (--resume auto), its epoch budget counted across the jobs; after a SIGTERM it only
+# stops (submit again with the same ASYNCSGD_RUN_DIR to continue).  The trainer runs in the background so that the
+# traps run at once (bash defers them while a foreground command runs).
+STOP_FILE="$RUN_DIR/stop-request"
+rm -f "$STOP_FILE"
+STOP_SIGNAL=""
+stop_training() {
+    STOP_SIGNAL="$1"
+    : > "$STOP_FILE"
+    echo "asyncsgd: SIG$1 received: the trainer stops at its next step and writes the checkpoint" >&2
+}
+trap 'stop_training USR1' USR1
+trap 'stop_training TERM' TERM
+# Wait for the trainer: a trap interrupts `wait`, which is then called again; return the trainer's exit status.
+wait_trainer() {
+    local status=0
+    while :; do
+        wait "$1" && status=0 || status=$?
+        kill -0 "$1" 2>/dev/null || return "$status"  # ended, not only interrupted by a trap
+    done
+}
+# Requeue after a warned stop that made progress (so a job warned at its start cannot requeue forever).
+requeue_if_preempted() {
+    [ "$STOP_SIGNAL" = USR1 ] || return 0
+    "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); sys.exit(0 if s.get("stop_reason") == "preempted"
+and s.get("samples", 0) > s.get("resumed_samples", 0) else 1)' "$RUN_DIR/summary.json" 2>/dev/null || return 0
+    echo "asyncsgd: checkpoint $RUN_DIR/checkpoint.h5 written before the time limit; requeueing job" \
+         "${SLURM_JOB_ID:-?} to continue from it (--resume auto)"
+    scontrol requeue "${SLURM_JOB_ID}" || echo "asyncsgd: scontrol requeue failed: submit the job again with" \
+         "ASYNCSGD_RUN_DIR=$RUN_DIR to continue" >&2
 }
 
 echo "asyncsgd downpour (multi-node):" \
      "job ${SLURM_JOB_ID:-?} on ${NODES} node(s) ${SLURM_JOB_NODELIST:-?}:" \
      "${SLURM_NTASKS:-?} tasks x ${THREADS} cpus, ${SERVERS} server rank(s), outputs in ${RUN_DIR}"
-launch "$PY" -m asyncsgd.train --mode downpour --servers "$SERVERS" --device "${ASYNCSGD_DEVICE:-cpu}" \
-    --log "$RUN_DIR/metrics.jsonl" --summary-json "$RUN_DIR/summary.json" --model-out "$RUN_DIR/model.h5" \
-    --checkpoint "$RUN_DIR/checkpoint.h5" "${EXTRA[@]}" "$@"
+( trap : TERM  # a SIGTERM to the whole batch step (scancel) does not end the launcher: the ranks get their own
+  launch "$PY" -m asyncsgd.train --mode downpour --servers "$SERVERS" --device "${ASYNCSGD_DEVICE:-cpu}" \
+      --log "$RUN_DIR/metrics.jsonl" --summary-json "$RUN_DIR/summary.json" --model-out "$RUN_DIR/model.h5" \
+      --checkpoint "$RUN_DIR/checkpoint.h5" --resume auto --stop-file "$STOP_FILE" "${EXTRA[@]}" "$@" ) &
+STATUS=0
+wait_trainer $! || STATUS=$?
+rm -f "$STOP_FILE"
+[ "$STATUS" -ne 0 ] || requeue_if_preempted
+exit "$STATUS"

@@ -32,6 +32,11 @@ launch() {
     esac
 }
 
+# Time limits (jobs/README.md, "Time limits and requeue"): Sandblaster writes no checkpoints, so SLURM's warning
+# before the limit (--signal=B:USR1@60) only says so here, instead of ending this shell (USR1's default action);
+# the run ends at the limit.  Give the job a --time its --max-iter fits in.
+trap 'echo "asyncsgd: SIGUSR1 received (time limit near): sandblaster writes no checkpoints; it runs on" >&2' USR1
+
 echo "asyncsgd sandblaster: job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}:" \
      "${SLURM_NTASKS:-?} tasks x ${THREADS} cpus, outputs in ${RUN_DIR}"
 launch "$PY" -m asyncsgd.train --mode sandblaster --model logreg --device "${ASYNCSGD_DEVICE:-cpu}" \

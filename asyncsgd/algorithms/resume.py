@@ -7,7 +7,10 @@ What each mode keeps (all in one ``asyncsgd.io.checkpoint`` file, written atomic
   Worker momentum is not kept: replicas restart it from zero, as after any fetch of DistBelief's Downpour.
 
 Resuming continues the epoch and step budgets from the saved position, with the shuffling re-seeded from it, so a
-run killed and resumed trains on as many samples as one that was never interrupted.
+run killed and resumed trains on as many samples as one that was never interrupted.  (Downpour's ``--steps`` count
+each job's steps again; its ``--epochs`` carry over.)  A Downpour run stopped on purpose (``--stop-file``, a job
+near its time limit: asyncsgd.runtime.stop_request) writes its final checkpoint like a finished one, with
+``stop_reason`` 'preempted' in the summary; ``--resume auto`` continues it.
 """
 from __future__ import annotations
 

@@ -16,6 +16,13 @@ dead or silent rank to the run-through path instead of aborting: a silent peer o
 ULFM then reports as a failure to the trainer's safe points; a dead peer stops the heartbeat thread quietly (its
 communicator holds a dead rank from then on, and the trainer's own heartbeats on the shrunk communicator take over);
 ``stop()`` then frees nothing.
+
+A SIGTERM is also how SLURM ends a job (``scancel``, the time limit, preemption: SIGKILL follows ``KillWait`` seconds
+later).  When the run has a stop file (``--stop-file``, asyncsgd.runtime.stop_request) and no peer on this host is
+gone, a SIGTERM is taken as a stop request instead: rank 0 hands it to the run's active request (or, before its
+monitor loop runs, creates the stop file), and a rank given ``stop_file`` ignores it and trains on until rank 0's stop
+flag ends its step.  SIGUSR1 keeps its one meaning (MPICH's launcher: a peer died); SLURM's time-limit warning
+(``--signal=B:USR1@60``) goes to the batch shell, which creates the stop file (jobs/*.sh).
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from asyncsgd.rma.owner import WindowOwner
 from asyncsgd.runtime.env import heartbeat_timeout
 from asyncsgd.runtime.faults import fault_point
 from asyncsgd.runtime.mpi import abort_job
+from asyncsgd.runtime import stop_request
 from asyncsgd.ulfm.primitives import RankFailure, failed_ranks, is_failure, safe_point
 from asyncsgd.ulfm.processes import kill_local_process, starved
 
@@ -50,8 +58,9 @@ class Watchdog(WindowOwner):
     """
 
     def __init__(self, comm, *, interval: float = 1.0, timeout: float | None = None, stream=None,
-                 fault_tolerant: bool = False):
+                 fault_tolerant: bool = False, stop_file: str | None = None):
         self.comm = comm.Dup()
+        self.stop_file = stop_file  # the run's --stop-file: a SIGTERM with no local peer gone is a stop request
         self.fault_tolerant = bool(fault_tolerant)
         self.peer_failed = False  # fault tolerance: the thread saw a dead rank and stopped
         self._own(self.comm)
@@ -80,6 +89,8 @@ class Watchdog(WindowOwner):
         if size > 1 and rank == 0 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 self._previous_handlers[sig] = signal.signal(sig, self._on_launcher_signal)
+        elif size > 1 and stop_file and threading.current_thread() is threading.main_thread():
+            self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_stop_signal)
 
     def describe(self, rank: int) -> str:
         pid, host = self.peers_info[rank]
@@ -144,7 +155,7 @@ class Watchdog(WindowOwner):
         self.stream.flush()
         return True
 
-    def _on_launcher_signal(self, signum, frame):
+    def _local_peers_gone(self) -> list:
         gone = []
         here = socket.gethostname()
         for r, (pid, host) in enumerate(self.peers_info):
@@ -154,6 +165,32 @@ class Watchdog(WindowOwner):
                 os.kill(pid, 0)
             except ProcessLookupError:
                 gone.append(r)
+        return gone
+
+    def _note(self, text: str):
+        """A line on stderr from a signal handler (os.write: the stream may be in the middle of a write)."""
+        os.write(2, f"asyncsgd: {text}\n".encode())
+
+    def _on_stop_signal(self, signum, frame):
+        """A rank other than 0 with a stop file: SIGTERM is a stop request unless a peer here died (then it ends
+        this rank, as SIGTERM's default would)."""
+        if self._local_peers_gone():
+            os._exit(128 + signum)
+        self._note(f"{self.describe(self.comm.rank)}: SIGTERM taken as a stop request (--stop-file): training "
+                   f"on until rank 0 stops the run")
+
+    def _on_launcher_signal(self, signum, frame):
+        gone = self._local_peers_gone()
+        request = stop_request.active()
+        if not gone and signum == signal.SIGTERM and (request is not None or self.stop_file):
+            if request is not None:
+                request.signalled(signal.Signals(signum).name)
+            else:  # before rank 0's monitor loop runs: it finds the file when it starts
+                with open(self.stop_file, "a"):
+                    pass
+            self._note(f"SIGTERM taken as a stop request: every worker ends its step, then rank 0 writes the "
+                       f"checkpoint")
+            return
         if gone:
             self._say(", ".join(self.describe(r) for r in gone) + " died; the launcher is ending the job")
         else:
