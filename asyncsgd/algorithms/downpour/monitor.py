@@ -1,16 +1,19 @@
 """Rank 0 in a Downpour run: score a snapshot of the store every ``eval_every`` seconds (validation and test),
-report it, write checkpoints, raise the job board's stop flag on a target or patience, and make the evaluation
-records the summary is built from.  Rank 0 reads the workers only through the board's rows (one-sided), so it never
-slows them."""
+report it, write checkpoints, raise the job board's stop flag on a target, patience or a stop request (``--stop-file``
+or a SIGTERM: asyncsgd.runtime.stop_request), and make the evaluation records the summary is built from.  Rank 0
+reads the workers only through the board's rows (one-sided), so it never slows them."""
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy
+from mpi4py import MPI
 
 from asyncsgd.algorithms.common import Evaluations, StopRule
 from asyncsgd.algorithms.downpour.worker import global_fraction
 from asyncsgd.rma.board import FLAG_STOP
+from asyncsgd.runtime.stop_request import PREEMPTED, StopRequest, activated
 
 __all__ = ["monitor_loop", "checkpoint", "evaluation_record", "percentile_from_hist"]
 
@@ -18,7 +21,22 @@ __all__ = ["monitor_loop", "checkpoint", "evaluation_record", "percentile_from_h
 def monitor_loop(opts, stop_opts, eval_net, split, backend, store, board, n_workers, reporter, start, checkpointer,
                   budget=None, samples_before=0, guard=None):
     """Rank 0: evaluate every eval_every seconds, report, checkpoint, raise the stop flag; return the final record
-    and the Evaluations (its tracker holds the best model)."""
+    and the Evaluations (its tracker holds the best model).
+
+    With ``stop_opts.stop_file`` a stop request (the file appears, or a SIGTERM reaches this rank: the watchdog
+    hands it to the active request) raises the stop flag; the workers end their step and report done, and the
+    record's ``stop_reason`` is 'preempted' (the caller then writes the final checkpoint)."""
+    stop_file = getattr(stop_opts, "stop_file", None)
+    with activated(StopRequest(stop_file) if stop_file else None) as request:
+        result = _monitor(opts, stop_opts, eval_net, split, backend, store, board, reporter, start, checkpointer,
+                          budget, samples_before, guard, request)
+    if result[0]["stop_reason"] == PREEMPTED:
+        request.clear()  # honoured: a resumed run with the same --stop-file trains on
+    return result
+
+
+def _monitor(opts, stop_opts, eval_net, split, backend, store, board, reporter, start, checkpointer, budget,
+             samples_before, guard, request):
     evaluate = Evaluations(eval_net, split, backend, patience=stop_opts.patience,
                            selection_margin=opts.selection_margin)
     stop = StopRule(stop_opts, samples_per_epoch=split.n_train, start=start)
@@ -28,40 +46,54 @@ def monitor_loop(opts, stop_opts, eval_net, split, backend, store, board, n_work
     record = {}
     time_to_target = None
     while True:
-        if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+        try:
+            if guard is not None and guard.check():  # a safe point (fault tolerance): a rank died, state rebuilt
+                store, board = guard.store, guard.board
+            stats, hist = board.rows() if guard is None else guard.rows()
+            all_done = all(s["done"] for s in stats)
+            if request is not None and stop.reason is None and not all_done and request.requested():
+                stop.reason = PREEMPTED  # the workers end their step; the caller writes the checkpoint
+                board.set_flag(FLAG_STOP)
+                into = f" {checkpointer.path}" if checkpointer.path else ""
+                sys.stderr.write(f"asyncsgd: stop requested ({request.describe()}): every worker ends its step, "
+                                 f"then rank 0 writes the checkpoint{into}\n")
+                sys.stderr.flush()
+            if all_done or time.monotonic() - last_eval >= opts.eval_every:
+                # the rate workers apply now: what a worker fetching the current version computes
+                lr = schedule.rate(global_fraction(opts, budget, store.version(), start, samples_before))
+                snapshot = store.read_all()  # one snapshot: scored on both sets and, if best, kept
+                elapsed = stop.elapsed()
+                figures = evaluate(snapshot, time=elapsed, samples=int(sum(s["samples"] for s in stats)))
+                last_eval = time.monotonic()
+                record = evaluation_record(stats, hist, elapsed, figures["test_loss"], figures["test_accuracy"],
+                                           last_samples, last_time, eval_net.n_params)
+                record.update(figures, lr=lr)
+                last_samples, last_time = record["samples"], record["time"]
+                record["fraction_done"] = stop.fraction(record["samples"],
+                                                        min((s["steps"] for s in stats), default=0))
+                if reporter is not None:
+                    reporter.record(record)
+                acc = evaluate.deciding_accuracy
+                if stop.target is not None and acc >= stop.target and time_to_target is None:
+                    time_to_target = record["time"]
+                    stop.reason = stop.reason or "target-accuracy"
+                    board.set_flag(FLAG_STOP)
+                if evaluate.should_stop and not all_done and stop.reason is None:
+                    stop.stop_early()
+                    board.set_flag(FLAG_STOP)
+                if all_done:
+                    record["last_params"] = snapshot
+                    break
+            if checkpointer.due():
+                checkpoint(opts, store, checkpointer, stats)
+            time.sleep(0.05)
+        except MPI.Exception as exc:
+            # a read of the store met a dead rank (a server on another host: the served store or osc/rdma report
+            # it), before anything was written: recover as at the safe point above, then go on
+            if guard is None or not guard.is_failure(exc):
+                raise
+            guard.recover()
             store, board = guard.store, guard.board
-        stats, hist = board.rows() if guard is None else guard.rows()
-        all_done = all(s["done"] for s in stats)
-        if all_done or time.monotonic() - last_eval >= opts.eval_every:
-            # the rate workers apply now: what a worker fetching the current version computes
-            lr = schedule.rate(global_fraction(opts, budget, store.version(), start, samples_before))
-            snapshot = store.read_all()  # one snapshot: scored on both sets and, if best, kept
-            elapsed = stop.elapsed()
-            figures = evaluate(snapshot, time=elapsed, samples=int(sum(s["samples"] for s in stats)))
-            last_eval = time.monotonic()
-            record = evaluation_record(stats, hist, elapsed, figures["test_loss"], figures["test_accuracy"],
-                                       last_samples,
-                             last_time, eval_net.n_params)
-            record.update(figures, lr=lr)
-            last_samples, last_time = record["samples"], record["time"]
-            record["fraction_done"] = stop.fraction(record["samples"],
-                                                    min((s["steps"] for s in stats), default=0))
-            if reporter is not None:
-                reporter.record(record)
-            acc = evaluate.deciding_accuracy
-            if stop.target is not None and acc >= stop.target and time_to_target is None:
-                time_to_target = record["time"]
-                stop.reason = stop.reason or "target-accuracy"
-                board.set_flag(FLAG_STOP)
-            if evaluate.should_stop and not all_done and stop.reason is None:
-                stop.stop_early()
-                board.set_flag(FLAG_STOP)
-            if all_done:
-                record["last_params"] = snapshot
-                break
-        if checkpointer.due():
-            checkpoint(opts, store, checkpointer, stats)
-        time.sleep(0.05)
     record["time_to_target"] = time_to_target
     # without a target or early stop, the workers ended on their own limits
     record["stop_reason"] = stop.reason or ("epochs" if stop_opts.epochs is not None else
