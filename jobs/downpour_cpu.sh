@@ -29,7 +29,7 @@ read -r -a EXTRA <<< "${ASYNCSGD_ARGS:-}"
 # could be sourced.
 launch() {
     case "${LAUNCHER:-srun}" in
-        srun) srun --mpi="${SRUN_MPI:-pmi2}" "$@" ;;
+        srun) srun --mpi="${SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 "$@" ;;
         mpirun) read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
                 "${MPIEXEC:-$("$PY" -c 'from asyncsgd.testing.launch import mpiexec_path; print(mpiexec_path())')}" \
                     -n "$SLURM_NTASKS" "${MPIRUN_EXTRA[@]}" "$@" ;;
@@ -46,6 +46,8 @@ launch() {
 # traps run at once (bash defers them while a foreground command runs).
 STOP_FILE="$RUN_DIR/stop-request"
 rm -f "$STOP_FILE"
+STARTED="$RUN_DIR/.launched"  # a summary older than this was not written by this job
+: > "$STARTED"
 STOP_SIGNAL=""
 stop_training() {
     STOP_SIGNAL="$1"
@@ -82,5 +84,12 @@ echo "asyncsgd downpour (cpu): job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?
 STATUS=0
 wait_trainer $! || STATUS=$?
 rm -f "$STOP_FILE"
+# Open MPI's mpirun was seen to exit 0 after a node's daemon died or a rank aborted: without a summary from this job,
+# the run did not finish, whatever the launcher said.
+if [ "$STATUS" -eq 0 ] && [ ! "$RUN_DIR/summary.json" -nt "$STARTED" ]; then
+    echo "asyncsgd: the launcher exited 0 but the trainer wrote no $RUN_DIR/summary.json: the run did not finish" >&2
+    STATUS=1
+fi
+rm -f "$STARTED"
 [ "$STATUS" -ne 0 ] || requeue_if_preempted
 exit "$STATUS"

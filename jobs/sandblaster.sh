@@ -24,7 +24,7 @@ read -r -a EXTRA <<< "${ASYNCSGD_ARGS:-}"
 # could be sourced.
 launch() {
     case "${LAUNCHER:-srun}" in
-        srun) srun --mpi="${SRUN_MPI:-pmi2}" "$@" ;;
+        srun) srun --mpi="${SRUN_MPI:-pmi2}" --kill-on-bad-exit=1 "$@" ;;
         mpirun) read -r -a MPIRUN_EXTRA <<< "${MPIRUN_ARGS:-}"
                 "${MPIEXEC:-$("$PY" -c 'from asyncsgd.testing.launch import mpiexec_path; print(mpiexec_path())')}" \
                     -n "$SLURM_NTASKS" "${MPIRUN_EXTRA[@]}" "$@" ;;

@@ -3,7 +3,8 @@
 Downpour workers never talk to rank 0's CPU: they publish their counters with one-sided writes, and read the stop
 and warm-start flags with one-sided reads, so rank 0 can evaluate the model while they train.  Every access is an
 element-wise atomic accumulate (REPLACE to write, NO_OP to read), so concurrent readers and writers never see torn
-values.  Values are float64 (integers are exact up to 2**53).
+values; under fault tolerance (``lockless``) plain puts and gets and root's own memory instead, which no dead rank
+can leave locked.  Values are float64 (integers are exact up to 2**53).
 """
 from __future__ import annotations
 
@@ -31,7 +32,13 @@ class JobBoard(WindowOwner):
 
     row_size = len(ROW_FIELDS) + HIST_BINS
 
-    def __init__(self, comm, n_workers: int, *, root: int = 0):
+    def __init__(self, comm, n_workers: int, *, root: int = 0, lockless: bool = False):
+        # lockless (fault tolerance): no accumulate ever touches the window, since an accumulate takes the target's
+        # lock (osc/sm, osc/rdma) and a rank killed inside one leaves it taken, hanging every later access (measured
+        # on the multi-node cluster).  Root reads and writes its own memory; the others Put their own row (one
+        # writer per row) and Get the flags.  A row read while it is being written may mix two publishes, field by
+        # field; each aligned float64 is read whole.
+        self.lockless = bool(lockless)
         self.comm = comm.Dup()
         self._own(self.comm)
         self.root = root
@@ -49,15 +56,29 @@ class JobBoard(WindowOwner):
         if self._freed:
             raise RuntimeError("JobBoard used after free()")
 
+    def _local(self):
+        return numpy.frombuffer(self.win.tomemory(), dtype=numpy.float64)
+
     def _write(self, offset: int, values):
         self._check()
         buf = numpy.ascontiguousarray(values, dtype=numpy.float64)
-        self.win.Accumulate(buf, self.root, target=(offset, buf.size, MPI.DOUBLE), op=MPI.REPLACE)
+        if self.lockless and self.comm.rank == self.root:
+            self._local()[offset:offset + buf.size] = buf
+        elif self.lockless:
+            self.win.Put(buf, self.root, target=(offset, buf.size, MPI.DOUBLE))
+        else:
+            self.win.Accumulate(buf, self.root, target=(offset, buf.size, MPI.DOUBLE), op=MPI.REPLACE)
         self.win.Flush(self.root)
 
     def _read(self, offset: int, count: int):
         self._check()
+        if self.lockless and self.comm.rank == self.root:
+            return self._local()[offset:offset + count].copy()
         out = numpy.empty(count, dtype=numpy.float64)
+        if self.lockless:
+            self.win.Get(out, self.root, target=(offset, count, MPI.DOUBLE))
+            self.win.Flush(self.root)
+            return out
         dummy = numpy.empty(count, dtype=numpy.float64)
         self.win.Get_accumulate(dummy, out, self.root, target=(offset, count, MPI.DOUBLE), op=MPI.NO_OP)
         self.win.Flush(self.root)

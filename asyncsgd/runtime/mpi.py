@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -141,6 +142,12 @@ def abort_job(comm, code: int = 1):
         fallback = threading.Timer(_ABORT_GRACE_S, os._exit, (code,))
         fallback.daemon = True
         fallback.start()
+        # mpi4py keeps the GIL inside MPI_Abort, so a Python timer cannot run while an abort hangs (seen under
+        # MPICH over TCP with a dead host: stuck in libfabric's connect()); the kernel's SIGALRM, left at its
+        # default action, ends the process without the interpreter.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(int(_ABORT_GRACE_S) + 2)
         comm.Abort(code)
     os._exit(code)
 

@@ -107,7 +107,7 @@ class StuckCallGuard:
         sys.stderr.write(
             f"asyncsgd: error: rank {me} has been inside one MPI one-sided call ({os.path.basename(path)}:{line}, "
             f"{func}) for {stuck:.0f} s while rank(s) {', '.join(map(str, dead))} are dead: a rank killed inside an "
-            f"MPI_Accumulate leaves Open MPI's osc/sm lock on its target taken (docs/FAULT_TOLERANCE.md); this "
+            f"MPI_Accumulate leaves its target's lock taken (Open MPI's osc/sm and osc/rdma; docs/FAULT_TOLERANCE.md); this "
             f"rank SIGKILLs itself so the others can go on{self._resume_hint()}\n")
         sys.stderr.flush()
         sys.stdout.flush()

@@ -34,6 +34,9 @@ API (everything bounded in time; RuntimeError with the daemons' log tails when t
         cluster.processes()                     # {host index: [pids in its network namespace]} (a node's
                                                 #   tasks, its slurmd; on host 0 also slurmctld and munged)
         cluster.daemon_pids()                   # {"munged": pid, "slurmctld": pid, "slurmd@host0": pid, ...}
+        cluster.kill_host(i, command=None)      # SIGKILL at once every process on host i except the cluster's
+                                                #   daemons (or only those whose command line holds ``command``);
+                                                #   [(pid, command line)] of those signalled (a node dying)
         cluster.logs()                          # tails of the daemons' logs (for failure messages)
     # close(): cancels jobs, stops the daemons by PID, then hosts.close() kills whatever is left in the hosts
     # and removes the namespaces, links, bridge and the cluster's files (which live in the hosts' folder under
@@ -49,6 +52,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -269,6 +273,30 @@ class MultiNodeSlurm:
     def daemon_pids(self) -> dict:
         return {name: proc.pid for name, proc in self._daemons if proc.poll() is None}
 
+    def kill_host(self, host: int, *, command: str | None = None, sig: int = signal.SIGKILL) -> list:
+        """Send ``sig`` (SIGKILL), at once, to the processes on host ``host``: a node dying under its job.
+
+        Every process in the host's network namespace is signalled (the job's tasks, slurmstepd, a launcher's
+        daemon such as Open MPI's prted) except the cluster's own daemons (that host's slurmd; on host 0 also
+        slurmctld and munged), so SLURM goes on managing the node; with ``command``, only the processes whose
+        command line contains it.  The pids are collected first and then signalled in one pass.  Return
+        ``[(pid, command line)]`` of the processes signalled ([] when none matched).
+        """
+        keep = set(self.daemon_pids().values())
+        victims = []
+        for pid in self.processes().get(host, []):
+            cmd = _cmdline(pid)
+            daemon = os.path.basename(cmd.split(" ", 1)[0]) in ("slurmd", "slurmctld", "munged")
+            if pid in keep or daemon or pid == os.getpid() or not cmd or (command is not None and command not in cmd):
+                continue
+            victims.append((pid, cmd))
+        for pid, _ in victims:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return victims
+
     def logs(self, lines: int = 30) -> str:
         """Return the last ``lines`` of each daemon's log and stderr (for failure messages)."""
         parts = []
@@ -393,6 +421,15 @@ def process_identity(pid: int):
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None if fields[0] in ("Z", "X") else (pid, fields[19])
+
+
+def _cmdline(pid: int) -> str:
+    """Return process ``pid``'s command line, arguments joined by spaces ("" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _cgroup_mounts() -> str:

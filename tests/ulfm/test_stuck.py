@@ -22,7 +22,8 @@ def test_a_rank_stuck_in_a_call_after_a_death_ends_itself_and_a_long_call_withou
     out = proc.stdout + proc.stderr
     assert "rank 1: the long call with every rank alive returned" in out, out[-3000:]
     assert re.search(r"asyncsgd: error: rank 1 has been inside one MPI one-sided call \(stuck_job.py:\d+, "
-                     r"stuck_call\) for \d+ s while rank\(s\) 2 are dead: .*osc/sm.*this rank SIGKILLs itself",
+                     r"stuck_call\) for \d+ s while rank\(s\) 2 are dead: .*osc/sm and osc/rdma.*"
+                     r"this rank SIGKILLs itself",
                      out), out[-3000:]
     assert "the stuck call returned" not in out
     m = re.search(r"rank 0: dead ranks \[1, 2\] after ([0-9.]+) s", out)

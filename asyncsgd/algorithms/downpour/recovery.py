@@ -220,7 +220,8 @@ class Recovery(RecoveryBase):
                              timeout=WAIT_S, local=held["shard"])
                 fault_point("recover")
                 n_workers = sum(1 for _, _, r in roles.values() if r.kind == "worker")
-                board = JobBoard(new, n_workers)  # the old board is dropped, never freed (a dead rank's collective)
+                # the old board is dropped, never freed (a dead rank's collective)
+                board = JobBoard(new, n_workers, lockless=True)
                 if new.rank == 0:
                     retired = self._move_rows(board, held["rows"], held["flags"], roles, failed)
                 safe_point(new, timeout=WAIT_S)  # rows and flags are in place before anyone reads them

@@ -54,7 +54,7 @@ def run(comm, net, src, opts, stop, backend, reporter, *, plan=None, model_name=
     hosts = comm.gather(socket.gethostname(), root=0)
     store = open_store(comm, init.n_params, transport=plan.store, n_servers=n_servers, initial=initial,
                        adagrad=opts.optimizer == "adagrad", fault_tolerant=fault_tolerant)
-    board = JobBoard(comm, n_workers)
+    board = JobBoard(comm, n_workers, lockless=fault_tolerant)
     # Recovery holds the store and the board (a failure replaces them) and frees them like the ``with`` blocks did:
     # collectively on success, abandoned on an exception (WindowOwner).  Fault tolerance off: no-op safe points.
     guard = Recovery(comm, enabled=fault_tolerant, store=store, board=board, n_servers=n_servers, start=0.0,
