@@ -113,7 +113,8 @@ def evaluation_record(stats, hist, elapsed, test_loss, acc, last_samples, last_t
     pushes = int(sum(s["pushes"] for s in stats))
     total_hist = hist.sum(axis=0)
     entries = sum(s["pushed_entries"] for s in stats)
-    losses = [s["loss"] for s in stats if numpy.isfinite(s["loss"])]
+    # the loss of the replicas training now: a dead or promoted worker's row (retired) keeps its last loss for ever
+    losses = [s["loss"] for s in stats if numpy.isfinite(s["loss"]) and not s.get("retired")]
     dt = max(elapsed - last_time, 1e-9)
     return {
         "time": elapsed, "samples": samples, "loss": float(numpy.mean(losses)) if losses else None,

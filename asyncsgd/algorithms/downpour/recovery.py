@@ -271,7 +271,7 @@ class Recovery(RecoveryBase):
         for i, (s, h) in enumerate(zip(stats, hist)):
             old_rank = self.n_servers + i
             if old_rank in failed or roles[old_rank][2].kind == "server":
-                s = dict(s, done=1.0)  # its samples stay counted; nobody waits for it
+                s = dict(s, done=1.0, retired=1.0)  # its samples stay counted; nobody waits for it
                 retired.append((s, h))
             else:
                 board.publish(roles[old_rank][2].index, s, h)
