@@ -67,15 +67,22 @@ def test_slow_rank_is_backed_up_and_counted_once(comm):
     expected = x.T @ (x @ w - 1.0)
     slow = comm.size - 1
     factor = 8.0 if comm.rank == slow else 1.0
+    lost = 0
     with MiniShardScheduler(comm, len(bounds), slow_factor=factor) as sched:
-        total, seen, stats = _batch_gradient(comm, sched, x, w, bounds, delay=0.005)
-    assert numpy.all(seen == 1)
-    numpy.testing.assert_allclose(total, expected, rtol=1e-12, atol=1e-12)
-    counts = _reduce_stats(comm, stats)
-    assert counts["done"] == len(bounds)
-    assert counts["launched"] > 0
-    assert counts["originals_lost"] > 0  # the straggler's copies were beaten by backups
-    assert counts["launched"] == counts["backups_discarded"] + counts["originals_lost"]
+        # Up to 5 batches (the windows are reset between them): on a loaded machine the straggler's copies can
+        # still win a batch (seen once in CI, at load ~8 on 2 cores); every batch must be exact whoever wins.
+        for _ in range(5):
+            total, seen, stats = _batch_gradient(comm, sched, x, w, bounds, delay=0.005)
+            assert numpy.all(seen == 1)
+            numpy.testing.assert_allclose(total, expected, rtol=1e-12, atol=1e-12)
+            counts = _reduce_stats(comm, stats)  # the same on every rank, so every rank leaves the loop together
+            assert counts["done"] == len(bounds)
+            assert counts["launched"] > 0
+            assert counts["launched"] == counts["backups_discarded"] + counts["originals_lost"]
+            lost = counts["originals_lost"]
+            if lost > 0:
+                break
+    assert lost > 0  # the straggler's copies were beaten by backups
     done_here = comm.allgather(stats.done)
     assert done_here[slow] < max(done_here)  # fast ranks did more of the work
 
