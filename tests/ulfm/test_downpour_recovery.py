@@ -352,3 +352,21 @@ def test_fault_tolerance_off_under_ulfm_still_ends_the_job_naming_the_rank(tmp_p
     assert rc != 0 and summary is None, out[-4000:]
     assert time.monotonic() - start < 3 + 30 + 20
     assert re.search(r"rank 3 \(pid \d+[^\n]*died", out), out[-4000:]
+
+
+@pytest.mark.slow
+def test_every_worker_lost_ends_the_job_saying_how_to_resume(tmp_path):
+    """Every worker dies at once: no rank is left to train, so the job ends (exit 3, as after rank 0's loss, within
+    the job's bound) with one message naming the lost ranks and the --resume to continue from the last checkpoint.
+    (Ended by an exception instead, the job exited 0: mpirun --with-ft ulfm after MPI_Abort with ranks dead.)"""
+    require_ulfm()
+    ckpt = tmp_path / "ckpt.h5"
+    start = time.monotonic()
+    rc, out, summary, _ = _train(tmp_path, 4, ["--time-limit", "30", "--kill-ranks", "1:3,2:3,3:3",
+                                               "--checkpoint", str(ckpt), "--checkpoint-every", "0.5"])
+    assert rc != 0 and summary is None, out[-4000:]
+    assert re.search(r"asyncsgd: error: ranks 1, 2, 3 lost: only 1 ranks survive: 1 servers need at least one "
+                     r"worker; the job ends; continue with the same command plus --resume "
+                     + re.escape(str(ckpt)), out), out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+    assert time.monotonic() - start < 90

@@ -36,7 +36,7 @@ from asyncsgd.runtime.faults import fault_point, set_killer, victims
 from asyncsgd.testing.kill import DIE_SIGNAL, die_on_signal
 from asyncsgd.runtime.mpi import polled_barrier
 from asyncsgd.store.rebuild import rebuild
-from asyncsgd.ulfm.primitives import RankFailure, check_failures, commit, is_failure, safe_point
+from asyncsgd.ulfm.primitives import RankFailure, check_failures, commit, end_after_root_loss, is_failure, safe_point
 from asyncsgd.ulfm.processes import STARVED_FACTOR, kill_local_process, kill_rank, starved
 from asyncsgd.ulfm.recovery import WAIT_S, RecoveryBase, RecoveryTimer
 from asyncsgd.ulfm.roles import Role, reassign_roles
@@ -204,9 +204,12 @@ class Recovery(RecoveryBase):
             new, failed = self._shrink(old, comm, noticed)  # ``failed``: ranks of ``old`` that died so far
             try:
                 roles = reassign_roles(old.size, failed, self.n_servers)
-            except ValueError as exc:  # no worker is left: the job ends (an exception ends every rank)
+            except ValueError as exc:
+                # No worker is left: the job ends as after rank 0's loss (exit 3, the new rank 0 says why), not by
+                # an exception: mpirun --with-ft ulfm was seen to exit 0 after MPI_Abort with ranks already dead.
                 lost = ", ".join(str(self.world_ranks[r]) for r in failed)
-                raise ValueError(f"ranks {lost} lost: {exc}") from None
+                end_after_root_loss(new, f"asyncsgd: error: ranks {lost} lost: {exc}; the job ends"
+                                         f"{self.resume_hint()}\n" if new.rank == 0 else None)
             if held is None:
                 # Read once, after the first shrink: every survivor's pushes had completed when it entered it.
                 held = self._hold(old)
