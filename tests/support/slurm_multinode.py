@@ -62,10 +62,20 @@ from paths import REPO
 from slurm_cluster import (_FINISHED, _LAUNCHER_PREFIXES, _SBIN, _die_with_parent, _which, slurm_unavailable,
                            write_fake_gpus)
 
-__all__ = ["MultiNodeSlurm", "multinode_unavailable", "leftovers", "process_identity"]
+__all__ = ["MultiNodeSlurm", "multinode_unavailable", "multinode_skip_reason", "leftovers", "process_identity"]
 
 _CTLD_PORT, _SLURMD_PORT = 6817, 6818   # each host is a network namespace of its own: nothing else binds there
 _STOP_S = 10                            # s a daemon gets to exit on SIGTERM before SIGKILL
+
+
+def multinode_skip_reason(install: bool = True) -> str | None:
+    """``multinode_unavailable``, for tests: the skip reason, or None; under ``ASYNCSGD_REQUIRE_SLURM=1`` a missing
+    cluster fails the calling test instead (pytest.fail)."""
+    reason = multinode_unavailable(install=install)
+    if reason is not None and os.environ.get("ASYNCSGD_REQUIRE_SLURM") == "1":
+        import pytest
+        pytest.fail(f"ASYNCSGD_REQUIRE_SLURM=1 but a multi-node SLURM cluster cannot be made: {reason}")
+    return reason
 
 
 def multinode_unavailable(install: bool = True) -> str | None:
